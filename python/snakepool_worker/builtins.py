@@ -1,0 +1,72 @@
+"""Built-in commands every worker serves: ping, get_stats, cleanup_session, shutdown."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Dict
+
+from .protocol import BadRequest
+from .registry import Context, Registry
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+def _runtime(ctx: Context) -> "Runtime":
+    runtime = ctx._runtime
+    if runtime is None:
+        raise RuntimeError(f"built-in command {ctx.command!r} needs a worker runtime")
+    return runtime
+
+
+def ping(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Liveness check; with initialization/manifest set, also returns the manifest.
+
+    ``args.worker_id`` (a string), when given, becomes this worker's id.
+    """
+    runtime = _runtime(ctx)
+    worker_id = args.get("worker_id")
+    if worker_id is not None:
+        if not isinstance(worker_id, str) or not worker_id:
+            raise BadRequest("args.worker_id must be a non-empty string")
+        runtime.worker_id = worker_id
+    reply: Dict[str, Any] = {"status": "ok", "worker_id": runtime.worker_id, "pid": os.getpid()}
+    if args.get("initialization") or args.get("manifest"):
+        reply["manifest"] = runtime.manifest()
+    return reply
+
+
+def get_stats(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Counters for this worker: requests, errors, sessions, memory, per-command calls."""
+    return _runtime(ctx).stats()
+
+
+def cleanup_session(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Run the session cleanup hooks and drop the session's state on this worker."""
+    session_id = args.get("session_id")
+    if not isinstance(session_id, str):
+        raise BadRequest("cleanup_session requires args.session_id (a string)")
+    existed = _runtime(ctx).drop_session(session_id)
+    return {"session_id": session_id, "existed": existed}
+
+
+def shutdown(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Reply, then stop serving and exit with code 0."""
+    runtime = _runtime(ctx)
+    runtime.request_stop()
+    return {"status": "shutting_down", "worker_id": runtime.worker_id}
+
+
+BUILTIN_COMMANDS = {
+    "ping": ping,
+    "get_stats": get_stats,
+    "cleanup_session": cleanup_session,
+    "shutdown": shutdown,
+}
+"""Built-in command names and handlers; none of them mutates session state."""
+
+
+def register_builtins(registry: Registry) -> None:
+    """Register the built-in commands into ``registry``."""
+    for name, func in BUILTIN_COMMANDS.items():
+        registry.register(name, func, mutates_session=False)

@@ -1,0 +1,244 @@
+"""Command registry, the ``@command`` decorator and the per-call ``Context``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, overload
+
+Handler = Callable[[Dict[str, Any], "Context"], Any]
+"""A command handler: ``fn(args, ctx) -> JSON-serialisable value``."""
+
+CleanupHook = Callable[[str, Dict[str, Any]], None]
+"""A session cleanup hook: ``fn(session_id, session) -> None``."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_log = logging.getLogger("snakepool_worker.registry")
+
+
+class Context:
+    """What a handler knows about the call it is serving.
+
+    Attributes:
+        worker_id: id of this worker process, as assigned by the host.
+        session_id: the call's ``args["session_id"]``, or ``None`` for a plain call.
+        log: a logger for the handler (named after the handler's module).
+        request_id: the request's ``id``.
+        command: the command name being served.
+
+    ``session`` is the per-session dict: created on first access and kept on this worker
+    across the calls of that session until ``cleanup_session``. For a call without a
+    session id it is a fresh dict that is not stored.
+    """
+
+    __slots__ = (
+        "worker_id",
+        "session_id",
+        "log",
+        "request_id",
+        "command",
+        "_session",
+        "_sessions",
+        "_runtime",
+    )
+
+    def __init__(
+        self,
+        worker_id: str,
+        session_id: Optional[str] = None,
+        log: Optional[logging.Logger] = None,
+        request_id: int = 0,
+        command: str = "",
+        sessions: Optional[Dict[str, Dict[str, Any]]] = None,
+        runtime: Any = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.session_id = session_id
+        self.log = log if log is not None else logging.getLogger("snakepool_worker.handler")
+        self.request_id = request_id
+        self.command = command
+        self._session: Optional[Dict[str, Any]] = None
+        self._sessions = sessions
+        self._runtime = runtime
+
+    @property
+    def session(self) -> Dict[str, Any]:
+        """The session's state dict (see the class docstring)."""
+        state = self._session
+        if state is None:
+            sessions = self._sessions
+            session_id = self.session_id
+            if session_id is None or sessions is None:
+                state = {}
+            else:
+                state = sessions.get(session_id)
+                if state is None:
+                    state = sessions[session_id] = {}
+            self._session = state
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(worker_id={self.worker_id!r}, session_id={self.session_id!r}, "
+            f"request_id={self.request_id!r}, command={self.command!r})"
+        )
+
+
+class CommandSpec:
+    """A registered command: its handler and the flags published in the manifest."""
+
+    __slots__ = ("name", "func", "mutates_session", "doc", "log")
+
+    def __init__(self, name: str, func: Handler, mutates_session: bool) -> None:
+        self.name = name
+        self.func = func
+        self.mutates_session = mutates_session
+        self.doc = first_doc_line(func)
+        self.log = logging.getLogger(getattr(func, "__module__", None) or "snakepool_worker")
+
+    def describe(self) -> Dict[str, Any]:
+        """The manifest entry for this command."""
+        return {"mutates_session": self.mutates_session, "doc": self.doc}
+
+
+def first_doc_line(func: Callable[..., Any]) -> str:
+    """First non-empty line of ``func``'s docstring, or ``""``."""
+    doc = getattr(func, "__doc__", None)
+    if not isinstance(doc, str):
+        return ""
+    for line in doc.splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return ""
+
+
+def _qualified_name(func: Callable[..., Any]) -> str:
+    module = getattr(func, "__module__", None) or "?"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return f"{module}.{name}"
+
+
+class Registry:
+    """Commands and session cleanup hooks known to a worker.
+
+    ``version`` increases on every change to the command set, so callers can cache
+    anything derived from it (such as the manifest).
+    """
+
+    def __init__(self) -> None:
+        self._commands: Dict[str, CommandSpec] = {}
+        self._cleanup_hooks: List[CleanupHook] = []
+        self.version = 0
+
+    def register(self, name: str, func: Handler, *, mutates_session: bool = False) -> CommandSpec:
+        """Register ``func`` under ``name``; raise ``ValueError`` if the name is taken."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"command name must be a non-empty string, got {name!r}")
+        if not callable(func):
+            raise TypeError(f"command {name!r}: handler {func!r} is not callable")
+        existing = self._commands.get(name)
+        if existing is not None:
+            raise ValueError(
+                f"command {name!r} is already registered by {_qualified_name(existing.func)}; "
+                f"cannot register it again for {_qualified_name(func)}"
+            )
+        spec = CommandSpec(name, func, bool(mutates_session))
+        self._commands[name] = spec
+        self.version += 1
+        return spec
+
+    @overload
+    def command(self, name: F, *, mutates_session: bool = False) -> F: ...
+
+    @overload
+    def command(
+        self, name: Optional[str] = None, *, mutates_session: bool = False
+    ) -> Callable[[F], F]: ...
+
+    def command(self, name: Any = None, *, mutates_session: bool = False) -> Any:
+        """Decorator registering a handler; see the module-level ``command``."""
+        if callable(name):
+            func = name
+            self.register(func.__name__, func, mutates_session=mutates_session)
+            return func
+
+        def decorator(func: F) -> F:
+            self.register(name or func.__name__, func, mutates_session=mutates_session)
+            return func
+
+        return decorator
+
+    def on_session_cleanup(self, func: CleanupHook) -> CleanupHook:
+        """Register ``func(session_id, session)`` to run when a session is cleaned up."""
+        if not callable(func):
+            raise TypeError(f"session cleanup hook {func!r} is not callable")
+        self._cleanup_hooks.append(func)
+        return func
+
+    def get(self, name: str) -> Optional[CommandSpec]:
+        """The command registered under ``name``, or ``None``."""
+        return self._commands.get(name)
+
+    def names(self) -> List[str]:
+        """Registered command names, sorted."""
+        return sorted(self._commands)
+
+    @property
+    def commands(self) -> Mapping[str, CommandSpec]:
+        """Read-only view of the registered commands by name."""
+        return dict(self._commands)
+
+    def run_cleanup_hooks(self, session_id: str, session: Dict[str, Any]) -> int:
+        """Run every cleanup hook; log (and count) hook failures instead of raising."""
+        failures = 0
+        for hook in list(self._cleanup_hooks):
+            try:
+                hook(session_id, session)
+            except Exception:
+                failures += 1
+                _log.exception(
+                    "session cleanup hook %s failed for session %r",
+                    _qualified_name(hook),
+                    session_id,
+                )
+        return failures
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._commands
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+
+default_registry = Registry()
+"""The registry served by ``python -m snakepool_worker``."""
+
+
+@overload
+def command(name: F, *, mutates_session: bool = False) -> F: ...
+
+
+@overload
+def command(name: Optional[str] = None, *, mutates_session: bool = False) -> Callable[[F], F]: ...
+
+
+def command(name: Any = None, *, mutates_session: bool = False) -> Any:
+    """Register a command handler with the default registry.
+
+    Usable as ``@command("add")``, ``@command()`` or bare ``@command``; the name defaults
+    to the function's name. The handler is called as ``fn(args, ctx)`` and must return
+    a JSON-serialisable value. ``mutates_session=True`` tells the host that the command
+    changes session state (the host journals such calls to rebuild a session on another
+    worker). Registering a name twice raises ``ValueError``.
+    """
+    return default_registry.command(name, mutates_session=mutates_session)
+
+
+def on_session_cleanup(func: CleanupHook) -> CleanupHook:
+    """Register a hook ``fn(session_id, session)`` run by ``cleanup_session``.
+
+    Hooks run in registration order; an exception in a hook is logged and does not stop
+    the cleanup.
+    """
+    return default_registry.on_session_cleanup(func)

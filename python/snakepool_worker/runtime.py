@@ -1,0 +1,528 @@
+"""The worker process: start-up, request dispatch and the frame loop.
+
+``python -m snakepool_worker [--module M]... [--worker-id ID] [--max-frame-bytes N]``
+
+Environment:
+    SNAKEPOOL_MODULES          comma-separated modules to import (before any ``--module``)
+    SNAKEPOOL_WORKER_ID        worker id when ``--worker-id`` is not given
+    SNAKEPOOL_MAX_FRAME_BYTES  maximum frame size when ``--max-frame-bytes`` is not given
+    SNAKEPOOL_LOG_LEVEL        logging level for stderr (default INFO)
+    SNAKEPOOL_JSON             ``json`` forces the standard library JSON codec
+
+Exit codes: 0 on end of input, broken pipe or ``shutdown``; 2 for bad arguments; 3 when a
+command module fails to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from . import __version__
+from .builtins import register_builtins
+from .protocol import (
+    DEFAULT_MAX_FRAME_BYTES,
+    JSON_BACKEND,
+    LIMIT_MAX_FRAME_BYTES,
+    MIN_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    FrameReader,
+    FrameTooLarge,
+    FrameWriter,
+    SerializationError,
+    TruncatedFrame,
+    encode_failure,
+    encode_success,
+    is_valid_id,
+    loads,
+)
+from .registry import Context, Registry, default_registry
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_IMPORT_FAILED = 3
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(worker_id)s] %(name)s: %(message)s"
+EXCERPT_BYTES = 80
+PYTHON_VERSION = sys.version.split()[0]
+
+register_builtins(default_registry)
+
+_log = logging.getLogger("snakepool_worker.runtime")
+
+
+class WorkerIdFilter(logging.Filter):
+    """Adds ``record.worker_id`` so every stderr line names the worker."""
+
+    def __init__(self, worker_id: str = "-") -> None:
+        super().__init__()
+        self.worker_id = worker_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker_id = self.worker_id
+        return True
+
+
+LOG_FILTER = WorkerIdFilter()
+"""The filter installed on the stderr log handler; follows the runtime's worker id."""
+
+
+def _excerpt(payload: Union[bytes, bytearray]) -> str:
+    head = bytes(payload[:EXCERPT_BYTES])
+    return repr(head) + ("..." if len(payload) > EXCERPT_BYTES else "")
+
+
+def _format_exception(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    # The first frame is the dispatcher's own; the handler's frames follow it.
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__} object>"
+
+
+def _rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    parts = line.split()
+                    return int(parts[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Runtime:
+    """State of one worker: registry, sessions and counters, and the request dispatcher."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        worker_id: str,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        modules: Sequence[str] = (),
+    ) -> None:
+        self.registry = registry
+        self._worker_id = worker_id
+        LOG_FILTER.worker_id = worker_id
+        self.max_frame_bytes = max_frame_bytes
+        self.modules: List[str] = list(modules)
+        self.sessions: Dict[str, Dict[str, Any]] = {}
+        self.requests = 0
+        self.errors = 0
+        self.dropped_frames = 0
+        self.command_counts: Dict[str, int] = {}
+        self.started = time.monotonic()
+        self.stopping = False
+        self._manifest_key: Optional[Tuple[Any, ...]] = None
+        self._manifest: Dict[str, Any] = {}
+
+    # -- state used by the built-in commands ------------------------------------------------
+
+    @property
+    def worker_id(self) -> str:
+        """This worker's id (set at start-up, or by the host's handshake ping)."""
+        return self._worker_id
+
+    @worker_id.setter
+    def worker_id(self, value: str) -> None:
+        self._worker_id = value
+        LOG_FILTER.worker_id = value
+
+    def manifest(self) -> Dict[str, Any]:
+        """What this worker offers; rebuilt only when the registry or identity changed."""
+        pid = os.getpid()
+        key = (self.registry.version, self._worker_id, pid, self.max_frame_bytes, len(self.modules))
+        if key != self._manifest_key:
+            self._manifest = {
+                "runtime": "snakepool_worker",
+                "runtime_version": __version__,
+                "protocol_version": PROTOCOL_VERSION,
+                "pid": pid,
+                "python_version": PYTHON_VERSION,
+                "python_executable": sys.executable,
+                "worker_id": self._worker_id,
+                "max_frame_bytes": self.max_frame_bytes,
+                "json_backend": JSON_BACKEND,
+                "modules": list(self.modules),
+                "commands": {
+                    name: spec.describe() for name, spec in sorted(self.registry.commands.items())
+                },
+            }
+            self._manifest_key = key
+        return self._manifest
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters reported by ``get_stats``."""
+        return {
+            "worker_id": self._worker_id,
+            "pid": os.getpid(),
+            "requests": self.requests,
+            "errors": self.errors,
+            "dropped_frames": self.dropped_frames,
+            "uptime_s": time.monotonic() - self.started,
+            "sessions": len(self.sessions),
+            "rss_bytes": _rss_bytes(),
+            "commands": dict(self.command_counts),
+        }
+
+    def drop_session(self, session_id: str) -> bool:
+        """Run the cleanup hooks for ``session_id`` and forget its state.
+
+        The hooks run even when this worker holds no state for the session (they then
+        receive an empty dict), so resources keyed by session id elsewhere are released.
+        Returns whether a session dict existed.
+        """
+        session = self.sessions.pop(session_id, None)
+        existed = session is not None
+        self.registry.run_cleanup_hooks(session_id, session if existed else {})
+        return existed
+
+    def request_stop(self) -> None:
+        """Stop the loop after the current reply has been written."""
+        self.stopping = True
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _failure(self, request_id: int, error_type: str, message: str, tb: str = "") -> bytes:
+        self.errors += 1
+        return encode_failure(request_id, error_type, message, tb, self.max_frame_bytes)
+
+    def _drop(self, payload: Union[bytes, bytearray], reason: str) -> None:
+        self.dropped_frames += 1
+        _log.error(
+            "dropping frame of %d bytes with no usable request id: %s; frame starts with %s",
+            len(payload),
+            reason,
+            _excerpt(payload),
+        )
+
+    def _undecodable(self, payload: Union[bytes, bytearray], exc: Exception) -> Optional[bytes]:
+        """Handle a frame that is not valid UTF-8 JSON; reply if an id can be recovered."""
+        reason = f"frame is not valid UTF-8 JSON ({type(exc).__name__}: {_safe_str(exc)})"
+        request_id = _recover_id(payload)
+        if request_id is None:
+            self._drop(payload, reason)
+            return None
+        self.requests += 1
+        _log.warning("request %d: %s", request_id, reason)
+        return self._failure(request_id, "ProtocolError", reason)
+
+    def handle_frame(self, payload: Union[bytes, bytearray]) -> Optional[bytes]:
+        """Serve one request frame; return the reply payload, or ``None`` for no reply."""
+        try:
+            message = loads(payload)
+        except ValueError as exc:  # JSON errors and UnicodeDecodeError are ValueErrors
+            return self._undecodable(payload, exc)
+        if type(message) is not dict:
+            self._drop(payload, f"frame is a JSON {type(message).__name__}, not an object")
+            return None
+        request_id = message.get("id")
+        if not is_valid_id(request_id):
+            if "id" not in message:
+                reason = "request has no 'id'"
+            else:
+                reason = f"request 'id' must be an integer in 0..2**64-1, got {request_id!r:.40}"
+            self._drop(payload, reason)
+            return None
+        self.requests += 1
+
+        name = message.get("command")
+        if type(name) is not str:
+            return self._failure(request_id, "BadRequest", "request 'command' must be a string")
+        args = message.get("args")
+        if args is None:
+            args = {}
+        elif type(args) is not dict:
+            return self._failure(
+                request_id,
+                "BadRequest",
+                f"request 'args' must be an object, got {type(args).__name__}",
+            )
+        spec = self.registry.get(name)
+        if spec is None:
+            known = ", ".join(self.registry.names())
+            return self._failure(
+                request_id, "UnknownCommand", f"unknown command {name!r} (known: {known})"
+            )
+        counts = self.command_counts
+        counts[name] = counts.get(name, 0) + 1
+        session_id = args.get("session_id")
+        if session_id is not None and type(session_id) is not str:
+            return self._failure(request_id, "BadRequest", "args.session_id must be a string")
+
+        ctx = Context(self._worker_id, session_id, spec.log, request_id, name, self.sessions, self)
+        try:
+            result = spec.func(args, ctx)
+        except Exception as exc:
+            return self._failure(
+                request_id, type(exc).__name__, _safe_str(exc), _format_exception(exc)
+            )
+        try:
+            reply = encode_success(request_id, result)
+        except SerializationError as exc:
+            return self._failure(
+                request_id,
+                "SerializationError",
+                f"result of command {name!r} is not JSON-serialisable: {exc}",
+            )
+        if len(reply) > self.max_frame_bytes:
+            return self._failure(
+                request_id,
+                "ResultTooLarge",
+                f"reply to command {name!r} is {len(reply)} bytes, larger than the maximum "
+                f"frame size of {self.max_frame_bytes} bytes",
+            )
+        return reply
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def serve(self, reader: FrameReader, writer: FrameWriter) -> int:
+        """Serve requests until end of input, a broken pipe or ``shutdown``; return exit code."""
+        read_frame = reader.read_frame
+        write_frame = writer.write_frame
+        handle_frame = self.handle_frame
+        while True:
+            try:
+                payload = read_frame()
+            except FrameTooLarge as exc:
+                self.dropped_frames += 1
+                _log.error("%s; discarding it", exc)
+                try:
+                    reader.skip(exc.size)
+                except TruncatedFrame as truncated:
+                    _log.warning("%s; exiting", truncated)
+                    return EXIT_OK
+                continue
+            except TruncatedFrame as exc:
+                _log.warning("%s; exiting", exc)
+                return EXIT_OK
+            if payload is None:
+                _log.debug("end of input; exiting")
+                return EXIT_OK
+            reply = handle_frame(payload)
+            if reply is not None:
+                try:
+                    write_frame(reply)
+                except BrokenPipeError:
+                    _log.debug("protocol output closed by the host; exiting")
+                    return EXIT_OK
+            if self.stopping:
+                _log.debug("shutdown requested; exiting")
+                return EXIT_OK
+
+
+def _recover_id(payload: Union[bytes, bytearray]) -> Optional[int]:
+    """Best-effort id from a frame that failed to decode (bad UTF-8, trailing garbage)."""
+    text = bytes(payload).decode("utf-8", "replace").lstrip()
+    try:
+        message, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and is_valid_id(message.get("id")):
+        return message["id"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up
+# --------------------------------------------------------------------------------------------
+
+
+def claim_stdio() -> Tuple[int, int]:
+    """Move the protocol channel off fds 0 and 1; return ``(input_fd, output_fd)``.
+
+    The protocol output becomes a private duplicate of fd 1, and fd 1 itself (with
+    ``sys.stdout``) is pointed at stderr, so ``print()``, C-level writes and child
+    processes cannot corrupt frames. Likewise the protocol input becomes a private
+    duplicate of fd 0 and fd 0 is pointed at /dev/null, so nothing else can consume
+    request bytes. The duplicates are not inherited by child processes.
+    """
+    try:
+        sys.stdout.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+    out_fd = os.dup(1)
+    in_fd = os.dup(0)
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(devnull, 0)
+    finally:
+        os.close(devnull)
+    sys.stdout = io.open(  # noqa: SIM115 - lives for the whole process
+        1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
+    )
+    os.set_blocking(in_fd, True)
+    os.set_blocking(out_fd, True)
+    return in_fd, out_fd
+
+
+def _log_level(value: str) -> Tuple[int, bool]:
+    text = value.strip()
+    if text.isdigit():
+        return int(text), True
+    level = logging.getLevelName(text.upper())
+    if isinstance(level, int):
+        return level, True
+    return logging.INFO, False
+
+
+def configure_logging() -> None:
+    """Send log records to stderr with the worker id, at ``SNAKEPOOL_LOG_LEVEL``."""
+    raw_level = os.environ.get("SNAKEPOOL_LOG_LEVEL", "INFO")
+    level, valid = _log_level(raw_level)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(LOG_FILTER)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    if not valid:
+        _log.warning("unknown SNAKEPOOL_LOG_LEVEL %r; using INFO", raw_level)
+
+
+def _frame_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not MIN_MAX_FRAME_BYTES <= value <= LIMIT_MAX_FRAME_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"must be between {MIN_MAX_FRAME_BYTES} and {LIMIT_MAX_FRAME_BYTES}, got {value}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m snakepool_worker``."""
+    parser = argparse.ArgumentParser(
+        prog="snakepool_worker",
+        description="Serve registered Python commands over the snakepool pipe protocol "
+        "(requests on stdin, replies on stdout, logs on stderr).",
+    )
+    parser.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="M",
+        help="import module M, which registers commands (repeatable; "
+        "also SNAKEPOOL_MODULES, comma-separated)",
+    )
+    parser.add_argument(
+        "--worker-id", metavar="ID", help="worker id (default: SNAKEPOOL_WORKER_ID or worker-PID)"
+    )
+    parser.add_argument(
+        "--max-frame-bytes",
+        type=_frame_limit,
+        metavar="N",
+        help=f"largest frame accepted or sent (default: SNAKEPOOL_MAX_FRAME_BYTES or "
+        f"{DEFAULT_MAX_FRAME_BYTES})",
+    )
+    parser.add_argument("--version", action="version", version=f"snakepool_worker {__version__}")
+    return parser
+
+
+class _Options:
+    __slots__ = ("modules", "worker_id", "max_frame_bytes")
+
+    def __init__(self, modules: List[str], worker_id: str, max_frame_bytes: int) -> None:
+        self.modules = modules
+        self.worker_id = worker_id
+        self.max_frame_bytes = max_frame_bytes
+
+
+def parse_options(argv: Optional[Sequence[str]]) -> _Options:
+    """Combine command-line flags and environment; raises ``SystemExit`` on bad input."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    modules: List[str] = []
+    for name in os.environ.get("SNAKEPOOL_MODULES", "").split(",") + list(ns.module):
+        name = name.strip()
+        if name and name not in modules:
+            modules.append(name)
+    max_frame_bytes = ns.max_frame_bytes
+    if max_frame_bytes is None:
+        env_value = os.environ.get("SNAKEPOOL_MAX_FRAME_BYTES", "").strip()
+        if env_value:
+            try:
+                max_frame_bytes = _frame_limit(env_value)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"SNAKEPOOL_MAX_FRAME_BYTES: {exc}")
+        else:
+            max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
+    worker_id = ns.worker_id or os.environ.get("SNAKEPOOL_WORKER_ID") or f"worker-{os.getpid()}"
+    return _Options(modules, worker_id, max_frame_bytes)
+
+
+def import_modules(runtime: Runtime, modules: Sequence[str]) -> int:
+    """Import the command modules; on failure report on stderr and return exit code 3."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit) as exc:
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.write(
+                f"snakepool_worker: failed to import module {name!r}: "
+                f"{type(exc).__name__}: {_safe_str(exc)}\n"
+            )
+            sys.stderr.flush()
+            return EXIT_IMPORT_FAILED
+        runtime.modules.append(name)
+    return EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a worker; return the process exit code."""
+    try:
+        options = parse_options(argv)
+    except SystemExit as exc:
+        if exc.code is None:
+            return EXIT_OK
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        in_fd, out_fd = claim_stdio()
+    except OSError as exc:
+        sys.stderr.write(f"snakepool_worker: cannot set up the protocol channel: {exc}\n")
+        return EXIT_USAGE
+    configure_logging()
+    runtime = Runtime(
+        default_registry, worker_id=options.worker_id, max_frame_bytes=options.max_frame_bytes
+    )
+    status = import_modules(runtime, options.modules)
+    if status != EXIT_OK:
+        return status
+    _log.debug(
+        "ready: pid %d, python %s, modules %s, json %s",
+        os.getpid(),
+        PYTHON_VERSION,
+        runtime.modules,
+        JSON_BACKEND,
+    )
+    reader = FrameReader(in_fd, options.max_frame_bytes)
+    writer = FrameWriter(out_fd)
+    try:
+        return runtime.serve(reader, writer)
+    except KeyboardInterrupt:
+        return 130
+
+
+def console_main() -> None:
+    """Entry point of the ``snakepool-worker`` console script."""
+    sys.exit(main())

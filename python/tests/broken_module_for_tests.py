@@ -1,0 +1,3 @@
+"""A command module whose import fails (``--module broken_module_for_tests``)."""
+
+raise RuntimeError("intentional import failure")

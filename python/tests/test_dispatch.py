@@ -1,0 +1,226 @@
+"""Request dispatch, exercised in-process on ``Runtime.handle_frame`` and ``Runtime.serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Dict, Optional
+
+import pytest
+
+from snakepool_worker import Context
+from snakepool_worker.builtins import register_builtins
+from snakepool_worker.protocol import FrameReader, FrameWriter, encode_frame
+from snakepool_worker.registry import Registry
+from snakepool_worker.runtime import Runtime
+
+
+@pytest.fixture
+def runtime() -> Runtime:
+    registry = Registry()
+    register_builtins(registry)
+
+    @registry.command("echo")
+    def echo(args: Dict[str, Any], ctx: Context) -> Any:
+        return args
+
+    @registry.command("remember", mutates_session=True)
+    def remember(args: Dict[str, Any], ctx: Context) -> int:
+        ctx.session["n"] = ctx.session.get("n", 0) + 1
+        return ctx.session["n"]
+
+    @registry.command("explode")
+    def explode(args: Dict[str, Any], ctx: Context) -> Any:
+        def inner() -> None:
+            raise KeyError("missing-key")
+
+        inner()
+
+    return Runtime(registry, worker_id="unit", max_frame_bytes=4096)
+
+
+def handle(runtime: Runtime, message: Any) -> Optional[Dict[str, Any]]:
+    payload = message if isinstance(message, bytes) else json.dumps(message).encode()
+    reply = runtime.handle_frame(payload)
+    return None if reply is None else json.loads(reply)
+
+
+def test_success_reply_shape(runtime: Runtime) -> None:
+    reply = handle(runtime, {"id": 3, "command": "echo", "args": {"x": 1}, "extra": "ignored"})
+    assert reply == {"id": 3, "success": True, "result": {"x": 1}}
+
+
+def test_absent_or_null_args_mean_empty_object(runtime: Runtime) -> None:
+    assert handle(runtime, {"id": 1, "command": "echo"})["result"] == {}
+    assert handle(runtime, {"id": 2, "command": "echo", "args": None})["result"] == {}
+
+
+@pytest.mark.parametrize(
+    "message, fragment",
+    [
+        ({"id": 1}, "'command' must be a string"),
+        ({"id": 1, "command": 5}, "'command' must be a string"),
+        ({"id": 1, "command": "echo", "args": [1]}, "'args' must be an object"),
+        ({"id": 1, "command": "echo", "args": "x"}, "'args' must be an object"),
+        ({"id": 1, "command": "echo", "args": {"session_id": 7}}, "session_id must be a string"),
+        ({"id": 1, "command": "cleanup_session", "args": {}}, "session_id"),
+        ({"id": 1, "command": "ping", "args": {"worker_id": 3}}, "worker_id"),
+    ],
+)
+def test_bad_requests(runtime: Runtime, message: Dict[str, Any], fragment: str) -> None:
+    reply = handle(runtime, message)
+    assert reply is not None and reply["success"] is False
+    assert reply["error"]["type"] == "BadRequest"
+    assert fragment in reply["error"]["message"]
+
+
+def test_unknown_command_lists_known_commands(runtime: Runtime) -> None:
+    reply = handle(runtime, {"id": 9, "command": "nope"})
+    assert reply["error"] == {
+        "type": "UnknownCommand",
+        "message": "unknown command 'nope' (known: cleanup_session, echo, explode, get_stats, "
+        "ping, remember, shutdown)",
+        "traceback": "",
+    }
+
+
+def test_handler_exception_reports_type_message_and_handler_traceback(runtime: Runtime) -> None:
+    error = handle(runtime, {"id": 4, "command": "explode"})["error"]
+    assert error["type"] == "KeyError"
+    assert error["message"] == "'missing-key'"
+    assert error["traceback"].startswith("Traceback (most recent call last):")
+    assert "in explode" in error["traceback"] and "in inner" in error["traceback"]
+    assert "handle_frame" not in error["traceback"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'"text"',
+        b'{"command": "echo"}',
+        b'{"id": -1, "command": "echo"}',
+        b'{"id": "7", "command": "echo"}',
+        b'{"id": true, "command": "echo"}',
+        b'{"id": 1.5, "command": "echo"}',
+        b'{"id": 18446744073709551616, "command": "echo"}',
+    ],
+)
+def test_frames_without_usable_id_get_no_reply_and_are_logged(
+    runtime: Runtime, payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert runtime.handle_frame(payload) is None
+    assert "dropping frame" in caplog.text
+    assert runtime.dropped_frames == 1 and runtime.requests == 0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"id": 12, "command": "echo", "args": {"s": "\xff"}}', b'{"id": 12, "command": "echo"} xx'],
+)
+def test_undecodable_frame_with_recoverable_id_gets_protocol_error(
+    runtime: Runtime, payload: bytes
+) -> None:
+    reply = handle(runtime, payload)
+    assert reply["id"] == 12 and reply["success"] is False
+    assert reply["error"]["type"] == "ProtocolError"
+    assert "not valid UTF-8 JSON" in reply["error"]["message"]
+
+
+def test_serialisation_error_and_result_too_large(runtime: Runtime) -> None:
+    reply = handle(runtime, {"id": 1, "command": "echo", "args": {"x": "y" * 5000}})
+    assert reply["error"]["type"] == "ResultTooLarge"
+    assert "larger than the maximum frame size of 4096 bytes" in reply["error"]["message"]
+
+
+def test_sessions_and_cleanup(runtime: Runtime) -> None:
+    for expected in (1, 2, 3):
+        reply = handle(runtime, {"id": 1, "command": "remember", "args": {"session_id": "a"}})
+        assert reply["result"] == expected
+    assert (
+        handle(runtime, {"id": 2, "command": "remember", "args": {"session_id": "b"}})["result"]
+        == 1
+    )
+    # A call without a session id gets scratch state that is not kept.
+    assert handle(runtime, {"id": 3, "command": "remember"})["result"] == 1
+    assert handle(runtime, {"id": 4, "command": "remember"})["result"] == 1
+    # Commands that never touch ctx.session do not create sessions.
+    handle(runtime, {"id": 5, "command": "echo", "args": {"session_id": "c"}})
+    assert sorted(runtime.sessions) == ["a", "b"]
+    cleanup = {"id": 6, "command": "cleanup_session", "args": {"session_id": "a"}}
+    assert handle(runtime, cleanup)["result"] == {"session_id": "a", "existed": True}
+    assert handle(runtime, cleanup)["result"] == {"session_id": "a", "existed": False}
+    assert sorted(runtime.sessions) == ["b"]
+
+
+def test_stats_count_requests_errors_and_commands(runtime: Runtime) -> None:
+    handle(runtime, {"id": 1, "command": "echo"})
+    handle(runtime, {"id": 2, "command": "explode"})
+    handle(runtime, {"id": 3, "command": "nope"})
+    handle(runtime, b"garbage")
+    stats = handle(runtime, {"id": 4, "command": "get_stats"})["result"]
+    assert stats["requests"] == 4 and stats["errors"] == 2 and stats["dropped_frames"] == 1
+    assert stats["commands"] == {"echo": 1, "explode": 1, "get_stats": 1}
+    assert stats["worker_id"] == "unit" and stats["pid"] == os.getpid()
+
+
+def test_manifest_is_cached_until_the_registry_changes(runtime: Runtime) -> None:
+    first = runtime.manifest()
+    assert runtime.manifest() is first
+    runtime.registry.register("late", lambda args, ctx: None)
+    second = runtime.manifest()
+    assert second is not first and "late" in second["commands"]
+    runtime.worker_id = "renamed"
+    assert runtime.manifest()["worker_id"] == "renamed"
+
+
+def test_serve_loop_over_pipes_until_end_of_input(runtime: Runtime) -> None:
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    requests = [{"id": i, "command": "echo", "args": {"i": i}} for i in range(50)]
+    data = b"".join(encode_frame(json.dumps(r).encode()) for r in requests)
+    data += b"\x00\x00\x10\x00" + b"z" * 4096 + encode_frame(b'{"id": 50, "command": "echo"}')
+
+    def feed() -> None:
+        os.write(in_write, data)
+        os.close(in_write)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    try:
+        status = runtime.serve(FrameReader(in_read, 4000), FrameWriter(out_write))
+    finally:
+        feeder.join()
+        os.close(in_read)
+        os.close(out_write)
+    assert status == 0
+    replies = []
+    reader = FrameReader(out_read)
+    while True:
+        frame = reader.read_frame()
+        if frame is None:
+            break
+        replies.append(json.loads(frame))
+    os.close(out_read)
+    assert [r["id"] for r in replies] == list(range(51))
+    assert runtime.dropped_frames == 1
+
+
+def test_shutdown_stops_the_loop_after_replying(runtime: Runtime) -> None:
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    os.write(in_write, encode_frame(b'{"id": 1, "command": "shutdown"}'))
+    os.write(in_write, encode_frame(b'{"id": 2, "command": "echo"}'))
+    try:
+        assert runtime.serve(FrameReader(in_read), FrameWriter(out_write)) == 0
+        os.close(out_write)
+        reader = FrameReader(out_read)
+        reply = json.loads(reader.read_frame())
+        assert reader.read_frame() is None
+    finally:
+        for fd in (in_read, in_write, out_read):
+            os.close(fd)
+    assert reply["result"] == {"status": "shutting_down", "worker_id": "unit"}

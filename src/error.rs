@@ -1,0 +1,145 @@
+//! The one error type callers see, with a variant per cause they can act on.
+
+use std::time::Duration;
+
+/// A worker's identity in messages: its pool-assigned id and its OS pid.
+pub type WorkerName = String;
+
+/// Everything a call through the pool can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The checkout queue is full; nothing was queued. Retry later.
+    #[error("pool saturated: {queued} callers already waiting for a worker")]
+    Saturated {
+        /// How many callers were already queued.
+        queued: usize,
+    },
+    /// No worker became free within the checkout timeout; nothing was left queued.
+    #[error("no worker became free within {waited:?}")]
+    CheckoutTimeout {
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The worker did not answer in time; it was killed and is being replaced.
+    #[error("worker {worker} did not answer `{command}` within {timeout:?}; it was killed")]
+    RequestTimeout {
+        /// The worker that was killed.
+        worker: WorkerName,
+        /// The command that timed out.
+        command: String,
+        /// The timeout that expired.
+        timeout: Duration,
+    },
+    /// The worker process died while serving the call.
+    #[error("worker {worker} died during `{command}` ({status}); stderr tail:\n{stderr_tail}")]
+    WorkerCrashed {
+        /// The worker that died.
+        worker: WorkerName,
+        /// The command in flight.
+        command: String,
+        /// How it ended, e.g. `exit status 3` or `killed by signal 9`.
+        status: String,
+        /// The last lines it wrote to stderr.
+        stderr_tail: String,
+    },
+    /// The command raised an exception in the worker; the worker keeps serving.
+    #[error("`{command}` failed on worker {worker}: {kind}: {message}")]
+    WorkerError {
+        /// The worker that ran the command.
+        worker: WorkerName,
+        /// The command that failed.
+        command: String,
+        /// The exception type, e.g. `ValueError`.
+        kind: String,
+        /// The exception message.
+        message: String,
+        /// The worker-side traceback, when sent.
+        traceback: Option<String>,
+    },
+    /// The worker does not know the command.
+    #[error("unknown command `{command}` (worker {worker}: {message})")]
+    UnknownCommand {
+        /// The worker that was asked.
+        worker: WorkerName,
+        /// The command name.
+        command: String,
+        /// The worker's message, usually listing the commands it knows.
+        message: String,
+    },
+    /// The worker broke the wire protocol; it was killed and is being replaced.
+    #[error("worker {worker} broke the protocol during `{command}`: {detail}")]
+    Protocol {
+        /// The offending worker.
+        worker: WorkerName,
+        /// The command in flight.
+        command: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A worker could not be started (or kept failing to start).
+    #[error("worker {worker} failed to start: {reason}; stderr tail:\n{stderr_tail}")]
+    StartupFailed {
+        /// The worker that failed.
+        worker: WorkerName,
+        /// Why: spawn error, exit during handshake, handshake timeout.
+        reason: String,
+        /// The last lines it wrote to stderr.
+        stderr_tail: String,
+    },
+    /// The request cannot be sent as given (too large, arguments not an object).
+    #[error("invalid request `{command}`: {reason}")]
+    InvalidRequest {
+        /// The command.
+        command: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The session was closed (explicitly or by its TTL).
+    #[error("session `{session_id}` is closed")]
+    SessionClosed {
+        /// The session's id.
+        session_id: String,
+    },
+    /// The session's state could not be rebuilt on a new worker.
+    #[error("session `{session_id}` could not be rebuilt on a new worker: {source}")]
+    SessionRebuildFailed {
+        /// The session's id.
+        session_id: String,
+        /// The failure while replaying its journal.
+        source: Box<Error>,
+    },
+    /// The pool is shutting down and takes no new calls.
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// A short, stable name for the cause, used as a metrics label and in HTTP bodies.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Saturated { .. } => "saturated",
+            Error::CheckoutTimeout { .. } => "checkout_timeout",
+            Error::RequestTimeout { .. } => "request_timeout",
+            Error::WorkerCrashed { .. } => "worker_crashed",
+            Error::WorkerError { .. } => "worker_error",
+            Error::UnknownCommand { .. } => "unknown_command",
+            Error::Protocol { .. } => "protocol",
+            Error::StartupFailed { .. } => "startup_failed",
+            Error::InvalidRequest { .. } => "invalid_request",
+            Error::SessionClosed { .. } => "session_closed",
+            Error::SessionRebuildFailed { .. } => "session_rebuild_failed",
+            Error::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Whether the worker that served the call was lost with it.
+    pub fn lost_worker(&self) -> bool {
+        matches!(
+            self,
+            Error::RequestTimeout { .. } | Error::WorkerCrashed { .. } | Error::Protocol { .. }
+        )
+    }
+}
+
+/// Result with the pool's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

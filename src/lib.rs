@@ -1,0 +1,29 @@
+//! snakepool: pools of long-lived Python worker processes, called from Rust.
+//!
+//! Plain calls go to any free worker; session calls always go to the session's own
+//! worker, in order, and a session whose worker died is rebuilt on another from its
+//! journal before its next call. Workers that time out, crash or break the protocol
+//! are killed and replaced; no caller ever sees another call's reply.
+//!
+//! ```no_run
+//! # async fn demo() -> snakepool::Result<()> {
+//! use serde_json::json;
+//!
+//! let pool = snakepool::Pool::builder().workers(2).start().await?;
+//! let pong = pool.call("ping", json!({})).await?;
+//! assert_eq!(pong["status"], "ok");
+//! pool.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod error;
+pub mod metrics;
+pub mod pool;
+pub mod protocol;
+pub mod session;
+pub mod worker;
+
+pub use error::{Error, Result};
+pub use metrics::MetricsSnapshot;
+pub use pool::{Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, WorkerInfo};
+pub use session::{JournalEntry, MemoryJournal, Session, SessionJournal};

@@ -1,0 +1,219 @@
+//! Counters and latency histograms of one pool, read through [`MetricsSnapshot`].
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Highest latency the histograms track exactly: one hour, in microseconds.
+const MAX_TRACKED_US: u64 = 3_600_000_000;
+
+/// A latency distribution in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Number of samples.
+    pub count: u64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest sample.
+    pub max_us: u64,
+}
+
+/// A point-in-time copy of a pool's metrics.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MetricsSnapshot {
+    /// Calls made (plain and session), including failed ones.
+    pub calls: u64,
+    /// Calls that returned a result.
+    pub calls_ok: u64,
+    /// Failed calls by [`crate::Error::kind`].
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Time from asking for a worker to getting one.
+    pub queue_wait: LatencySummary,
+    /// Time of the whole call, queue wait included.
+    pub call_latency: LatencySummary,
+    /// Workers that completed their handshake.
+    pub worker_starts: u64,
+    /// Workers that failed to start.
+    pub worker_start_failures: u64,
+    /// Workers that died, timed out or broke the protocol.
+    pub worker_crashes: u64,
+    /// Workers retired by request count or memory.
+    pub worker_recycles: u64,
+    /// Idle workers that failed a health ping.
+    pub health_failures: u64,
+    /// Sessions rebuilt on a new worker from their journal.
+    pub session_rebuilds: u64,
+}
+
+/// The live metrics of one pool; cheap to update from any task.
+#[derive(Debug)]
+pub struct Metrics {
+    calls: AtomicU64,
+    calls_ok: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    queue_wait: Mutex<Histogram<u64>>,
+    call_latency: Mutex<Histogram<u64>>,
+    worker_starts: AtomicU64,
+    worker_start_failures: AtomicU64,
+    worker_crashes: AtomicU64,
+    worker_recycles: AtomicU64,
+    health_failures: AtomicU64,
+    session_rebuilds: AtomicU64,
+}
+
+/// One of the pool's plain counters.
+#[derive(Clone, Copy, Debug)]
+pub enum Counter {
+    /// A worker completed its handshake.
+    WorkerStart,
+    /// A worker failed to start.
+    WorkerStartFailure,
+    /// A worker died, timed out or broke the protocol.
+    WorkerCrash,
+    /// A worker was retired by request count or memory.
+    WorkerRecycle,
+    /// An idle worker failed its health ping.
+    HealthFailure,
+    /// A session was rebuilt from its journal.
+    SessionRebuild,
+}
+
+fn histogram() -> Mutex<Histogram<u64>> {
+    Mutex::new(Histogram::new_with_bounds(1, MAX_TRACKED_US, 3).expect("valid histogram bounds"))
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).clamp(1, MAX_TRACKED_US)
+}
+
+fn summarise(h: &Mutex<Histogram<u64>>) -> LatencySummary {
+    let h = h.lock().expect("histogram poisoned");
+    if h.is_empty() {
+        return LatencySummary::default();
+    }
+    LatencySummary {
+        count: h.len(),
+        mean_us: h.mean(),
+        p50_us: h.value_at_quantile(0.5),
+        p90_us: h.value_at_quantile(0.9),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            calls: AtomicU64::new(0),
+            calls_ok: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            queue_wait: histogram(),
+            call_latency: histogram(),
+            worker_starts: AtomicU64::new(0),
+            worker_start_failures: AtomicU64::new(0),
+            worker_crashes: AtomicU64::new(0),
+            worker_recycles: AtomicU64::new(0),
+            health_failures: AtomicU64::new(0),
+            session_rebuilds: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records a finished call: its outcome's kind (`None` for success) and latency.
+    pub fn record_call(&self, error_kind: Option<&'static str>, latency: Duration) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match error_kind {
+            None => {
+                self.calls_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(kind) => {
+                *self
+                    .errors
+                    .lock()
+                    .expect("error counts poisoned")
+                    .entry(kind)
+                    .or_default() += 1;
+            }
+        }
+        let _ = self
+            .call_latency
+            .lock()
+            .expect("histogram poisoned")
+            .record(micros(latency));
+    }
+
+    /// Records how long a caller waited for a worker.
+    pub fn record_queue_wait(&self, wait: Duration) {
+        let _ = self
+            .queue_wait
+            .lock()
+            .expect("histogram poisoned")
+            .record(micros(wait));
+    }
+
+    /// Adds one to a plain counter.
+    pub fn bump(&self, counter: Counter) {
+        let cell = match counter {
+            Counter::WorkerStart => &self.worker_starts,
+            Counter::WorkerStartFailure => &self.worker_start_failures,
+            Counter::WorkerCrash => &self.worker_crashes,
+            Counter::WorkerRecycle => &self.worker_recycles,
+            Counter::HealthFailure => &self.health_failures,
+            Counter::SessionRebuild => &self.session_rebuilds,
+        };
+        cell.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough copy of every metric.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            calls: self.calls.load(Ordering::Relaxed),
+            calls_ok: self.calls_ok.load(Ordering::Relaxed),
+            errors: self.errors.lock().expect("error counts poisoned").clone(),
+            queue_wait: summarise(&self.queue_wait),
+            call_latency: summarise(&self.call_latency),
+            worker_starts: self.worker_starts.load(Ordering::Relaxed),
+            worker_start_failures: self.worker_start_failures.load(Ordering::Relaxed),
+            worker_crashes: self.worker_crashes.load(Ordering::Relaxed),
+            worker_recycles: self.worker_recycles.load(Ordering::Relaxed),
+            health_failures: self.health_failures.load(Ordering::Relaxed),
+            session_rebuilds: self.session_rebuilds.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_calls_errors_and_latency() {
+        let metrics = Metrics::default();
+        metrics.record_call(None, Duration::from_micros(100));
+        metrics.record_call(Some("worker_error"), Duration::from_micros(300));
+        metrics.record_call(Some("worker_error"), Duration::from_micros(200));
+        metrics.bump(Counter::WorkerCrash);
+        let snap = metrics.snapshot();
+        assert_eq!(snap.calls, 3);
+        assert_eq!(snap.calls_ok, 1);
+        assert_eq!(snap.errors.get("worker_error"), Some(&2));
+        assert_eq!(snap.call_latency.count, 3);
+        assert_eq!(snap.call_latency.p50_us, 200);
+        assert!(snap.call_latency.max_us >= 300);
+        assert_eq!(snap.worker_crashes, 1);
+    }
+}

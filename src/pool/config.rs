@@ -1,0 +1,315 @@
+//! Pool settings and the builder that starts a pool.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+use crate::session::{MemoryJournal, SessionJournal};
+use crate::worker::{WorkerProgram, WorkerSpec};
+
+/// Every setting of a pool. Build one with [`Pool::builder`].
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// How each worker is started.
+    pub worker: WorkerSpec,
+    /// Number of workers kept running.
+    pub workers: usize,
+    /// Default time a call may take before its worker is killed.
+    pub request_timeout: Duration,
+    /// How long a caller may wait in the queue for a worker.
+    pub checkout_timeout: Duration,
+    /// Most callers that may wait for a worker; one more is refused as saturated.
+    pub max_queue: usize,
+    /// Retire a worker after about this many calls.
+    pub recycle_after_calls: Option<u64>,
+    /// Random extra calls before retiring, as a fraction of `recycle_after_calls`,
+    /// so workers do not all retire at once.
+    pub recycle_jitter: f64,
+    /// Retire a worker whose resident memory exceeds this many bytes.
+    pub max_rss_bytes: Option<u64>,
+    /// Ping idle workers that have not served a call for this long.
+    pub health_interval: Option<Duration>,
+    /// How long a health ping may take before the worker is replaced.
+    pub health_timeout: Duration,
+    /// Close sessions idle for this long.
+    pub session_ttl: Option<Duration>,
+    /// First delay before retrying a failed worker start; doubles on each failure.
+    pub restart_backoff: Duration,
+    /// Longest delay between start attempts.
+    pub max_restart_backoff: Duration,
+    /// Consecutive failed starts after which the pool stops trying and reports the
+    /// start-up error to callers.
+    pub max_start_attempts: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            worker: WorkerSpec::default(),
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
+            request_timeout: Duration::from_secs(30),
+            checkout_timeout: Duration::from_secs(30),
+            max_queue: 1024,
+            recycle_after_calls: None,
+            recycle_jitter: 0.1,
+            max_rss_bytes: None,
+            health_interval: Some(Duration::from_secs(30)),
+            health_timeout: Duration::from_secs(5),
+            session_ttl: Some(Duration::from_secs(3600)),
+            restart_backoff: Duration::from_millis(100),
+            max_restart_backoff: Duration::from_secs(10),
+            max_start_attempts: 5,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// How often the supervisor looks at idle workers, memory and session TTLs.
+    pub(crate) fn maintenance_interval(&self) -> Duration {
+        let shortest = [self.health_interval, self.session_ttl]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// The delay before start attempt number `failures + 1`.
+    pub(crate) fn backoff(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+        self.restart_backoff
+            .saturating_mul(factor)
+            .min(self.max_restart_backoff)
+    }
+}
+
+/// Builds and starts a [`Pool`].
+///
+/// ```no_run
+/// # async fn demo() -> snakepool::Result<()> {
+/// use std::time::Duration;
+/// use serde_json::json;
+///
+/// let pool = snakepool::Pool::builder()
+///     .workers(4)
+///     .module("my_handlers")
+///     .request_timeout(Duration::from_secs(30))
+///     .start()
+///     .await?;
+/// let pong = pool.call("ping", json!({})).await?;
+/// let session = pool.session("user-42");
+/// session.call("ping", json!({})).await?;
+/// session.close().await?;
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct PoolBuilder {
+    config: PoolConfig,
+    modules: Vec<String>,
+    python: Option<PathBuf>,
+    python_path: Vec<PathBuf>,
+    worker_cmd: Option<String>,
+    journal: Option<Arc<dyn SessionJournal>>,
+}
+
+impl PoolBuilder {
+    /// Starts from an existing configuration.
+    pub fn from_config(config: PoolConfig) -> Self {
+        PoolBuilder {
+            config,
+            ..PoolBuilder::default()
+        }
+    }
+
+    /// Number of workers (at least one).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n.max(1);
+        self
+    }
+
+    /// Imports an extra command module in every worker (repeatable).
+    pub fn module(mut self, module: impl Into<String>) -> Self {
+        self.modules.push(module.into());
+        self
+    }
+
+    /// The Python interpreter for the worker runtime.
+    pub fn python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.python = Some(python.into());
+        self
+    }
+
+    /// A directory prepended to the workers' `PYTHONPATH` (repeatable).
+    pub fn python_path(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.python_path.push(dir.into());
+        self
+    }
+
+    /// Runs any protocol-v1 program instead of the worker runtime, e.g.
+    /// `python3 bridge.py --worker-id {worker_id}`.
+    pub fn worker_cmd(mut self, command_line: impl Into<String>) -> Self {
+        self.worker_cmd = Some(command_line.into());
+        self
+    }
+
+    /// Sets an environment variable for every worker (over the defaults).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.worker.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Default time a call may take before its worker is killed.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.config.request_timeout = timeout;
+        self
+    }
+
+    /// How long a caller may wait for a free worker.
+    pub fn checkout_timeout(mut self, timeout: Duration) -> Self {
+        self.config.checkout_timeout = timeout;
+        self
+    }
+
+    /// How long spawn plus handshake may take per worker.
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.config.worker.startup_timeout = timeout;
+        self
+    }
+
+    /// Most callers allowed to wait for a worker.
+    pub fn max_queue(mut self, n: usize) -> Self {
+        self.config.max_queue = n;
+        self
+    }
+
+    /// Retire each worker after about `calls` calls, with `jitter` (a fraction of
+    /// `calls`) of random extra calls.
+    pub fn recycle_after(mut self, calls: u64, jitter: f64) -> Self {
+        self.config.recycle_after_calls = Some(calls.max(1));
+        self.config.recycle_jitter = jitter.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Retire a worker whose resident memory exceeds `bytes`.
+    pub fn max_rss_bytes(mut self, bytes: u64) -> Self {
+        self.config.max_rss_bytes = Some(bytes);
+        self
+    }
+
+    /// Ping idle workers after this long without a call (`None` disables).
+    pub fn health_interval(mut self, interval: Option<Duration>) -> Self {
+        self.config.health_interval = interval;
+        self
+    }
+
+    /// Close sessions idle for this long (`None`: only explicit close).
+    pub fn session_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.config.session_ttl = ttl;
+        self
+    }
+
+    /// First delay and cap of the back-off between failed worker starts.
+    pub fn restart_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.config.restart_backoff = first;
+        self.config.max_restart_backoff = max.max(first);
+        self
+    }
+
+    /// Consecutive failed starts before the pool gives up on a worker slot.
+    pub fn max_start_attempts(mut self, n: u32) -> Self {
+        self.config.max_start_attempts = n.max(1);
+        self
+    }
+
+    /// Largest frame accepted from or sent to a worker.
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.config.worker.max_frame_bytes = bytes;
+        self
+    }
+
+    /// Grace period for a stopping worker after stdin closes and again after SIGTERM.
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.config.worker.stop_grace = grace;
+        self
+    }
+
+    /// Where session journals are kept (default: in memory).
+    pub fn journal(mut self, journal: Arc<dyn SessionJournal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// The configuration this builder would start.
+    pub fn config(&self) -> Result<PoolConfig> {
+        let mut config = self.config.clone();
+        if let Some(line) = &self.worker_cmd {
+            config.worker.program =
+                WorkerProgram::from_command_line(line).map_err(|reason| Error::StartupFailed {
+                    worker: "-".into(),
+                    reason,
+                    stderr_tail: String::new(),
+                })?;
+        } else if let WorkerProgram::Runtime {
+            python,
+            modules,
+            python_path,
+        } = &mut config.worker.program
+        {
+            if let Some(p) = &self.python {
+                python.clone_from(p);
+            }
+            modules.extend(self.modules.iter().cloned());
+            let mut dirs = self.python_path.clone();
+            dirs.append(python_path);
+            *python_path = dirs;
+        }
+        Ok(config)
+    }
+
+    /// Spawns every worker at once and returns when all are ready.
+    ///
+    /// Fails with [`Error::StartupFailed`] (with the worker's stderr tail) if any
+    /// worker cannot start; the others are stopped.
+    pub async fn start(self) -> Result<Pool> {
+        let config = self.config()?;
+        let journal = self
+            .journal
+            .unwrap_or_else(|| Arc::new(MemoryJournal::default()));
+        Pool::start(config, journal).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let config = PoolConfig {
+            restart_backoff: Duration::from_millis(100),
+            max_restart_backoff: Duration::from_millis(500),
+            ..PoolConfig::default()
+        };
+        let delays: Vec<u128> = (1..=5).map(|f| config.backoff(f).as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn worker_cmd_replaces_runtime_and_modules_accumulate() {
+        let config = Pool::builder().module("a").module("b").config().unwrap();
+        match config.worker.program {
+            WorkerProgram::Runtime { modules, .. } => assert_eq!(modules, vec!["a", "b"]),
+            other => panic!("unexpected program {other:?}"),
+        }
+        let config = Pool::builder()
+            .worker_cmd("python3 x.py {worker_id}")
+            .config()
+            .unwrap();
+        assert!(matches!(config.worker.program, WorkerProgram::Command(_)));
+        let bad = Pool::builder().worker_cmd("'unclosed").config();
+        assert!(matches!(bad, Err(Error::StartupFailed { .. })));
+    }
+}

@@ -1,0 +1,405 @@
+//! The pool: owns the workers and routes calls to them.
+//!
+//! The pool keeps books only. A caller checks a worker out under a short lock, does
+//! the call's pipe I/O itself with no lock held, and hands the worker back. A
+//! supervisor task replaces lost workers, recycles old ones, pings idle ones and
+//! expires idle sessions.
+
+mod config;
+mod scheduler;
+mod sessions;
+mod supervisor;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+pub use config::{PoolBuilder, PoolConfig};
+
+use crate::error::{Error, Result};
+use crate::metrics::{Counter, Metrics, MetricsSnapshot};
+use crate::session::{Session, SessionJournal};
+use crate::worker::Worker;
+use scheduler::State;
+use supervisor::Event;
+
+/// Something that happened in the pool, for observers (see [`Pool::subscribe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// A worker completed its handshake and joined the pool.
+    WorkerReady {
+        /// Its id.
+        worker: Arc<str>,
+        /// Its process id.
+        pid: u32,
+    },
+    /// A worker died, timed out or broke the protocol and was removed.
+    WorkerLost {
+        /// Its id.
+        worker: Arc<str>,
+        /// Its process id.
+        pid: u32,
+    },
+    /// A worker's replacement is ready; the worker retires when free.
+    WorkerRecycled {
+        /// The retiring worker's id.
+        worker: Arc<str>,
+    },
+    /// A worker failed to start.
+    WorkerStartFailed {
+        /// Why, with its stderr tail.
+        reason: String,
+    },
+    /// A session's journal was replayed on a new worker.
+    SessionRebuilt {
+        /// The session.
+        session_id: Arc<str>,
+        /// Its new worker.
+        worker: Arc<str>,
+        /// Journal entries replayed.
+        replayed: usize,
+    },
+    /// A session was closed by its TTL.
+    SessionExpired {
+        /// The session.
+        session_id: Arc<str>,
+    },
+}
+
+/// One worker as seen from outside the pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerInfo {
+    /// The pool-assigned id.
+    pub id: String,
+    /// The OS process id.
+    pub pid: u32,
+    /// `idle`, `busy`, `recycling` or `retiring`.
+    pub state: &'static str,
+    /// Calls served.
+    pub calls_served: u64,
+    /// Sessions pinned to it.
+    pub sessions: usize,
+    /// Resident memory at the last check.
+    pub rss_bytes: Option<u64>,
+    /// Seconds since it became ready.
+    pub age_s: f64,
+}
+
+/// One open session as seen from outside the pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionInfo {
+    /// The session's id.
+    pub id: String,
+    /// The worker it is pinned to.
+    pub worker: Option<String>,
+    /// Seconds since it was opened.
+    pub age_s: f64,
+    /// Seconds since its last call.
+    pub idle_s: f64,
+}
+
+/// The pool's state at one moment.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStatus {
+    /// Running workers.
+    pub workers: Vec<WorkerInfo>,
+    /// Workers being started.
+    pub starting: usize,
+    /// Callers waiting for a worker.
+    pub queued: usize,
+    /// Open sessions.
+    pub sessions: usize,
+    /// Whether the pool is shutting down.
+    pub shutting_down: bool,
+}
+
+/// State shared by the pool handle, its supervisor and leases.
+pub(crate) struct Shared {
+    pub config: PoolConfig,
+    state: Mutex<State>,
+    pub metrics: Metrics,
+    pub events: mpsc::UnboundedSender<Event>,
+    notices: broadcast::Sender<PoolEvent>,
+    pub journal: Arc<dyn SessionJournal>,
+    /// Signalled whenever workers leave or join, for shutdown to wait on.
+    pub changed: Notify,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("pool state poisoned")
+    }
+
+    pub(crate) fn notify(&self, event: PoolEvent) {
+        let _ = self.notices.send(event);
+    }
+}
+
+/// Stops the supervisor when the last pool handle goes away.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.shared.events.send(Event::Stop);
+    }
+}
+
+/// A pool of Python worker processes. Cheap to clone; all clones share the pool.
+#[derive(Clone)]
+pub struct Pool {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("workers", &self.shared().config.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A builder with default settings.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    pub(crate) async fn start(config: PoolConfig, journal: Arc<dyn SessionJournal>) -> Result<Pool> {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let (notices, _) = broadcast::channel(1024);
+        let mut state = State::default();
+        let ids: Vec<Arc<str>> = (0..config.workers).map(|_| state.new_worker_id()).collect();
+        let shared = Arc::new(Shared {
+            config,
+            state: Mutex::new(state),
+            metrics: Metrics::default(),
+            events,
+            notices,
+            journal,
+            changed: Notify::new(),
+        });
+        let started = futures::future::join_all(ids.iter().map(|id| {
+            let events = shared.events.clone();
+            let exit_id = id.clone();
+            Worker::start(&shared.config.worker, id, move |info| {
+                let _ = events.send(Event::Exited {
+                    worker: exit_id,
+                    info,
+                });
+            })
+        }))
+        .await;
+        let mut workers = Vec::with_capacity(started.len());
+        let mut first_error = None;
+        for result in started {
+            match result {
+                Ok(worker) => workers.push(worker),
+                Err(error) => {
+                    shared.metrics.bump(Counter::WorkerStartFailure);
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        if let Some(error) = first_error {
+            futures::future::join_all(workers.into_iter().map(Worker::stop)).await;
+            return Err(error);
+        }
+        for worker in workers {
+            shared.admit(worker);
+        }
+        tokio::spawn(supervisor::run(shared.clone(), receiver));
+        Ok(Pool {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+
+    /// Calls `command` on any free worker, with the pool's request timeout.
+    pub async fn call(&self, command: &str, args: Value) -> Result<Value> {
+        let timeout = self.request_timeout();
+        self.call_with_timeout(command, args, timeout).await
+    }
+
+    /// Calls `command` on any free worker; the worker is killed if it takes longer
+    /// than `timeout`.
+    pub async fn call_with_timeout(
+        &self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let started = Instant::now();
+        let result = self.plain_call(command, args, timeout).await;
+        self.record(&result, started);
+        result
+    }
+
+    async fn plain_call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
+        loop {
+            let mut lease = self
+                .shared()
+                .checkout(None)
+                .await?
+                .expect("plain checkouts are never rerouted");
+            let worker = lease.worker();
+            if worker.is_lost() {
+                // It died while idle and nothing was sent to it: take another.
+                continue;
+            }
+            return worker.call(command, args, timeout).await;
+        }
+    }
+
+    fn record(&self, result: &Result<Value>, started: Instant) {
+        let kind = result.as_ref().err().map(Error::kind);
+        self.shared().metrics.record_call(kind, started.elapsed());
+    }
+
+    pub(crate) async fn session_call(
+        &self,
+        session: &Session,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let started = Instant::now();
+        let result = self
+            .shared()
+            .session_call(&session.id, session.epoch, command, args, timeout)
+            .await;
+        self.record(&result, started);
+        result
+    }
+
+    /// A handle on session `id`, opening it if it is not open. Its calls always go
+    /// to one worker, in order.
+    pub fn session(&self, id: &str) -> Session {
+        let (epoch, order) = self.shared().open_session(id);
+        Session {
+            pool: self.clone(),
+            id: Arc::from(id),
+            epoch,
+            order,
+        }
+    }
+
+    /// Closes session `id` whatever handle opened it.
+    pub async fn close_session(&self, id: &str, epoch: Option<u64>) -> Result<()> {
+        self.shared().close_session(id, epoch).await
+    }
+
+    pub(crate) fn session_worker(&self, id: &str) -> Option<String> {
+        let st = self.shared().lock();
+        st.sessions
+            .get(id)
+            .and_then(|e| e.worker.as_deref().map(str::to_owned))
+    }
+
+    /// The default request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        self.shared().config.request_timeout
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared().config
+    }
+
+    /// A copy of the pool's metrics.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.shared().metrics.snapshot()
+    }
+
+    /// Observes pool events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<PoolEvent> {
+        self.shared().notices.subscribe()
+    }
+
+    /// The workers, queue and sessions right now.
+    pub fn status(&self) -> PoolStatus {
+        let st = self.shared().lock();
+        let now = Instant::now();
+        let workers = st
+            .slots
+            .iter()
+            .map(|(id, s)| WorkerInfo {
+                id: id.to_string(),
+                pid: s.pid,
+                state: match (s.retire, s.recycling, s.busy) {
+                    (true, _, _) => "retiring",
+                    (_, true, _) => "recycling",
+                    (_, _, true) => "busy",
+                    _ => "idle",
+                },
+                calls_served: s.calls,
+                sessions: s.sessions,
+                rss_bytes: s.rss_bytes,
+                age_s: now.duration_since(s.started_at).as_secs_f64(),
+            })
+            .collect();
+        PoolStatus {
+            workers,
+            starting: st.starting,
+            queued: st.queued(),
+            sessions: st.sessions.len(),
+            shutting_down: st.shutting_down,
+        }
+    }
+
+    /// The open sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let st = self.shared().lock();
+        let now = Instant::now();
+        st.sessions
+            .iter()
+            .map(|(id, e)| SessionInfo {
+                id: id.to_string(),
+                worker: e.worker.as_deref().map(str::to_owned),
+                age_s: now.duration_since(e.created).as_secs_f64(),
+                idle_s: now.duration_since(e.last_used).as_secs_f64(),
+            })
+            .collect()
+    }
+
+    /// Stops taking calls, fails queued callers with `ShuttingDown`, lets calls in
+    /// flight finish, then stops every worker (stdin close, SIGTERM, SIGKILL).
+    pub async fn shutdown(&self) {
+        let shared = self.shared();
+        let idle = {
+            let mut st = shared.lock();
+            st.shutting_down = true;
+            st.fail_waiters(&Error::ShuttingDown);
+            let idle = std::mem::take(&mut st.idle);
+            for worker in &idle {
+                st.slots.remove(worker.id());
+                st.stopping.push(worker.exit_watch());
+            }
+            idle
+        };
+        futures::future::join_all(idle.into_iter().map(Worker::stop)).await;
+        loop {
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let st = shared.lock();
+                if st.slots.is_empty() && st.starting == 0 {
+                    break;
+                }
+            }
+            changed.await;
+        }
+        let stopping = std::mem::take(&mut shared.lock().stopping);
+        let grace = shared.config.worker.stop_grace * 3;
+        futures::future::join_all(stopping.iter().map(|exit| exit.wait(grace))).await;
+        let _ = shared.events.send(Event::Stop);
+    }
+}

@@ -1,0 +1,392 @@
+//! Wire protocol v1: frames, messages and the codec.
+//!
+//! A frame is a 4-byte unsigned big-endian length `N` followed by `N` bytes of UTF-8
+//! JSON. Requests are `{"id", "command", "args"}`; replies are
+//! `{"id", "success": true, "result"}` or `{"id", "success": false, "error"}` where
+//! the error is either a plain string (older bridge scripts) or
+//! `{"type", "message", "traceback"}` (snakepool_worker).
+//!
+//! This is the only module that touches bytes. Frames longer than the configured
+//! maximum are refused as soon as their header is seen, before any buffer for the body
+//! is reserved.
+
+use bytes::{Buf, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+/// The protocol version this host speaks.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// The default maximum frame size: 64 MiB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Size of the length header in front of every frame.
+const HEADER_BYTES: usize = 4;
+
+/// The id of the handshake ping, the host's first frame to every worker.
+pub const HANDSHAKE_ID: u64 = 0;
+
+/// A request from the host to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Correlates the reply with this request.
+    pub id: u64,
+    /// The command name, looked up in the worker's registry.
+    pub command: String,
+    /// The command's arguments: always a JSON object on the wire.
+    pub args: Value,
+}
+
+/// A worker's structured report of a failed command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// The exception type, e.g. `ValueError`; `Error` for string-form errors.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The human-readable message.
+    pub message: String,
+    /// The worker-side traceback, when the worker sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+}
+
+impl RemoteError {
+    /// Builds the error from either wire form: a string or `{type, message, traceback}`.
+    pub fn from_wire(error: Value) -> Self {
+        match error {
+            Value::String(message) => RemoteError {
+                kind: "Error".to_owned(),
+                message,
+                traceback: None,
+            },
+            Value::Object(mut map) => {
+                let kind = match map.remove("type") {
+                    Some(Value::String(s)) => s,
+                    _ => "Error".to_owned(),
+                };
+                let message = match map.remove("message") {
+                    Some(Value::String(s)) => s,
+                    Some(other) => other.to_string(),
+                    None => String::new(),
+                };
+                let traceback = match map.remove("traceback") {
+                    Some(Value::String(s)) if !s.is_empty() => Some(s),
+                    _ => None,
+                };
+                RemoteError {
+                    kind,
+                    message,
+                    traceback,
+                }
+            }
+            other => RemoteError {
+                kind: "Error".to_owned(),
+                message: other.to_string(),
+                traceback: None,
+            },
+        }
+    }
+}
+
+/// A worker's reply to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The id of the request this answers.
+    pub id: u64,
+    /// The command's result, or the worker's report of its failure.
+    pub outcome: Result<Value, RemoteError>,
+}
+
+impl Reply {
+    /// The reply as it goes on the wire (used by tests and by protocol-v1 peers).
+    pub fn to_wire(&self) -> Value {
+        match &self.outcome {
+            Ok(result) => serde_json::json!({"id": self.id, "success": true, "result": result}),
+            Err(error) => serde_json::json!({"id": self.id, "success": false, "error": error}),
+        }
+    }
+}
+
+/// Everything that can be wrong with bytes arriving on a worker's channel.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length header announced more than the configured maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The frame's body is not valid JSON.
+    #[error("frame is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// The JSON is valid but is not a protocol-v1 reply.
+    #[error("frame is not a protocol-v1 reply: {0}")]
+    BadShape(String),
+    /// Reading or writing the pipe failed.
+    #[error("i/o error on the worker channel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Parses one frame body into a [`Reply`].
+pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    let Value::Object(mut map) = value else {
+        return Err(FrameError::BadShape("reply is not a JSON object".into()));
+    };
+    let id = match map.get("id") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| FrameError::BadShape(format!("reply id {n} is not a u64")))?,
+        Some(other) => {
+            return Err(FrameError::BadShape(format!(
+                "reply id {other} is not a number"
+            )));
+        }
+        None => return Err(FrameError::BadShape("reply has no id".into())),
+    };
+    let outcome = match map.get("success") {
+        Some(Value::Bool(true)) => Ok(map.remove("result").unwrap_or(Value::Null)),
+        Some(Value::Bool(false)) => Err(RemoteError::from_wire(
+            map.remove("error").unwrap_or(Value::Null),
+        )),
+        Some(other) => {
+            return Err(FrameError::BadShape(format!(
+                "reply {id}: success is {other}, not a boolean"
+            )));
+        }
+        None => return Err(FrameError::BadShape(format!("reply {id} has no success"))),
+    };
+    Ok(Reply { id, outcome })
+}
+
+/// The host side of the codec: encodes [`Request`]s and decodes [`Reply`]s.
+///
+/// Framing is tokio-util's [`LengthDelimitedCodec`] with a 4-byte big-endian header.
+/// The maximum frame size is checked against the header before the codec reserves any
+/// space for the body, in both directions.
+#[derive(Debug)]
+pub struct HostCodec {
+    frames: LengthDelimitedCodec,
+    max_frame_bytes: usize,
+}
+
+impl HostCodec {
+    /// A codec refusing frames longer than `max_frame_bytes`.
+    pub fn new(max_frame_bytes: usize) -> Self {
+        let frames = LengthDelimitedCodec::builder()
+            .length_field_length(HEADER_BYTES)
+            .big_endian()
+            .max_frame_length(max_frame_bytes)
+            .new_codec();
+        HostCodec {
+            frames,
+            max_frame_bytes,
+        }
+    }
+
+    /// The largest frame this codec accepts or sends.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+}
+
+impl Decoder for HostCodec {
+    type Item = Reply;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Reply>, FrameError> {
+        if src.len() >= HEADER_BYTES {
+            let len = (&src[..HEADER_BYTES]).get_u32() as usize;
+            if len > self.max_frame_bytes {
+                return Err(FrameError::TooLarge {
+                    len,
+                    max: self.max_frame_bytes,
+                });
+            }
+        }
+        match self.frames.decode(src)? {
+            Some(body) => parse_reply(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Encoder<&Request> for HostCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, request: &Request, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| FrameError::BadShape(format!("request is not serialisable: {e}")))?;
+        if body.len() > self.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                len: body.len(),
+                max: self.max_frame_bytes,
+            });
+        }
+        self.frames.encode(bytes::Bytes::from(body), dst)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn frame(body: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(body);
+        buf
+    }
+
+    #[test]
+    fn decodes_success_reply() {
+        let mut codec = HostCodec::new(1024);
+        let mut buf = frame(br#"{"id":7,"success":true,"result":{"a":1}}"#);
+        let reply = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(reply.id, 7);
+        assert_eq!(reply.outcome, Ok(json!({"a": 1})));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn decodes_both_error_forms() {
+        let mut codec = HostCodec::new(1024);
+        let mut buf = frame(br#"{"id":1,"success":false,"error":"boom"}"#);
+        let err = codec.decode(&mut buf).unwrap().unwrap().outcome.unwrap_err();
+        assert_eq!((err.kind.as_str(), err.message.as_str()), ("Error", "boom"));
+        assert_eq!(err.traceback, None);
+
+        let mut buf = frame(
+            br#"{"id":2,"success":false,"error":{"type":"ValueError","message":"bad","traceback":"tb"}}"#,
+        );
+        let err = codec.decode(&mut buf).unwrap().unwrap().outcome.unwrap_err();
+        assert_eq!(err.kind, "ValueError");
+        assert_eq!(err.message, "bad");
+        assert_eq!(err.traceback.as_deref(), Some("tb"));
+    }
+
+    #[test]
+    fn waits_for_whole_frame() {
+        let mut codec = HostCodec::new(1024);
+        let full = frame(br#"{"id":3,"success":true,"result":null}"#);
+        let mut buf = BytesMut::from(&full[..6]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&full[6..]);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().id, 3);
+    }
+
+    #[test]
+    fn refuses_oversized_header_without_reserving_body() {
+        let mut codec = HostCodec::new(1024);
+        let mut buf = BytesMut::with_capacity(8);
+        buf.put_u32(0xFFFF_FFF0);
+        let before = buf.capacity();
+        match codec.decode(&mut buf) {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (0xFFFF_FFF0, 1024));
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(buf.capacity(), before, "no space reserved for the body");
+    }
+
+    #[test]
+    fn refuses_to_encode_oversized_request() {
+        let mut codec = HostCodec::new(64);
+        let request = Request {
+            id: 1,
+            command: "echo".into(),
+            args: json!({"blob": "x".repeat(100)}),
+        };
+        let mut dst = BytesMut::new();
+        assert!(matches!(
+            codec.encode(&request, &mut dst),
+            Err(FrameError::TooLarge { max: 64, .. })
+        ));
+        assert!(dst.is_empty());
+    }
+
+    #[test]
+    fn rejects_replies_without_id_or_success() {
+        for body in [
+            &br#"{"success":true,"result":1}"#[..],
+            br#"{"id":"x","success":true}"#,
+            br#"{"id":-1,"success":true}"#,
+            br#"{"id":1}"#,
+            br#"{"id":1,"success":"yes"}"#,
+            br#"[1,2]"#,
+        ] {
+            assert!(
+                matches!(parse_reply(body), Err(FrameError::BadShape(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(matches!(
+            parse_reply(b"{not json"),
+            Err(FrameError::InvalidJson(_))
+        ));
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "[^\u{0}]{0,16}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trips(id in any::<u64>(), command in "[a-z_]{1,20}", args in json_value()) {
+            let request = Request { id, command, args };
+            let mut codec = HostCodec::new(DEFAULT_MAX_FRAME_BYTES);
+            let mut buf = BytesMut::new();
+            codec.encode(&request, &mut buf).unwrap();
+            let len = (&buf[..4]).get_u32() as usize;
+            prop_assert_eq!(len, buf.len() - 4);
+            let decoded: Request = serde_json::from_slice(&buf[4..]).unwrap();
+            prop_assert_eq!(decoded, request);
+        }
+
+        #[test]
+        fn reply_round_trips(id in any::<u64>(), result in json_value(), fail in any::<bool>(),
+                             kind in "[A-Za-z]{1,12}", message in ".{0,40}") {
+            let outcome = if fail {
+                Err(RemoteError { kind, message, traceback: Some("tb".into()) })
+            } else {
+                Ok(result)
+            };
+            let reply = Reply { id, outcome };
+            let body = serde_json::to_vec(&reply.to_wire()).unwrap();
+            let mut codec = HostCodec::new(DEFAULT_MAX_FRAME_BYTES);
+            let mut buf = frame(&body);
+            prop_assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), reply);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut codec = HostCodec::new(256);
+            let mut buf = BytesMut::from(&bytes[..]);
+            // Decode until the codec wants more bytes or reports an error.
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+            let _ = parse_reply(&bytes);
+        }
+    }
+}

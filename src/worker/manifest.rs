@@ -1,0 +1,83 @@
+//! What a worker says about itself in its handshake reply.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One command a worker offers, with its flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandInfo {
+    /// Whether the command changes session state, so the session journal records it.
+    #[serde(default)]
+    pub mutates_session: bool,
+    /// The first line of the handler's documentation.
+    #[serde(default)]
+    pub doc: String,
+}
+
+/// A worker's manifest. Protocol-v1 scripts that send none get the empty manifest:
+/// no command is known to mutate session state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The runtime's name, `snakepool_worker` for ours.
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// The runtime's version.
+    #[serde(default)]
+    pub runtime_version: Option<String>,
+    /// The protocol version the worker speaks.
+    #[serde(default)]
+    pub protocol_version: Option<u64>,
+    /// The worker's process id as it sees it.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The interpreter's version, e.g. `3.11.7`.
+    #[serde(default)]
+    pub python_version: Option<String>,
+    /// Commands by name.
+    #[serde(default)]
+    pub commands: BTreeMap<String, CommandInfo>,
+}
+
+impl Manifest {
+    /// Reads the manifest from a handshake `ping` result; anything missing stays empty.
+    pub fn from_handshake(result: &Value) -> Self {
+        result
+            .get("manifest")
+            .and_then(|m| serde_json::from_value(m.clone()).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether `command` is flagged as changing session state.
+    pub fn mutates_session(&self, command: &str) -> bool {
+        self.commands
+            .get(command)
+            .is_some_and(|info| info.mutates_session)
+    }
+
+    /// Whether the worker declared `command`.
+    pub fn has_command(&self, command: &str) -> bool {
+        self.commands.contains_key(command)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_flags_and_tolerates_absence() {
+        let manifest = Manifest::from_handshake(&json!({
+            "status": "ok",
+            "manifest": {"runtime": "snakepool_worker", "protocol_version": 1, "pid": 42,
+                          "commands": {"set": {"mutates_session": true}, "get": {}}}
+        }));
+        assert!(manifest.mutates_session("set"));
+        assert!(!manifest.mutates_session("get"));
+        assert!(!manifest.mutates_session("missing"));
+        assert_eq!(manifest.pid, Some(42));
+        assert_eq!(Manifest::from_handshake(&json!("pong")), Manifest::default());
+    }
+}

@@ -1,0 +1,344 @@
+//! One Python worker process: spawn, handshake, one call at a time, stderr, kill.
+//!
+//! A [`Worker`] knows nothing about other workers. Whoever holds it `&mut` owns its
+//! channel; a call either returns the worker's answer or leaves the worker marked
+//! [`Worker::is_lost`] (killed, crashed or out of protocol), never half-used.
+
+mod exit;
+mod manifest;
+pub mod spawn;
+mod stderr;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::process::{ChildStdin, ChildStdout};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+pub use exit::{ExitInfo, ExitWatch};
+pub use manifest::{CommandInfo, Manifest};
+pub use spawn::{WorkerProgram, WorkerSpec};
+pub use stderr::StderrTail;
+
+use crate::error::Error;
+use crate::protocol::{FrameError, HANDSHAKE_ID, HostCodec, Request};
+
+/// How long to wait for a dead worker's exit status and last stderr lines.
+const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
+
+/// A started, handshaken worker process.
+pub struct Worker {
+    id: Arc<str>,
+    pid: u32,
+    input: Option<FramedWrite<ChildStdin, HostCodec>>,
+    output: FramedRead<ChildStdout, HostCodec>,
+    exit: ExitWatch,
+    stderr: StderrTail,
+    manifest: Arc<Manifest>,
+    next_id: u64,
+    calls_served: u64,
+    started_at: Instant,
+    lost: bool,
+    /// A request was sent and its reply not yet read: if the call is abandoned here,
+    /// the reply would reach the next caller, so the worker counts as lost.
+    in_flight: bool,
+    stop_grace: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("calls_served", &self.calls_served)
+            .field("lost", &self.lost)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Spawns the worker and completes the handshake within the spec's start-up timeout.
+    ///
+    /// `on_exit` is called once, from a background task, when the process exits for
+    /// any reason (including while idle).
+    pub async fn start(
+        spec: &WorkerSpec,
+        id: &str,
+        on_exit: impl FnOnce(ExitInfo) + Send + 'static,
+    ) -> Result<Worker, Error> {
+        let startup_failed = |reason: String, stderr_tail: String| Error::StartupFailed {
+            worker: id.to_owned(),
+            reason,
+            stderr_tail,
+        };
+        let mut child = spec.spawn(id).map_err(|e| {
+            startup_failed(
+                format!("cannot spawn {:?}: {e}", spec.argv(id)),
+                String::new(),
+            )
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = StderrTail::drain(
+            child.stderr.take().expect("stderr is piped"),
+            id.to_owned(),
+            spec.stderr_lines,
+        );
+        let exit = ExitWatch::spawn(child, on_exit);
+        let mut worker = Worker {
+            id: Arc::from(id),
+            pid,
+            input: Some(FramedWrite::new(
+                stdin,
+                HostCodec::new(spec.max_frame_bytes),
+            )),
+            output: FramedRead::new(stdout, HostCodec::new(spec.max_frame_bytes)),
+            exit,
+            stderr,
+            manifest: Arc::new(Manifest::default()),
+            next_id: HANDSHAKE_ID + 1,
+            calls_served: 0,
+            started_at: Instant::now(),
+            lost: false,
+            in_flight: false,
+            stop_grace: spec.stop_grace,
+        };
+        let hello = Request {
+            id: HANDSHAKE_ID,
+            command: "ping".to_owned(),
+            args: json!({"initialization": true, "worker_id": id}),
+        };
+        match worker.exchange(&hello, spec.startup_timeout).await {
+            Ok(result) => {
+                worker.manifest = Arc::new(Manifest::from_handshake(&result));
+                Ok(worker)
+            }
+            Err(error) => {
+                worker.kill();
+                let stderr_tail = worker.stderr.settled_snapshot(POST_MORTEM_WAIT).await;
+                let reason = match error {
+                    Error::RequestTimeout { timeout, .. } => {
+                        format!("no handshake reply within {timeout:?}")
+                    }
+                    Error::WorkerCrashed { status, .. } => {
+                        format!("exited during the handshake ({status})")
+                    }
+                    Error::WorkerError { kind, message, .. } => {
+                        format!("handshake ping failed: {kind}: {message}")
+                    }
+                    other => format!("handshake failed: {other}"),
+                };
+                Err(startup_failed(reason, stderr_tail))
+            }
+        }
+    }
+
+    /// The pool-assigned id, e.g. `w3`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The OS process id (also the id of its process group).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What the worker said about itself in the handshake.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Calls answered by this worker so far (handshake excluded).
+    pub fn calls_served(&self) -> u64 {
+        self.calls_served
+    }
+
+    /// When the worker became ready.
+    pub fn started_at(&self) -> Instant {
+        self.started_at
+    }
+
+    /// The worker's recent stderr lines.
+    pub fn stderr_tail(&self) -> String {
+        self.stderr.snapshot()
+    }
+
+    /// True once the worker was killed, died, or broke the protocol: it must not be
+    /// used again.
+    pub fn is_lost(&self) -> bool {
+        self.lost || self.in_flight || self.exit.exited()
+    }
+
+    /// Sends one request and waits up to `timeout` for its reply.
+    ///
+    /// On timeout the worker is killed, so a late reply can never reach another caller.
+    pub async fn call(
+        &mut self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        if !args.is_object() {
+            return Err(Error::InvalidRequest {
+                command: command.to_owned(),
+                reason: "arguments must be a JSON object".into(),
+            });
+        }
+        let request = Request {
+            id: self.next_id,
+            command: command.to_owned(),
+            args,
+        };
+        self.next_id += 1;
+        let result = self.exchange(&request, timeout).await;
+        if !self.is_lost() {
+            self.calls_served += 1;
+        }
+        result
+    }
+
+    async fn exchange(&mut self, request: &Request, timeout: Duration) -> Result<Value, Error> {
+        let command = request.command.as_str();
+        if self.is_lost() {
+            return Err(self.crashed(command).await);
+        }
+        match tokio::time::timeout(timeout, self.send_and_receive(request)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.kill();
+                Err(Error::RequestTimeout {
+                    worker: self.name(),
+                    command: command.to_owned(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    async fn send_and_receive(&mut self, request: &Request) -> Result<Value, Error> {
+        let command = request.command.as_str();
+        let input = self.input.as_mut().expect("input open while not lost");
+        self.in_flight = true;
+        match input.send(request).await {
+            Ok(()) => {}
+            Err(FrameError::TooLarge { len, max }) => {
+                self.in_flight = false;
+                return Err(Error::InvalidRequest {
+                    command: command.to_owned(),
+                    reason: format!("request of {len} bytes exceeds the {max}-byte frame limit"),
+                });
+            }
+            Err(FrameError::Io(_)) => return Err(self.crashed(command).await),
+            Err(other) => {
+                self.in_flight = false;
+                return Err(Error::InvalidRequest {
+                    command: command.to_owned(),
+                    reason: other.to_string(),
+                });
+            }
+        }
+        match self.output.next().await {
+            Some(Ok(reply)) if reply.id == request.id => {
+                self.in_flight = false;
+                reply.outcome.map_err(|remote| match remote.kind.as_str() {
+                    "UnknownCommand" => Error::UnknownCommand {
+                        worker: self.name(),
+                        command: command.to_owned(),
+                        message: remote.message,
+                    },
+                    _ => Error::WorkerError {
+                        worker: self.name(),
+                        command: command.to_owned(),
+                        kind: remote.kind,
+                        message: remote.message,
+                        traceback: remote.traceback,
+                    },
+                })
+            }
+            Some(Ok(reply)) => Err(self.violation(
+                command,
+                format!(
+                    "reply id {} does not match request id {}",
+                    reply.id, request.id
+                ),
+            )),
+            Some(Err(FrameError::Io(_))) | None => Err(self.crashed(command).await),
+            Some(Err(error)) => Err(self.violation(command, error.to_string())),
+        }
+    }
+
+    fn violation(&mut self, command: &str, detail: String) -> Error {
+        self.kill();
+        tracing::warn!(worker = %self.name(), command, %detail, "protocol violation; worker killed");
+        Error::Protocol {
+            worker: self.name(),
+            command: command.to_owned(),
+            detail,
+        }
+    }
+
+    /// The worker's channel closed: wait briefly for its exit status and stderr tail.
+    async fn crashed(&mut self, command: &str) -> Error {
+        let status = match self.exit.wait(POST_MORTEM_WAIT).await {
+            Some(info) => info.to_string(),
+            None => {
+                self.kill();
+                "closed its output while still running; killed".to_owned()
+            }
+        };
+        self.lost = true;
+        self.input = None;
+        Error::WorkerCrashed {
+            worker: self.name(),
+            command: command.to_owned(),
+            status,
+            stderr_tail: self.stderr.settled_snapshot(POST_MORTEM_WAIT).await,
+        }
+    }
+
+    /// `id (pid N)`, as used in messages.
+    pub fn name(&self) -> String {
+        format!("{} (pid {})", self.id, self.pid)
+    }
+
+    /// Kills the worker's whole process group at once. The worker is lost afterwards.
+    pub fn kill(&mut self) {
+        self.lost = true;
+        self.input = None;
+        spawn::signal_group(self.pid, libc::SIGKILL);
+    }
+
+    /// Stops the worker gracefully: close stdin, wait the grace period, `SIGTERM`,
+    /// wait again, then `SIGKILL` the group. Returns how the process ended.
+    pub async fn stop(mut self) -> Option<ExitInfo> {
+        self.input = None;
+        if let Some(info) = self.exit.wait(self.stop_grace).await {
+            spawn::signal_group(self.pid, libc::SIGKILL);
+            return Some(info);
+        }
+        spawn::signal_group(self.pid, libc::SIGTERM);
+        if let Some(info) = self.exit.wait(self.stop_grace).await {
+            spawn::signal_group(self.pid, libc::SIGKILL);
+            return Some(info);
+        }
+        spawn::signal_group(self.pid, libc::SIGKILL);
+        self.exit.wait(self.stop_grace).await
+    }
+
+    /// A handle that reports the process's exit, usable after the worker is dropped.
+    pub fn exit_watch(&self) -> ExitWatch {
+        self.exit.clone()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // A worker nobody holds any more must not live on.
+        if !self.exit.exited() {
+            spawn::signal_group(self.pid, libc::SIGKILL);
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Building and spawning a worker's OS process.
+//!
+//! Each worker runs in its own process group (so the whole group can be killed by id),
+//! gets `SIGKILL` when the host thread that spawned it dies (`PR_SET_PDEATHSIG` on
+//! Linux), is killed when its handle is dropped, and starts with a thread-limiting
+//! environment unless the caller or the inherited environment says otherwise.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
+
+/// Environment given to every worker unless overridden: one thread per numeric
+/// library (100 workers must not mean 6,000 threads), unbuffered output, and no
+/// price-map download by litellm on first use.
+pub const DEFAULT_ENV: &[(&str, &str)] = &[
+    ("PYTHONUNBUFFERED", "1"),
+    ("OMP_NUM_THREADS", "1"),
+    ("OPENBLAS_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+    ("NUMEXPR_NUM_THREADS", "1"),
+    ("VECLIB_MAXIMUM_THREADS", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
+];
+
+/// The directory holding the `snakepool_worker` package in this source tree.
+pub fn bundled_python_path() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+}
+
+/// Which program a worker runs.
+#[derive(Clone, Debug)]
+pub enum WorkerProgram {
+    /// `python -m snakepool_worker --worker-id ID [--module M]...`.
+    Runtime {
+        /// The Python interpreter.
+        python: PathBuf,
+        /// Extra command modules to import.
+        modules: Vec<String>,
+        /// Directories prepended to `PYTHONPATH`.
+        python_path: Vec<PathBuf>,
+    },
+    /// Any protocol-v1 program; `{worker_id}` in an argument is replaced by the id.
+    Command(Vec<String>),
+}
+
+impl WorkerProgram {
+    /// Parses a shell-like command line, e.g. `python3 bridge.py --worker-id {worker_id}`.
+    pub fn from_command_line(line: &str) -> Result<Self, String> {
+        let argv = shell_words::split(line).map_err(|e| format!("bad worker command: {e}"))?;
+        if argv.is_empty() {
+            return Err("worker command is empty".into());
+        }
+        Ok(WorkerProgram::Command(argv))
+    }
+}
+
+/// Everything needed to start one worker.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    /// The program to run.
+    pub program: WorkerProgram,
+    /// Environment set for the worker, over the inherited environment and the defaults.
+    pub env: Vec<(String, String)>,
+    /// How long spawn plus handshake may take.
+    pub startup_timeout: Duration,
+    /// The largest frame accepted from or sent to the worker.
+    pub max_frame_bytes: usize,
+    /// How long a stopping worker gets after stdin closes, and again after `SIGTERM`.
+    pub stop_grace: Duration,
+    /// How many recent stderr lines to keep for error messages.
+    pub stderr_lines: usize,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        WorkerSpec {
+            program: WorkerProgram::Runtime {
+                python: default_python(),
+                modules: Vec::new(),
+                python_path: vec![bundled_python_path()],
+            },
+            env: Vec::new(),
+            startup_timeout: Duration::from_secs(30),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            stop_grace: Duration::from_secs(2),
+            stderr_lines: 64,
+        }
+    }
+}
+
+/// The interpreter used unless configured: `$SNAKEPOOL_PYTHON`, else `python3`.
+pub fn default_python() -> PathBuf {
+    std::env::var_os("SNAKEPOOL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+impl WorkerSpec {
+    /// The argv for the worker with id `worker_id`.
+    pub fn argv(&self, worker_id: &str) -> Vec<OsString> {
+        match &self.program {
+            WorkerProgram::Runtime {
+                python, modules, ..
+            } => {
+                let mut argv: Vec<OsString> = vec![
+                    python.into(),
+                    "-m".into(),
+                    "snakepool_worker".into(),
+                    "--worker-id".into(),
+                    worker_id.into(),
+                    "--max-frame-bytes".into(),
+                    self.max_frame_bytes.to_string().into(),
+                ];
+                for module in modules {
+                    argv.push("--module".into());
+                    argv.push(module.into());
+                }
+                argv
+            }
+            WorkerProgram::Command(args) => args
+                .iter()
+                .map(|a| a.replace("{worker_id}", worker_id).into())
+                .collect(),
+        }
+    }
+
+    /// Spawns the process with piped stdin, stdout and stderr.
+    pub fn spawn(&self, worker_id: &str) -> std::io::Result<Child> {
+        let argv = self.argv(worker_id);
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        for (key, value) in DEFAULT_ENV {
+            if std::env::var_os(key).is_none() {
+                command.env(key, value);
+            }
+        }
+        if let WorkerProgram::Runtime { python_path, .. } = &self.program {
+            let mut paths: Vec<PathBuf> = python_path.clone();
+            if let Some(existing) = std::env::var_os("PYTHONPATH") {
+                paths.extend(std::env::split_paths(&existing));
+            }
+            if let Ok(joined) = std::env::join_paths(paths) {
+                command.env("PYTHONPATH", joined);
+            }
+        }
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        set_parent_death_signal(&mut command);
+        command.spawn()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_parent_death_signal(command: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe calls (prctl, getppid, _exit).
+    let host = std::process::id() as libc::pid_t;
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The host may have died between fork and prctl.
+            if libc::getppid() != host {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_parent_death_signal(_command: &mut Command) {}
+
+/// Sends `signal` to the process group led by `pid`; a group that is gone is fine.
+pub fn signal_group(pid: u32, signal: libc::c_int) {
+    // SAFETY: killpg has no memory-safety preconditions.
+    unsafe {
+        libc::killpg(pid as libc::pid_t, signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_substitutes_worker_id() {
+        let spec = WorkerSpec {
+            program: WorkerProgram::from_command_line("python3 'my bridge.py' --id {worker_id}")
+                .unwrap(),
+            ..WorkerSpec::default()
+        };
+        assert_eq!(
+            spec.argv("w7"),
+            vec!["python3", "my bridge.py", "--id", "w7"]
+                .into_iter()
+                .map(OsString::from)
+                .collect::<Vec<_>>()
+        );
+        assert!(WorkerProgram::from_command_line("  ").is_err());
+        assert!(WorkerProgram::from_command_line("python3 'unclosed").is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: pools of real Python workers.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use snakepool::{Pool, PoolBuilder, PoolEvent};
+use tokio::sync::broadcast;
+
+/// The folder holding the Python fixtures.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
+
+/// The interpreter the tests use: `$SNAKEPOOL_PYTHON` or `python3`.
+pub fn python() -> String {
+    std::env::var("SNAKEPOOL_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A builder for `n` runtime workers with the test handlers loaded and short timeouts.
+pub fn builder(n: usize) -> PoolBuilder {
+    Pool::builder()
+        .workers(n)
+        .python(python())
+        .python_path(fixtures())
+        .module("sp_test_handlers")
+        .request_timeout(Duration::from_secs(20))
+        .checkout_timeout(Duration::from_secs(20))
+        .startup_timeout(Duration::from_secs(20))
+        .restart_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .stop_grace(Duration::from_millis(500))
+}
+
+/// A builder running `rogue_worker.py` in the given mode.
+pub fn rogue(n: usize, mode_args: &str) -> PoolBuilder {
+    let script = fixtures().join("rogue_worker.py");
+    Pool::builder()
+        .workers(n)
+        .worker_cmd(format!("{} {} {mode_args}", python(), script.display()))
+        .request_timeout(Duration::from_secs(20))
+        .startup_timeout(Duration::from_secs(20))
+        .restart_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .stop_grace(Duration::from_millis(500))
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits for the first event matching `pred`, failing the test after 30 s.
+pub async fn wait_for_event(
+    events: &mut broadcast::Receiver<PoolEvent>,
+    pred: impl Fn(&PoolEvent) -> bool,
+) -> PoolEvent {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(event) if pred(&event) => return event,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => panic!("pool event stream closed"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("expected pool event did not happen within 30 s")
+}
+
+/// Sends SIGKILL to one process.
+pub fn kill9(pid: u32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// The pid of the worker that served `whoami`.
+pub fn pid_of(value: &serde_json::Value) -> u32 {
+    value["pid"].as_u64().expect("pid in reply") as u32
+}
