@@ -172,6 +172,9 @@ pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
 pub struct HostCodec {
     frames: LengthDelimitedCodec,
     max_frame_bytes: usize,
+    /// The inner codec has consumed a header and waits for the body: the buffer's
+    /// first bytes are body bytes, not a header to check.
+    in_body: bool,
 }
 
 impl HostCodec {
@@ -185,6 +188,7 @@ impl HostCodec {
         HostCodec {
             frames,
             max_frame_bytes,
+            in_body: false,
         }
     }
 
@@ -199,7 +203,8 @@ impl Decoder for HostCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Reply>, FrameError> {
-        if src.len() >= HEADER_BYTES {
+        let has_header = src.len() >= HEADER_BYTES;
+        if !self.in_body && has_header {
             let len = (&src[..HEADER_BYTES]).get_u32() as usize;
             if len > self.max_frame_bytes {
                 return Err(FrameError::TooLarge {
@@ -209,8 +214,15 @@ impl Decoder for HostCodec {
             }
         }
         match self.frames.decode(src)? {
-            Some(body) => parse_reply(&body).map(Some),
-            None => Ok(None),
+            Some(body) => {
+                self.in_body = false;
+                parse_reply(&body).map(Some)
+            }
+            None => {
+                // With a whole header buffered the inner codec always consumes it.
+                self.in_body |= has_header;
+                Ok(None)
+            }
         }
     }
 }
@@ -378,6 +390,32 @@ mod tests {
             let mut codec = HostCodec::new(DEFAULT_MAX_FRAME_BYTES);
             let mut buf = frame(&body);
             prop_assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), reply);
+        }
+
+        #[test]
+        fn frames_split_anywhere_decode_the_same(cuts in prop::collection::vec(0usize..200, 0..6)) {
+            let replies: Vec<Reply> = (1..=3)
+                .map(|id| Reply { id, outcome: Ok(json!({"payload": "x".repeat(id as usize * 20)})) })
+                .collect();
+            let mut stream = BytesMut::new();
+            for reply in &replies {
+                stream.extend_from_slice(&frame(&serde_json::to_vec(&reply.to_wire()).unwrap()));
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % stream.len()).collect();
+            cuts.sort_unstable();
+            cuts.push(stream.len());
+            let mut codec = HostCodec::new(1024);
+            let mut buf = BytesMut::new();
+            let mut decoded = Vec::new();
+            let mut from = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&stream[from..cut]);
+                from = cut;
+                while let Some(reply) = codec.decode(&mut buf).unwrap() {
+                    decoded.push(reply);
+                }
+            }
+            prop_assert_eq!(decoded, replies);
         }
 
         #[test]

@@ -1,8 +1,6 @@
 """``python -m snakepool_worker``: run a worker process."""
 
-import sys
-
-from .runtime import main
+from .runtime import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .protocol import BadRequest
 from .registry import Context, Registry
@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def _runtime(ctx: Context) -> "Runtime":
-    runtime = ctx._runtime
+    runtime: Optional[Runtime] = ctx._runtime
     if runtime is None:
         raise RuntimeError(f"built-in command {ctx.command!r} needs a worker runtime")
     return runtime

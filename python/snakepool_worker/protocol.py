@@ -11,6 +11,7 @@ standard library codec (useful when comparing behaviour between the two).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -112,7 +113,7 @@ def build_codec(use_orjson: bool) -> Tuple[str, Dumps, Loads]:
     orjson: Any = None
     if use_orjson:
         try:
-            import orjson  # type: ignore[import-not-found,no-redef]
+            orjson = importlib.import_module("orjson")
         except ImportError:
             orjson = None
 
@@ -132,7 +133,7 @@ def build_codec(use_orjson: bool) -> Tuple[str, Dumps, Loads]:
         | orjson.OPT_PASSTHROUGH_DATETIME
         | orjson.OPT_PASSTHROUGH_SUBCLASS
     )
-    fast_dumps = orjson.dumps
+    fast_dumps: Callable[..., bytes] = orjson.dumps
 
     def orjson_dumps(obj: Any) -> bytes:
         try:

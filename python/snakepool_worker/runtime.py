@@ -16,15 +16,17 @@ command module fails to import.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .builtins import register_builtins
@@ -191,7 +193,7 @@ class Runtime:
         """
         session = self.sessions.pop(session_id, None)
         existed = session is not None
-        self.registry.run_cleanup_hooks(session_id, session if existed else {})
+        self.registry.run_cleanup_hooks(session_id, session if session is not None else {})
         return existed
 
     def request_stop(self) -> None:
@@ -233,12 +235,12 @@ class Runtime:
         if type(message) is not dict:
             self._drop(payload, f"frame is a JSON {type(message).__name__}, not an object")
             return None
-        request_id = message.get("id")
+        if "id" not in message:
+            self._drop(payload, "request has no 'id'")
+            return None
+        request_id = message["id"]
         if not is_valid_id(request_id):
-            if "id" not in message:
-                reason = "request has no 'id'"
-            else:
-                reason = f"request 'id' must be an integer in 0..2**64-1, got {request_id!r:.40}"
+            reason = f"request 'id' must be an integer in 0..2**64-1, got {request_id!r:.40}"
             self._drop(payload, reason)
             return None
         self.requests += 1
@@ -335,9 +337,10 @@ def _recover_id(payload: Union[bytes, bytearray]) -> Optional[int]:
         message, _ = json.JSONDecoder().raw_decode(text)
     except ValueError:
         return None
-    if isinstance(message, dict) and is_valid_id(message.get("id")):
-        return message["id"]
-    return None
+    if not isinstance(message, dict) or not is_valid_id(message.get("id")):
+        return None
+    request_id: int = message["id"]
+    return request_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,6 +526,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def console_main() -> None:
+def exit_process(code: int) -> NoReturn:
+    """Exit with ``code``, even when handler code left non-daemon threads running.
+
+    The interpreter would otherwise wait for those threads forever, and a worker that
+    outlives its host's pipe is an orphan. In that case the ``atexit`` handlers are run
+    and the standard streams flushed before the process ends with ``os._exit``.
+    """
+    main_thread = threading.main_thread()
+    stragglers = [
+        thread.name
+        for thread in threading.enumerate()
+        if thread is not main_thread and not thread.daemon and thread.is_alive()
+    ]
+    if not stragglers:
+        sys.exit(code)
+    _log.warning(
+        "exiting with %d non-daemon thread(s) still running: %s",
+        len(stragglers),
+        ", ".join(stragglers),
+    )
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: B036 - nothing may stop the exit now
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def console_main() -> NoReturn:
     """Entry point of the ``snakepool-worker`` console script."""
-    sys.exit(main())
+    exit_process(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from typing import Any, Dict, List
 
 from snakepool_worker import Context, command, on_session_cleanup
@@ -92,6 +93,17 @@ def huge(args: Dict[str, Any], ctx: Context) -> str:
 @command("log_message")
 def log_message(args: Dict[str, Any], ctx: Context) -> None:
     ctx.log.warning("handler says %s", args["text"])
+
+
+_NEVER = threading.Event()
+
+
+@command("start_blocking_thread")
+def start_blocking_thread(args: Dict[str, Any], ctx: Context) -> str:
+    """Start a non-daemon thread that never finishes."""
+    thread = threading.Thread(target=_NEVER.wait, name="never-ending", daemon=False)
+    thread.start()
+    return thread.name
 
 
 @command("cleanups")

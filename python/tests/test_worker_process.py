@@ -273,6 +273,13 @@ def test_exits_zero_on_end_of_input(worker: WorkerProcess) -> None:
     assert "Traceback" not in worker.stderr.wait_eof()
 
 
+def test_exits_on_end_of_input_despite_non_daemon_threads(worker: WorkerProcess) -> None:
+    assert worker.result("start_blocking_thread") == "never-ending"
+    worker.close_stdin()
+    assert worker.wait() == 0
+    assert "non-daemon thread(s) still running: never-ending" in worker.stderr.wait_eof()
+
+
 def test_exits_zero_on_end_of_input_mid_frame(worker: WorkerProcess) -> None:
     worker.send_raw(b"\x00\x00\x01\x00" + b"{" * 10)
     worker.close_stdin()
