@@ -272,14 +272,24 @@ mod tests {
     fn decodes_both_error_forms() {
         let mut codec = HostCodec::new(1024);
         let mut buf = frame(br#"{"id":1,"success":false,"error":"boom"}"#);
-        let err = codec.decode(&mut buf).unwrap().unwrap().outcome.unwrap_err();
+        let err = codec
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap()
+            .outcome
+            .unwrap_err();
         assert_eq!((err.kind.as_str(), err.message.as_str()), ("Error", "boom"));
         assert_eq!(err.traceback, None);
 
         let mut buf = frame(
             br#"{"id":2,"success":false,"error":{"type":"ValueError","message":"bad","traceback":"tb"}}"#,
         );
-        let err = codec.decode(&mut buf).unwrap().unwrap().outcome.unwrap_err();
+        let err = codec
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap()
+            .outcome
+            .unwrap_err();
         assert_eq!(err.kind, "ValueError");
         assert_eq!(err.message, "bad");
         assert_eq!(err.traceback.as_deref(), Some("tb"));

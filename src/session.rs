@@ -40,8 +40,10 @@ pub trait SessionJournal: Send + Sync + std::fmt::Debug {
         entry: JournalEntry,
     ) -> std::result::Result<(), JournalError>;
     /// The session's entries, oldest first.
-    async fn entries(&self, session_id: &str)
-    -> std::result::Result<Vec<JournalEntry>, JournalError>;
+    async fn entries(
+        &self,
+        session_id: &str,
+    ) -> std::result::Result<Vec<JournalEntry>, JournalError>;
     /// Forgets the session.
     async fn remove(&self, session_id: &str) -> std::result::Result<(), JournalError>;
     /// How many entries the session has.

@@ -81,7 +81,10 @@ async fn unknown_command_is_reported_and_the_pool_serves() {
         }
         other => panic!("expected UnknownCommand, got {other:?}"),
     }
-    assert_eq!(pool.call("echo", json!({"a": 1})).await.unwrap(), json!({"a": 1}));
+    assert_eq!(
+        pool.call("echo", json!({"a": 1})).await.unwrap(),
+        json!({"a": 1})
+    );
     pool.shutdown().await;
 }
 
@@ -117,7 +120,10 @@ async fn print_in_a_handler_does_not_corrupt_frames() {
         let reply = pool.call("noisy", json!({"lines": 500})).await.unwrap();
         assert_eq!(reply, json!("still fine"));
     }
-    assert_eq!(pool.call("echo", json!({"ok": true})).await.unwrap()["ok"], true);
+    assert_eq!(
+        pool.call("echo", json!({"ok": true})).await.unwrap()["ok"],
+        true
+    );
     assert_eq!(pool.metrics().worker_crashes, 0);
     pool.shutdown().await;
 }
@@ -139,7 +145,10 @@ async fn a_megabyte_of_stderr_does_not_deadlock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_style_string_errors_are_understood() {
     let pool = common::rogue(1, "string_errors").start().await.unwrap();
-    assert_eq!(pool.call("echo", json!({"x": 1})).await.unwrap(), json!({"x": 1}));
+    assert_eq!(
+        pool.call("echo", json!({"x": 1})).await.unwrap(),
+        json!({"x": 1})
+    );
     match pool.call("frobnicate", json!({})).await {
         Err(Error::WorkerError {
             kind,

@@ -43,11 +43,17 @@ async fn os_exit_in_a_handler_is_a_crash_with_status_and_stderr() {
         }) => {
             assert_eq!(status, "exit status 7");
             assert_eq!(command, "crash");
-            assert!(stderr_tail.contains("about to crash on purpose"), "{stderr_tail}");
+            assert!(
+                stderr_tail.contains("about to crash on purpose"),
+                "{stderr_tail}"
+            );
         }
         other => panic!("expected WorkerCrashed, got {other:?}"),
     }
-    assert_eq!(pool.call("echo", json!({"a": 2})).await.unwrap(), json!({"a": 2}));
+    assert_eq!(
+        pool.call("echo", json!({"a": 2})).await.unwrap(),
+        json!({"a": 2})
+    );
     assert_eq!(pool.metrics().worker_crashes, 1);
     pool.shutdown().await;
 }
@@ -81,13 +87,21 @@ async fn an_idle_worker_killed_from_outside_is_replaced_without_failing_calls() 
     let mut events = pool.subscribe();
     let victim = pool.status().workers[0].pid;
     kill9(victim);
-    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerLost { pid, .. } if *pid == victim)).await;
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid, .. } if *pid == victim),
+    )
+    .await;
     wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerReady { .. })).await;
     for _ in 0..20 {
         let pid = pid_of(&pool.call("whoami", json!({})).await.unwrap());
         assert_ne!(pid, victim);
     }
-    assert_eq!(pool.status().workers.len(), 2, "the replacement rejoined the pool");
+    assert_eq!(
+        pool.status().workers.len(),
+        2,
+        "the replacement rejoined the pool"
+    );
     pool.shutdown().await;
 }
 
@@ -128,7 +142,11 @@ async fn a_reply_with_the_wrong_id_replaces_the_worker() {
         other => panic!("expected Protocol, got {other:?}"),
     }
     let pong = pool.call("ping", json!({})).await.unwrap();
-    assert_ne!(pid_of(&pong), old, "no caller talks to the stale worker again");
+    assert_ne!(
+        pid_of(&pong),
+        old,
+        "no caller talks to the stale worker again"
+    );
     pool.shutdown().await;
 }
 
@@ -203,7 +221,10 @@ async fn a_worker_that_dies_at_start_gives_a_startup_error_with_its_stderr() {
             ..
         } => {
             assert!(reason.contains("exit status 4"), "{reason}");
-            assert!(stderr_tail.contains("cannot load model weights"), "{stderr_tail}");
+            assert!(
+                stderr_tail.contains("cannot load model weights"),
+                "{stderr_tail}"
+            );
         }
         other => panic!("expected StartupFailed, got {other:?}"),
     }
@@ -233,12 +254,19 @@ async fn a_worker_that_keeps_failing_to_start_surfaces_the_error() {
         .start()
         .await
         .unwrap();
-    let pid = pool.call("ping", json!({})).await.map(|p| pid_of(&p)).unwrap();
+    let pid = pool
+        .call("ping", json!({}))
+        .await
+        .map(|p| pid_of(&p))
+        .unwrap();
     std::fs::write(&marker, b"").unwrap();
     let mut events = pool.subscribe();
     kill9(pid);
     for _ in 0..3 {
-        wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerStartFailed { .. })).await;
+        wait_for_event(&mut events, |e| {
+            matches!(e, PoolEvent::WorkerStartFailed { .. })
+        })
+        .await;
     }
     match pool.call("echo", json!({})).await {
         Err(Error::StartupFailed { stderr_tail, .. }) => {
@@ -263,7 +291,11 @@ async fn a_caller_that_gives_up_mid_call_does_not_leak_its_worker() {
         tokio::task::yield_now().await;
     }
     abandoned.abort();
-    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid)).await;
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
+    )
+    .await;
     let reply = pool.call("whoami", json!({})).await.unwrap();
     assert_ne!(pid_of(&reply), pid, "the half-used worker was not reused");
     assert!(!common::alive(pid), "the abandoned worker was killed");
@@ -278,7 +310,10 @@ async fn workers_are_recycled_after_n_calls_with_the_replacement_ready_first() {
     for _ in 0..5 {
         pool.call("echo", json!({})).await.unwrap();
     }
-    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerRecycled { .. })).await;
+    wait_for_event(&mut events, |e| {
+        matches!(e, PoolEvent::WorkerRecycled { .. })
+    })
+    .await;
     let pid = pid_of(&pool.call("whoami", json!({})).await.unwrap());
     assert_ne!(pid, first);
     assert_eq!(pool.metrics().worker_recycles, 1);
@@ -295,7 +330,10 @@ async fn workers_above_the_memory_limit_are_recycled() {
         .await
         .unwrap();
     let mut events = pool.subscribe();
-    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerRecycled { .. })).await;
+    wait_for_event(&mut events, |e| {
+        matches!(e, PoolEvent::WorkerRecycled { .. })
+    })
+    .await;
     assert!(pool.metrics().worker_recycles >= 1);
     pool.call("echo", json!({})).await.unwrap();
     pool.shutdown().await;

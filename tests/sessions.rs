@@ -36,7 +36,10 @@ async fn affinity_holds_for_every_call_across_many_sessions() {
         *per_worker.entry(pids[0]).or_default() += 1;
     }
     assert_eq!(per_worker.len(), 4, "sessions spread over all workers");
-    assert!(per_worker.values().all(|n| *n == sessions / 4), "{per_worker:?}");
+    assert!(
+        per_worker.values().all(|n| *n == sessions / 4),
+        "{per_worker:?}"
+    );
     pool.shutdown().await;
 }
 
@@ -46,7 +49,11 @@ async fn a_session_runs_its_calls_in_order() {
     let session = pool.session("ordered");
     let calls = (0..50).map(|i| {
         let session = session.clone();
-        async move { session.call("append_value", json!({"key": "log", "value": i})).await }
+        async move {
+            session
+                .call("append_value", json!({"key": "log", "value": i}))
+                .await
+        }
     });
     let results = futures::future::join_all(calls).await;
     let last = results.last().unwrap().as_ref().unwrap();
@@ -74,14 +81,24 @@ async fn session_state_survives_its_worker_being_killed() {
     let before = pid_of(&session.call("whoami", json!({})).await.unwrap());
 
     kill9(before);
-    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerLost { pid, .. } if *pid == before)).await;
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid, .. } if *pid == before),
+    )
+    .await;
 
     assert_eq!(
-        session.call("get_value", json!({"key": "model"})).await.unwrap(),
+        session
+            .call("get_value", json!({"key": "model"}))
+            .await
+            .unwrap(),
         "v1"
     );
     assert_eq!(
-        session.call("get_value", json!({"key": "history"})).await.unwrap(),
+        session
+            .call("get_value", json!({"key": "history"}))
+            .await
+            .unwrap(),
         json!([1, 2]),
         "mutating calls were replayed once each, in order"
     );
@@ -102,7 +119,10 @@ async fn session_state_survives_a_crash_inside_its_own_call() {
     let err = session.call("crash", json!({})).await.unwrap_err();
     assert_eq!(err.kind(), "worker_crashed");
     assert_eq!(
-        session.call("get_value", json!({"key": "k"})).await.unwrap(),
+        session
+            .call("get_value", json!({"key": "k"}))
+            .await
+            .unwrap(),
         42
     );
     pool.shutdown().await;
@@ -143,11 +163,17 @@ async fn closed_sessions_refuse_calls_and_free_worker_state() {
         other => panic!("expected SessionClosed, got {other:?}"),
     }
     let stats = pool.call("get_stats", json!({})).await.unwrap();
-    assert_eq!(stats["sessions"], 0, "cleanup_session freed the worker's state");
+    assert_eq!(
+        stats["sessions"], 0,
+        "cleanup_session freed the worker's state"
+    );
 
     // The same id opens a new, empty session.
     let again = pool.session("short-lived");
-    let err = again.call("get_value", json!({"key": "k"})).await.unwrap_err();
+    let err = again
+        .call("get_value", json!({"key": "k"}))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), "worker_error");
     assert!(pool.sessions().iter().any(|s| s.id == "short-lived"));
     pool.shutdown().await;
@@ -166,9 +192,10 @@ async fn idle_sessions_expire_after_their_ttl() {
         .call("set_value", json!({"key": "k", "value": 1}))
         .await
         .unwrap();
-    wait_for_event(&mut events, |e| {
-        matches!(e, PoolEvent::SessionExpired { session_id } if &**session_id == "ephemeral")
-    })
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::SessionExpired { session_id } if &**session_id == "ephemeral"),
+    )
     .await;
     assert_eq!(
         session.call("whoami", json!({})).await.unwrap_err().kind(),
@@ -191,11 +218,20 @@ async fn recycling_moves_sessions_with_their_state() {
     for _ in 0..3 {
         pool.call("echo", json!({})).await.unwrap();
     }
-    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerRecycled { .. })).await;
+    wait_for_event(&mut events, |e| {
+        matches!(e, PoolEvent::WorkerRecycled { .. })
+    })
+    .await;
     assert_eq!(
-        session.call("get_value", json!({"key": "k"})).await.unwrap(),
+        session
+            .call("get_value", json!({"key": "k"}))
+            .await
+            .unwrap(),
         "kept"
     );
-    assert_ne!(pid_of(&session.call("whoami", json!({})).await.unwrap()), first);
+    assert_ne!(
+        pid_of(&session.call("whoami", json!({})).await.unwrap()),
+        first
+    );
     pool.shutdown().await;
 }

@@ -369,7 +369,7 @@ def claim_stdio() -> Tuple[int, int]:
         os.dup2(devnull, 0)
     finally:
         os.close(devnull)
-    sys.stdout = io.open(  # noqa: SIM115 - lives for the whole process
+    sys.stdout = io.open(
         1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
     )
     os.set_blocking(in_fd, True)
@@ -548,7 +548,7 @@ def exit_process(code: int) -> NoReturn:
     )
     try:
         atexit._run_exitfuncs()
-    except BaseException:  # noqa: B036 - nothing may stop the exit now
+    except BaseException:  # nothing may stop the exit now
         pass
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -322,3 +322,15 @@ def test_invalid_max_frame_bytes_is_a_usage_error(spawn_worker: SpawnWorker) -> 
     process = spawn_worker("--max-frame-bytes", "10")
     assert process.wait() == 2
     assert "--max-frame-bytes" in process.stderr.wait_eof()
+
+
+def test_log_level_from_environment(spawn_worker: SpawnWorker) -> None:
+    process = spawn_worker(env={"SNAKEPOOL_LOG_LEVEL": "debug"})
+    process.handshake()
+    assert "DEBUG [t1] snakepool_worker.runtime: ready: pid" in process.stderr.wait_for("ready:")
+    quiet = spawn_worker(env={"SNAKEPOOL_LOG_LEVEL": "loud"})
+    quiet.handshake()
+    quiet.close_stdin()
+    assert quiet.wait() == 0
+    text = quiet.stderr.wait_eof()
+    assert "unknown SNAKEPOOL_LOG_LEVEL 'loud'; using INFO" in text and "ready:" not in text

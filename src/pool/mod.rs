@@ -173,7 +173,10 @@ impl Pool {
         &self.handle.shared
     }
 
-    pub(crate) async fn start(config: PoolConfig, journal: Arc<dyn SessionJournal>) -> Result<Pool> {
+    pub(crate) async fn start(
+        config: PoolConfig,
+        journal: Arc<dyn SessionJournal>,
+    ) -> Result<Pool> {
         let (events, receiver) = mpsc::unbounded_channel();
         let (notices, _) = broadcast::channel(1024);
         let mut state = State::default();

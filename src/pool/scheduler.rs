@@ -38,7 +38,7 @@ pub(crate) struct Slot {
 /// What a waiting caller receives.
 pub(crate) enum Handoff {
     /// A worker for the caller's exclusive use.
-    Worker(Worker),
+    Worker(Box<Worker>),
     /// The worker the caller waited for is gone: route the call again.
     Reroute,
     /// The caller's wait ends with this error.
@@ -121,10 +121,10 @@ impl State {
                 continue;
             }
             let waiter = self.waiters.remove(i).expect("index in range");
-            match waiter.tx.send(Handoff::Worker(worker)) {
+            match waiter.tx.send(Handoff::Worker(Box::new(worker))) {
                 Ok(()) => return,
                 // The waiter gave up; try the next one.
-                Err(Handoff::Worker(back)) => worker = back,
+                Err(Handoff::Worker(back)) => worker = *back,
                 Err(_) => unreachable!("only workers are sent here"),
             }
         }
@@ -169,7 +169,9 @@ impl Lease {
     }
 
     pub fn worker(&mut self) -> &mut Worker {
-        self.worker.as_mut().expect("lease holds its worker until dropped")
+        self.worker
+            .as_mut()
+            .expect("lease holds its worker until dropped")
     }
 }
 
@@ -194,10 +196,11 @@ impl Shared {
             if st.shutting_down {
                 return Err(Error::ShuttingDown);
             }
-            if st.slots.is_empty() && st.starting == 0 {
-                if let Some(fatal) = &st.fatal {
-                    return Err(fatal.clone());
-                }
+            if st.slots.is_empty()
+                && st.starting == 0
+                && let Some(fatal) = &st.fatal
+            {
+                return Err(fatal.clone());
             }
             let taken = match target {
                 None => st.idle.pop(),
@@ -238,7 +241,7 @@ impl Shared {
                 drop(st);
                 // A worker may have been handed over just as the wait expired.
                 match rx.try_recv() {
-                    Ok(Handoff::Worker(worker)) => Handoff::Worker(worker),
+                    Ok(handoff @ Handoff::Worker(_)) => handoff,
                     _ => {
                         return Err(Error::CheckoutTimeout {
                             waited: asked.elapsed(),
@@ -250,7 +253,7 @@ impl Shared {
         match handoff {
             Handoff::Worker(worker) => {
                 self.metrics.record_queue_wait(asked.elapsed());
-                Ok(Some(Lease::new(self.clone(), worker)))
+                Ok(Some(Lease::new(self.clone(), *worker)))
             }
             Handoff::Reroute => Ok(None),
             Handoff::Fail(error) => Err(error),

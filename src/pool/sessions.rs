@@ -252,21 +252,21 @@ impl Shared {
                 return Ok(());
             }
             let entry = st.sessions.remove(id).expect("checked above");
-            let worker = entry.worker.filter(|w| {
+
+            entry.worker.filter(|w| {
                 st.slots.get_mut(w).is_some_and(|slot| {
                     slot.sessions = slot.sessions.saturating_sub(1);
                     slot.manifest.has_command("cleanup_session")
                 })
-            });
-            worker
+            })
         };
-        if let Some(worker) = worker {
-            if let Ok(Some(mut lease)) = self.checkout(Some(&worker)).await {
-                let args = json!({"session_id": id});
-                let timeout = self.config.request_timeout;
-                if let Err(error) = lease.worker().call("cleanup_session", args, timeout).await {
-                    tracing::warn!(session = id, %error, "cleanup_session failed");
-                }
+        if let Some(worker) = worker
+            && let Ok(Some(mut lease)) = self.checkout(Some(&worker)).await
+        {
+            let args = json!({"session_id": id});
+            let timeout = self.config.request_timeout;
+            if let Err(error) = lease.worker().call("cleanup_session", args, timeout).await {
+                tracing::warn!(session = id, %error, "cleanup_session failed");
             }
         }
         self.journal

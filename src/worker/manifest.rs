@@ -78,6 +78,9 @@ mod tests {
         assert!(!manifest.mutates_session("get"));
         assert!(!manifest.mutates_session("missing"));
         assert_eq!(manifest.pid, Some(42));
-        assert_eq!(Manifest::from_handshake(&json!("pong")), Manifest::default());
+        assert_eq!(
+            Manifest::from_handshake(&json!("pong")),
+            Manifest::default()
+        );
     }
 }

@@ -76,7 +76,9 @@ impl StderrTail {
     }
 
     fn push(&self, worker: &str, raw: &[u8], cut: bool) {
-        let mut text = String::from_utf8_lossy(raw).trim_end_matches('\r').to_owned();
+        let mut text = String::from_utf8_lossy(raw)
+            .trim_end_matches('\r')
+            .to_owned();
         if cut {
             text.push_str(" …[line cut]");
         }
@@ -91,7 +93,11 @@ impl StderrTail {
     /// The most recent lines, oldest first, joined with newlines.
     pub fn snapshot(&self) -> String {
         let lines = self.lines.lock().expect("stderr ring poisoned");
-        lines.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+        lines
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits up to `limit` for the worker to close stderr, then returns the tail.

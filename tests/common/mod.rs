@@ -87,3 +87,23 @@ pub fn kill9(pid: u32) {
 pub fn pid_of(value: &serde_json::Value) -> u32 {
     value["pid"].as_u64().expect("pid in reply") as u32
 }
+
+/// Waits until process `pid` is gone (pidfd readiness, not polling), up to `limit`.
+/// Returns whether it is gone.
+pub fn wait_gone(pid: u32, limit: Duration) -> bool {
+    // SAFETY: plain system calls on integers and a stack pollfd.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) as libc::c_int;
+        if fd < 0 {
+            return !alive(pid);
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ready = libc::poll(&mut pfd, 1, limit.as_millis() as libc::c_int);
+        libc::close(fd);
+        ready == 1 || !alive(pid)
+    }
+}
