@@ -338,3 +338,70 @@ async fn workers_above_the_memory_limit_are_recycled() {
     pool.call("echo", json!({})).await.unwrap();
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_idle_worker_fails_its_health_ping_and_is_replaced() {
+    let pool = builder(1)
+        .health_interval(Some(Duration::from_millis(50)))
+        .health_timeout(Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut events = pool.subscribe();
+    let pid = pool.status().workers[0].pid;
+    // A stopped process cannot answer: it looks exactly like a hung interpreter.
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
+    )
+    .await;
+    assert!(pool.metrics().health_failures >= 1);
+    let reply = pool.call("whoami", json!({})).await.unwrap();
+    assert_ne!(pid_of(&reply), pid);
+    assert!(
+        common::wait_gone(pid, Duration::from_secs(10)),
+        "the hung worker was killed"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_callers_are_served_first_come_first_served() {
+    let pool = builder(1).start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let busy = {
+        let pool = pool.clone();
+        let args = json!({"dir": dir.path(), "n": 2, "limit_s": 20});
+        tokio::spawn(async move { pool.call("rendezvous", args).await })
+    };
+    while pool.status().workers[0].state != "busy" {
+        tokio::task::yield_now().await;
+    }
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiting = Vec::new();
+    for i in 0..6 {
+        let caller = pool.clone();
+        let served = served.clone();
+        waiting.push(tokio::spawn(async move {
+            caller.call("echo", json!({"i": i})).await.unwrap();
+            served.lock().unwrap().push(i);
+        }));
+        while pool.status().queued != i + 1 {
+            tokio::task::yield_now().await;
+        }
+    }
+    std::fs::write(dir.path().join("releaser"), b"").unwrap();
+    busy.await.unwrap().unwrap();
+    for task in waiting {
+        task.await.unwrap();
+    }
+    assert_eq!(*served.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    let metrics = pool.metrics();
+    assert_eq!(metrics.calls, 7);
+    assert_eq!(metrics.queue_wait.count, 7);
+    assert!(metrics.queue_wait.max_us > 0);
+    assert_eq!(metrics.call_latency.count, 7);
+    pool.shutdown().await;
+}

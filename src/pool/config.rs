@@ -205,6 +205,12 @@ impl PoolBuilder {
         self
     }
 
+    /// How long a health ping may take before the worker is killed and replaced.
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.config.health_timeout = timeout;
+        self
+    }
+
     /// Close sessions idle for this long (`None`: only explicit close).
     pub fn session_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.config.session_ttl = ttl;
