@@ -24,6 +24,11 @@ pub mod session;
 pub mod worker;
 
 pub use error::{Error, Result};
+
+/// The README's Rust examples, compiled as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 pub use metrics::MetricsSnapshot;
 pub use pool::{Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, WorkerInfo};
 pub use session::{JournalEntry, MemoryJournal, Session, SessionJournal};
