@@ -94,6 +94,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The worker's result does not have the shape the caller asked for.
+    #[error("unexpected result from `{command}`: {reason}")]
+    UnexpectedResult {
+        /// The command.
+        command: String,
+        /// What did not fit.
+        reason: String,
+    },
     /// The session was closed (explicitly or by its TTL).
     #[error("session `{session_id}` is closed")]
     SessionClosed {
@@ -126,6 +134,7 @@ impl Error {
             Error::Protocol { .. } => "protocol",
             Error::StartupFailed { .. } => "startup_failed",
             Error::InvalidRequest { .. } => "invalid_request",
+            Error::UnexpectedResult { .. } => "unexpected_result",
             Error::SessionClosed { .. } => "session_closed",
             Error::SessionRebuildFailed { .. } => "session_rebuild_failed",
             Error::ShuttingDown => "shutting_down",

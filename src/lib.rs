@@ -16,10 +16,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod dspy;
 pub mod error;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+pub mod pyenv;
 pub mod session;
 pub mod worker;
 

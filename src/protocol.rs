@@ -89,6 +89,17 @@ impl RemoteError {
     }
 }
 
+/// A call a worker asks the host to journal in place of the request it answered,
+/// sent as the reply's optional `journal` field: e.g. an optimizer's run is journaled
+/// as loading the state it produced, so replaying the journal is cheap and exact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JournalHint {
+    /// The command to replay.
+    pub command: String,
+    /// Its arguments.
+    pub args: Value,
+}
+
 /// A worker's reply to one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
@@ -96,15 +107,21 @@ pub struct Reply {
     pub id: u64,
     /// The command's result, or the worker's report of its failure.
     pub outcome: Result<Value, RemoteError>,
+    /// What to journal instead of the request, if the worker said so.
+    pub journal: Option<JournalHint>,
 }
 
 impl Reply {
     /// The reply as it goes on the wire (used by tests and by protocol-v1 peers).
     pub fn to_wire(&self) -> Value {
-        match &self.outcome {
+        let mut wire = match &self.outcome {
             Ok(result) => serde_json::json!({"id": self.id, "success": true, "result": result}),
             Err(error) => serde_json::json!({"id": self.id, "success": false, "error": error}),
+        };
+        if let Some(hint) = &self.journal {
+            wire["journal"] = serde_json::json!(hint);
         }
+        wire
     }
 }
 
@@ -160,7 +177,17 @@ pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
         }
         None => return Err(FrameError::BadShape(format!("reply {id} has no success"))),
     };
-    Ok(Reply { id, outcome })
+    let journal = match map.remove("journal") {
+        None | Some(Value::Null) => None,
+        Some(hint) => Some(serde_json::from_value(hint).map_err(|e| {
+            FrameError::BadShape(format!("reply {id}: journal is not {{command, args}}: {e}"))
+        })?),
+    };
+    Ok(Reply {
+        id,
+        outcome,
+        journal,
+    })
 }
 
 /// The host side of the codec: encodes [`Request`]s and decodes [`Reply`]s.
@@ -296,6 +323,25 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_journal_hint() {
+        let reply = parse_reply(
+            br#"{"id":4,"success":true,"result":1,"journal":{"command":"load","args":{"s":2}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reply.journal,
+            Some(JournalHint {
+                command: "load".into(),
+                args: json!({"s": 2})
+            })
+        );
+        assert!(matches!(
+            parse_reply(br#"{"id":4,"success":true,"result":1,"journal":"nope"}"#),
+            Err(FrameError::BadShape(_))
+        ));
+    }
+
+    #[test]
     fn waits_for_whole_frame() {
         let mut codec = HostCodec::new(1024);
         let full = frame(br#"{"id":3,"success":true,"result":null}"#);
@@ -395,7 +441,7 @@ mod tests {
             } else {
                 Ok(result)
             };
-            let reply = Reply { id, outcome };
+            let reply = Reply { id, outcome, journal: None };
             let body = serde_json::to_vec(&reply.to_wire()).unwrap();
             let mut codec = HostCodec::new(DEFAULT_MAX_FRAME_BYTES);
             let mut buf = frame(&body);
@@ -405,7 +451,11 @@ mod tests {
         #[test]
         fn frames_split_anywhere_decode_the_same(cuts in prop::collection::vec(0usize..200, 0..6)) {
             let replies: Vec<Reply> = (1..=3)
-                .map(|id| Reply { id, outcome: Ok(json!({"payload": "x".repeat(id as usize * 20)})) })
+                .map(|id| Reply {
+                id,
+                outcome: Ok(json!({"payload": "x".repeat(id as usize * 20)})),
+                journal: (id == 2).then(|| JournalHint { command: "load".into(), args: json!({"n": id}) }),
+            })
                 .collect();
             let mut stream = BytesMut::new();
             for reply in &replies {

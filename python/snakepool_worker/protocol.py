@@ -196,6 +196,15 @@ def encode_success(request_id: int, result: Any) -> bytes:
     return dumps({"id": request_id, "success": True, "result": result})
 
 
+def encode_success_journaled(request_id: int, result: Any, journal: Dict[str, Any]) -> bytes:
+    """Encode a success reply that names the call the host journals instead of the request.
+
+    The payload is ``{"id", "success": true, "result", "journal": {"command", "args"}}``.
+    Raises ``SerializationError`` when the result or the journal args cannot be encoded.
+    """
+    return dumps({"id": request_id, "success": True, "result": result, "journal": journal})
+
+
 def _clean_text(text: str) -> str:
     """Make ``text`` encodable as UTF-8 (lone surrogates become escapes)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")

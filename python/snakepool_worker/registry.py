@@ -29,6 +29,9 @@ class Context:
     ``session`` is the per-session dict: created on first access and kept on this worker
     across the calls of that session until ``cleanup_session``. For a call without a
     session id it is a fresh dict that is not stored.
+
+    ``journal_as(command, args)`` asks the host to journal a different call in place of
+    this request (see its docstring).
     """
 
     __slots__ = (
@@ -40,6 +43,7 @@ class Context:
         "_session",
         "_sessions",
         "_runtime",
+        "_journal",
     )
 
     def __init__(
@@ -60,6 +64,7 @@ class Context:
         self._session: Optional[Dict[str, Any]] = None
         self._sessions = sessions
         self._runtime = runtime
+        self._journal: Optional[Dict[str, Any]] = None
 
     @property
     def session(self) -> Dict[str, Any]:
@@ -76,6 +81,37 @@ class Context:
                     state = sessions[session_id] = {}
             self._session = state
         return state
+
+    def journal_as(self, command: str, args: Dict[str, Any]) -> None:
+        """Have the host journal ``command(args)`` for this call instead of the request.
+
+        Use it when the request is expensive or not deterministic but leaves state that a
+        cheaper call reproduces exactly (an optimizer run is journaled as loading the
+        state it produced). If the handler then succeeds, the success reply carries
+        ``"journal": {"command": command, "args": args}`` and the host records that call
+        in the session journal, so rebuilding the session on a new worker replays it.
+        ``args`` must be JSON-serialisable; a ``session_id`` in it is dropped (the host
+        adds the session id on replay). A later call replaces an earlier one. Raises
+        ``ValueError`` for an empty or unregistered command, ``TypeError`` for non-dict args.
+        """
+        if not isinstance(command, str) or not command:
+            raise ValueError(f"journal_as: command must be a non-empty string, got {command!r}")
+        if not isinstance(args, dict):
+            raise TypeError(f"journal_as: args must be a dict, got {type(args).__name__}")
+        registry = getattr(self._runtime, "registry", None)
+        if registry is not None and command not in registry:
+            raise ValueError(
+                f"journal_as: command {command!r} is not registered on this worker, "
+                "so the host could not replay it"
+            )
+        journal_args = dict(args)
+        journal_args.pop("session_id", None)
+        self._journal = {"command": command, "args": journal_args}
+
+    @property
+    def journal(self) -> Optional[Dict[str, Any]]:
+        """The substitute journal entry set by ``journal_as``, or ``None``."""
+        return self._journal
 
     def __repr__(self) -> str:
         return (

@@ -1,16 +1,28 @@
 """The worker process: start-up, request dispatch and the frame loop.
 
-``python -m snakepool_worker [--module M]... [--worker-id ID] [--max-frame-bytes N]``
+``python -m snakepool_worker [--module M]... [--preload M]... [--no-default-modules]
+[--worker-id ID] [--max-frame-bytes N]``
+
+Start-up order: the protocol channel is moved off stdout, the ``--preload`` modules are
+imported (to warm them; they register nothing by contract), then the command modules:
+the default modules first, then ``SNAKEPOOL_MODULES``, then each ``--module``. Only then
+is the handshake answered.
+
+Default modules are command modules imported when what they bridge is installed:
+``snakepool_worker.dspy`` when ``dspy`` can be found (found, not imported: DSPy itself is
+imported on the first DSPy command, or at start-up with ``--preload dspy``).
 
 Environment:
     SNAKEPOOL_MODULES          comma-separated modules to import (before any ``--module``)
+    SNAKEPOOL_PRELOAD          comma-separated modules to preload (before any ``--preload``)
+    SNAKEPOOL_DEFAULT_MODULES  ``0`` (or false/no/off) disables the default modules
     SNAKEPOOL_WORKER_ID        worker id when ``--worker-id`` is not given
     SNAKEPOOL_MAX_FRAME_BYTES  maximum frame size when ``--max-frame-bytes`` is not given
     SNAKEPOOL_LOG_LEVEL        logging level for stderr (default INFO)
     SNAKEPOOL_JSON             ``json`` forces the standard library JSON codec
 
 Exit codes: 0 on end of input, broken pipe or ``shutdown``; 2 for bad arguments; 3 when a
-command module fails to import.
+command module or a preload module fails to import.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -43,6 +56,7 @@ from .protocol import (
     TruncatedFrame,
     encode_failure,
     encode_success,
+    encode_success_journaled,
     is_valid_id,
     loads,
 )
@@ -55,6 +69,11 @@ EXIT_IMPORT_FAILED = 3
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(worker_id)s] %(name)s: %(message)s"
 EXCERPT_BYTES = 80
 PYTHON_VERSION = sys.version.split()[0]
+
+DEFAULT_MODULES: Tuple[Tuple[str, str], ...] = (("dspy", "snakepool_worker.dspy"),)
+"""``(requirement, command module)``: the module is imported when the requirement is found."""
+
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 register_builtins(default_registry)
 
@@ -119,12 +138,14 @@ class Runtime:
         worker_id: str,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         modules: Sequence[str] = (),
+        preloaded: Sequence[str] = (),
     ) -> None:
         self.registry = registry
         self._worker_id = worker_id
         LOG_FILTER.worker_id = worker_id
         self.max_frame_bytes = max_frame_bytes
         self.modules: List[str] = list(modules)
+        self.preloaded: List[str] = list(preloaded)
         self.sessions: Dict[str, Dict[str, Any]] = {}
         self.requests = 0
         self.errors = 0
@@ -150,7 +171,14 @@ class Runtime:
     def manifest(self) -> Dict[str, Any]:
         """What this worker offers; rebuilt only when the registry or identity changed."""
         pid = os.getpid()
-        key = (self.registry.version, self._worker_id, pid, self.max_frame_bytes, len(self.modules))
+        key = (
+            self.registry.version,
+            self._worker_id,
+            pid,
+            self.max_frame_bytes,
+            len(self.modules),
+            len(self.preloaded),
+        )
         if key != self._manifest_key:
             self._manifest = {
                 "runtime": "snakepool_worker",
@@ -163,6 +191,7 @@ class Runtime:
                 "max_frame_bytes": self.max_frame_bytes,
                 "json_backend": JSON_BACKEND,
                 "modules": list(self.modules),
+                "preloaded": list(self.preloaded),
                 "commands": {
                     name: spec.describe() for name, spec in sorted(self.registry.commands.items())
                 },
@@ -277,7 +306,11 @@ class Runtime:
                 request_id, type(exc).__name__, _safe_str(exc), _format_exception(exc)
             )
         try:
-            reply = encode_success(request_id, result)
+            journal = ctx._journal
+            if journal is None:
+                reply = encode_success(request_id, result)
+            else:
+                reply = encode_success_journaled(request_id, result, journal)
         except SerializationError as exc:
             return self._failure(
                 request_id,
@@ -429,6 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
         "also SNAKEPOOL_MODULES, comma-separated)",
     )
     parser.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="M",
+        help="import module M at start-up only to warm it, e.g. dspy (repeatable; "
+        "also SNAKEPOOL_PRELOAD, comma-separated)",
+    )
+    parser.add_argument(
+        "--no-default-modules",
+        action="store_true",
+        help="do not import the default command modules (snakepool_worker.dspy when DSPy "
+        "is installed); also SNAKEPOOL_DEFAULT_MODULES=0",
+    )
+    parser.add_argument(
         "--worker-id", metavar="ID", help="worker id (default: SNAKEPOOL_WORKER_ID or worker-PID)"
     )
     parser.add_argument(
@@ -443,23 +490,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Options:
-    __slots__ = ("modules", "worker_id", "max_frame_bytes")
+    __slots__ = ("modules", "preload", "worker_id", "max_frame_bytes")
 
-    def __init__(self, modules: List[str], worker_id: str, max_frame_bytes: int) -> None:
+    def __init__(
+        self, modules: List[str], preload: List[str], worker_id: str, max_frame_bytes: int
+    ) -> None:
         self.modules = modules
+        self.preload = preload
         self.worker_id = worker_id
         self.max_frame_bytes = max_frame_bytes
+
+
+def _name_list(*sources: Sequence[str]) -> List[str]:
+    names: List[str] = []
+    for source in sources:
+        for name in source:
+            name = name.strip()
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def find_default_modules() -> List[str]:
+    """The default command modules whose requirement is installed (found, not imported)."""
+    found: List[str] = []
+    for requirement, module in DEFAULT_MODULES:
+        try:
+            spec = importlib.util.find_spec(requirement)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            found.append(module)
+    return found
+
+
+def default_modules_enabled(no_default_modules: bool = False) -> bool:
+    """False with ``--no-default-modules`` or ``SNAKEPOOL_DEFAULT_MODULES=0``."""
+    if no_default_modules:
+        return False
+    value = os.environ.get("SNAKEPOOL_DEFAULT_MODULES", "").strip().lower()
+    return value not in _FALSE_WORDS
 
 
 def parse_options(argv: Optional[Sequence[str]]) -> _Options:
     """Combine command-line flags and environment; raises ``SystemExit`` on bad input."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    modules: List[str] = []
-    for name in os.environ.get("SNAKEPOOL_MODULES", "").split(",") + list(ns.module):
-        name = name.strip()
-        if name and name not in modules:
-            modules.append(name)
+    defaults = find_default_modules() if default_modules_enabled(ns.no_default_modules) else []
+    modules = _name_list(
+        defaults, os.environ.get("SNAKEPOOL_MODULES", "").split(","), list(ns.module)
+    )
+    preload = _name_list(os.environ.get("SNAKEPOOL_PRELOAD", "").split(","), list(ns.preload))
     max_frame_bytes = ns.max_frame_bytes
     if max_frame_bytes is None:
         env_value = os.environ.get("SNAKEPOOL_MAX_FRAME_BYTES", "").strip()
@@ -471,21 +552,37 @@ def parse_options(argv: Optional[Sequence[str]]) -> _Options:
         else:
             max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
     worker_id = ns.worker_id or os.environ.get("SNAKEPOOL_WORKER_ID") or f"worker-{os.getpid()}"
-    return _Options(modules, worker_id, max_frame_bytes)
+    return _Options(modules, preload, worker_id, max_frame_bytes)
+
+
+def _import_or_report(name: str, what: str) -> bool:
+    """Import ``name``; on failure print the traceback and a summary line, return False."""
+    try:
+        importlib.import_module(name)
+    except (Exception, SystemExit) as exc:
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.write(
+            f"snakepool_worker: failed to {what} {name!r}: "
+            f"{type(exc).__name__}: {_safe_str(exc)}\n"
+        )
+        sys.stderr.flush()
+        return False
+    return True
+
+
+def preload_modules(runtime: Runtime, modules: Sequence[str]) -> int:
+    """Import the preload modules; on failure report on stderr and return exit code 3."""
+    for name in modules:
+        if not _import_or_report(name, "preload module"):
+            return EXIT_IMPORT_FAILED
+        runtime.preloaded.append(name)
+    return EXIT_OK
 
 
 def import_modules(runtime: Runtime, modules: Sequence[str]) -> int:
     """Import the command modules; on failure report on stderr and return exit code 3."""
     for name in modules:
-        try:
-            importlib.import_module(name)
-        except (Exception, SystemExit) as exc:
-            traceback.print_exc(file=sys.stderr)
-            sys.stderr.write(
-                f"snakepool_worker: failed to import module {name!r}: "
-                f"{type(exc).__name__}: {_safe_str(exc)}\n"
-            )
-            sys.stderr.flush()
+        if not _import_or_report(name, "import module"):
             return EXIT_IMPORT_FAILED
         runtime.modules.append(name)
     return EXIT_OK
@@ -508,14 +605,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runtime = Runtime(
         default_registry, worker_id=options.worker_id, max_frame_bytes=options.max_frame_bytes
     )
-    status = import_modules(runtime, options.modules)
+    status = preload_modules(runtime, options.preload)
+    if status == EXIT_OK:
+        status = import_modules(runtime, options.modules)
     if status != EXIT_OK:
         return status
     _log.debug(
-        "ready: pid %d, python %s, modules %s, json %s",
+        "ready: pid %d, python %s, modules %s, preloaded %s, json %s",
         os.getpid(),
         PYTHON_VERSION,
         runtime.modules,
+        runtime.preloaded,
         JSON_BACKEND,
     )
     reader = FrameReader(in_fd, options.max_frame_bytes)

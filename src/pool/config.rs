@@ -109,6 +109,7 @@ impl PoolConfig {
 pub struct PoolBuilder {
     config: PoolConfig,
     modules: Vec<String>,
+    preload: Vec<String>,
     python: Option<PathBuf>,
     python_path: Vec<PathBuf>,
     worker_cmd: Option<String>,
@@ -133,6 +134,12 @@ impl PoolBuilder {
     /// Imports an extra command module in every worker (repeatable).
     pub fn module(mut self, module: impl Into<String>) -> Self {
         self.modules.push(module.into());
+        self
+    }
+
+    /// Imports a module at worker start-up to warm it, e.g. `dspy` (repeatable).
+    pub fn preload(mut self, module: impl Into<String>) -> Self {
+        self.preload.push(module.into());
         self
     }
 
@@ -261,9 +268,11 @@ impl PoolBuilder {
         } else if let WorkerProgram::Runtime {
             python,
             modules,
+            preload,
             python_path,
         } = &mut config.worker.program
         {
+            preload.extend(self.preload.iter().cloned());
             if let Some(p) = &self.python {
                 python.clone_from(p);
             }

@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::metrics::Counter;
 use crate::pool::scheduler::Lease;
 use crate::pool::{PoolEvent, Shared};
+use crate::protocol::JournalHint;
 use crate::session::JournalEntry;
 
 /// The pool's record of one open session.
@@ -216,23 +217,30 @@ impl Shared {
         map.insert("session_id".into(), json!(id));
         let mut lease = self.session_lease(id, epoch, timeout).await?;
         let worker = lease.worker();
-        let journaled = worker
-            .manifest()
-            .mutates_session(command)
-            .then(|| args.clone());
-        let result = worker.call(command, args, timeout).await;
+        let mutates = worker.manifest().mutates_session(command);
+        let original = mutates.then(|| args.clone());
+        let result = worker.call_with_hint(command, args, timeout).await;
         drop(lease);
-        if let (Ok(_), Some(args)) = (&result, journaled) {
-            let entry = JournalEntry {
-                command: command.to_owned(),
-                args,
+        let (value, hint) = result?;
+        if let Some(args) = original {
+            let entry = match hint {
+                Some(JournalHint { command, mut args }) => {
+                    if let Some(map) = args.as_object_mut() {
+                        map.insert("session_id".into(), json!(id));
+                    }
+                    JournalEntry { command, args }
+                }
+                None => JournalEntry {
+                    command: command.to_owned(),
+                    args,
+                },
             };
             self.journal
                 .append(id, entry)
                 .await
                 .map_err(|e| journal_error(id, e))?;
         }
-        result
+        Ok(value)
     }
 
     /// Closes session `id` (only the given epoch, if any): frees its state on its

@@ -23,7 +23,7 @@ pub use spawn::{WorkerProgram, WorkerSpec};
 pub use stderr::StderrTail;
 
 use crate::error::Error;
-use crate::protocol::{FrameError, HANDSHAKE_ID, HostCodec, Request};
+use crate::protocol::{FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Request};
 
 /// How long to wait for a dead worker's exit status and last stderr lines.
 const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
@@ -112,7 +112,7 @@ impl Worker {
             args: json!({"initialization": true, "worker_id": id}),
         };
         match worker.exchange(&hello, spec.startup_timeout).await {
-            Ok(result) => {
+            Ok((result, _)) => {
                 worker.manifest = Arc::new(Manifest::from_handshake(&result));
                 Ok(worker)
             }
@@ -181,6 +181,19 @@ impl Worker {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, Error> {
+        self.call_with_hint(command, args, timeout)
+            .await
+            .map(|(result, _)| result)
+    }
+
+    /// Like [`Worker::call`], also returning what the worker asked to journal instead
+    /// of this call, if anything.
+    pub async fn call_with_hint(
+        &mut self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<(Value, Option<JournalHint>), Error> {
         if !args.is_object() {
             return Err(Error::InvalidRequest {
                 command: command.to_owned(),
@@ -200,7 +213,11 @@ impl Worker {
         result
     }
 
-    async fn exchange(&mut self, request: &Request, timeout: Duration) -> Result<Value, Error> {
+    async fn exchange(
+        &mut self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<(Value, Option<JournalHint>), Error> {
         let command = request.command.as_str();
         if self.is_lost() {
             return Err(self.crashed(command).await);
@@ -218,7 +235,10 @@ impl Worker {
         }
     }
 
-    async fn send_and_receive(&mut self, request: &Request) -> Result<Value, Error> {
+    async fn send_and_receive(
+        &mut self,
+        request: &Request,
+    ) -> Result<(Value, Option<JournalHint>), Error> {
         let command = request.command.as_str();
         let input = self.input.as_mut().expect("input open while not lost");
         self.in_flight = true;
@@ -243,7 +263,9 @@ impl Worker {
         match self.output.next().await {
             Some(Ok(reply)) if reply.id == request.id => {
                 self.in_flight = false;
-                reply.outcome.map_err(|remote| match remote.kind.as_str() {
+                let journal = reply.journal;
+                let outcome = reply.outcome.map(|result| (result, journal));
+                outcome.map_err(|remote| match remote.kind.as_str() {
                     "UnknownCommand" => Error::UnknownCommand {
                         worker: self.name(),
                         command: command.to_owned(),

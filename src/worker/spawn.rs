@@ -42,6 +42,8 @@ pub enum WorkerProgram {
         python: PathBuf,
         /// Extra command modules to import.
         modules: Vec<String>,
+        /// Modules imported at start-up only to warm them (e.g. `dspy`).
+        preload: Vec<String>,
         /// Directories prepended to `PYTHONPATH`.
         python_path: Vec<PathBuf>,
     },
@@ -83,6 +85,7 @@ impl Default for WorkerSpec {
             program: WorkerProgram::Runtime {
                 python: default_python(),
                 modules: Vec::new(),
+                preload: Vec::new(),
                 python_path: vec![bundled_python_path()],
             },
             env: Vec::new(),
@@ -106,7 +109,10 @@ impl WorkerSpec {
     pub fn argv(&self, worker_id: &str) -> Vec<OsString> {
         match &self.program {
             WorkerProgram::Runtime {
-                python, modules, ..
+                python,
+                modules,
+                preload,
+                ..
             } => {
                 let mut argv: Vec<OsString> = vec![
                     python.into(),
@@ -119,6 +125,10 @@ impl WorkerSpec {
                 ];
                 for module in modules {
                     argv.push("--module".into());
+                    argv.push(module.into());
+                }
+                for module in preload {
+                    argv.push("--preload".into());
                     argv.push(module.into());
                 }
                 argv

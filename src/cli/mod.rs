@@ -1,0 +1,3 @@
+//! The subcommands of the `snakepool` binary.
+
+pub mod demo;

@@ -1,0 +1,42 @@
+//! The `snakepool` command.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+/// Pools of long-lived Python workers, with a DSPy bridge.
+#[derive(Parser)]
+#[command(name = "snakepool", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run DSPy programs in several sessions over a pool, kill a worker mid-run, and
+    /// show that nothing is lost.
+    Demo(cli::demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SNAKEPOOL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => cli::demo::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
