@@ -32,5 +32,7 @@ pub use error::{Error, Result};
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 pub use metrics::MetricsSnapshot;
-pub use pool::{Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, WorkerInfo};
+pub use pool::{
+    Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode, WorkerInfo,
+};
 pub use session::{JournalEntry, MemoryJournal, Session, SessionJournal};

@@ -235,3 +235,30 @@ async fn recycling_moves_sessions_with_their_state() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_hint_replays_the_result_instead_of_the_call() {
+    let pool = builder(2).start().await.unwrap();
+    let mut events = pool.subscribe();
+    let session = pool.session("hinted");
+    let token = session
+        .call("set_random", json!({"key": "t"}))
+        .await
+        .unwrap();
+    let pid = pid_of(&session.call("whoami", json!({})).await.unwrap());
+    kill9(pid);
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
+    )
+    .await;
+    // Replaying `set_random` itself would store a new token.
+    assert_eq!(
+        session
+            .call("get_value", json!({"key": "t"}))
+            .await
+            .unwrap(),
+        token
+    );
+    pool.shutdown().await;
+}

@@ -268,7 +268,11 @@ SpawnWorker = Callable[..., WorkerProcess]
 
 @pytest.fixture
 def spawn_worker() -> Iterator[SpawnWorker]:
-    """Factory: ``spawn_worker(*extra_args, modules=[...], env={...})`` starts a worker."""
+    """Factory: ``spawn_worker(*extra_args, modules=[...], env={...})`` starts a worker.
+
+    Default command modules are off unless ``default_modules=True``, so the runtime tests
+    see the same workers whether or not DSPy is installed.
+    """
     started: List[WorkerProcess] = []
 
     def spawn(
@@ -276,6 +280,7 @@ def spawn_worker() -> Iterator[SpawnWorker]:
         modules: Sequence[str] = (HANDLERS_MODULE,),
         worker_id: Optional[str] = "t1",
         env: Optional[Dict[str, str]] = None,
+        default_modules: bool = False,
     ) -> WorkerProcess:
         argv = [sys.executable, "-m", "snakepool_worker"]
         if worker_id is not None:
@@ -283,7 +288,9 @@ def spawn_worker() -> Iterator[SpawnWorker]:
         for module in modules:
             argv += ["--module", module]
         argv += list(extra_args)
-        process = WorkerProcess(argv, worker_env(env))
+        process_env = {} if default_modules else {"SNAKEPOOL_DEFAULT_MODULES": "0"}
+        process_env.update(env or {})
+        process = WorkerProcess(argv, worker_env(process_env))
         started.append(process)
         return process
 

@@ -41,6 +41,20 @@ def set_value(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     return {"session_id": ctx.session_id, "size": len(ctx.session)}
 
 
+@command("journaled_set", mutates_session=True)
+def journaled_set(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Store args.value under args.key; the host journals it as set_value."""
+    ctx.session[args["key"]] = args["value"]
+    ctx.journal_as("set_value", {"key": args["key"], "value": args["value"]})
+    return {"session_id": ctx.session_id, "size": len(ctx.session)}
+
+
+@command("imported")
+def imported(args: Dict[str, Any], ctx: Context) -> Dict[str, bool]:
+    """Whether each of args.names has been imported in this worker."""
+    return {name: name in sys.modules for name in args["names"]}
+
+
 @command("get_value")
 def get_value(args: Dict[str, Any], ctx: Context) -> Any:
     """Read args.key from the session (null when absent)."""

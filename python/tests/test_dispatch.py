@@ -224,3 +224,108 @@ def test_shutdown_stops_the_loop_after_replying(runtime: Runtime) -> None:
         for fd in (in_read, in_write, out_read):
             os.close(fd)
     assert reply["result"] == {"status": "shutting_down", "worker_id": "unit"}
+
+
+# -- journal substitution ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def journal_runtime() -> Runtime:
+    registry = Registry()
+    register_builtins(registry)
+
+    @registry.command("store", mutates_session=True)
+    def store(args: Dict[str, Any], ctx: Context) -> int:
+        ctx.session["value"] = args["value"]
+        return len(ctx.session)
+
+    @registry.command("expensive", mutates_session=True)
+    def expensive(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+        ctx.session["value"] = args["seed"] * 2
+        ctx.journal_as("store", {"value": args["seed"] * 2, "session_id": "stripped"})
+        return {"computed": args["seed"] * 2}
+
+    @registry.command("journal_then_fail", mutates_session=True)
+    def journal_then_fail(args: Dict[str, Any], ctx: Context) -> Any:
+        ctx.journal_as("store", {"value": 1})
+        raise ValueError("failed after journal_as")
+
+    @registry.command("journal_twice", mutates_session=True)
+    def journal_twice(args: Dict[str, Any], ctx: Context) -> Any:
+        ctx.journal_as("store", {"value": 1})
+        ctx.journal_as("store", {"value": 2})
+        return None
+
+    @registry.command("journal_bad", mutates_session=True)
+    def journal_bad(args: Dict[str, Any], ctx: Context) -> Any:
+        if args["case"] == "unknown":
+            ctx.journal_as("no_such_command", {})
+        elif args["case"] == "args":
+            ctx.journal_as("store", [1])  # type: ignore[arg-type]
+        elif args["case"] == "empty":
+            ctx.journal_as("", {})
+        else:
+            ctx.journal_as("store", {"value": object()})
+        return None
+
+    return Runtime(registry, worker_id="unit", max_frame_bytes=4096)
+
+
+def test_journal_as_adds_the_journal_field_to_the_success_reply(
+    journal_runtime: Runtime,
+) -> None:
+    reply = handle(
+        journal_runtime, {"id": 7, "command": "expensive", "args": {"seed": 21, "session_id": "s"}}
+    )
+    assert reply == {
+        "id": 7,
+        "success": True,
+        "result": {"computed": 42},
+        "journal": {"command": "store", "args": {"value": 42}},
+    }
+    # The field order on the wire is id, success, result, journal.
+    raw = journal_runtime.handle_frame(
+        json.dumps({"id": 8, "command": "expensive", "args": {"seed": 1}}).encode()
+    )
+    assert raw is not None and list(json.loads(raw)) == ["id", "success", "result", "journal"]
+
+
+def test_replies_without_journal_as_have_no_journal_field(journal_runtime: Runtime) -> None:
+    reply = handle(journal_runtime, {"id": 1, "command": "store", "args": {"value": 3}})
+    assert reply == {"id": 1, "success": True, "result": 1}
+
+
+def test_failed_handler_gets_no_journal_field(journal_runtime: Runtime) -> None:
+    reply = handle(journal_runtime, {"id": 2, "command": "journal_then_fail"})
+    assert reply["success"] is False and "journal" not in reply
+    assert reply["error"]["type"] == "ValueError"
+
+
+def test_last_journal_as_wins(journal_runtime: Runtime) -> None:
+    reply = handle(journal_runtime, {"id": 3, "command": "journal_twice"})
+    assert reply["journal"] == {"command": "store", "args": {"value": 2}}
+
+
+@pytest.mark.parametrize(
+    "case, error_type, fragment",
+    [
+        ("unknown", "ValueError", "'no_such_command' is not registered on this worker"),
+        ("args", "TypeError", "args must be a dict"),
+        ("empty", "ValueError", "command must be a non-empty string"),
+        ("unserialisable", "SerializationError", "not JSON-serialisable"),
+    ],
+)
+def test_bad_journal_as_fails_the_call(
+    journal_runtime: Runtime, case: str, error_type: str, fragment: str
+) -> None:
+    reply = handle(journal_runtime, {"id": 4, "command": "journal_bad", "args": {"case": case}})
+    assert reply["success"] is False and "journal" not in reply
+    assert reply["error"]["type"] == error_type
+    assert fragment in reply["error"]["message"]
+
+
+def test_journal_as_on_a_bare_context() -> None:
+    ctx = Context("w")
+    assert ctx.journal is None
+    ctx.journal_as("anything", {"a": 1})  # no runtime: the command cannot be checked
+    assert ctx.journal == {"command": "anything", "args": {"a": 1}}

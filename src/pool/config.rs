@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::pool::Pool;
+use crate::pool::{Pool, SpawnMode};
 use crate::session::{MemoryJournal, SessionJournal};
 use crate::worker::{WorkerProgram, WorkerSpec};
 
@@ -42,6 +42,8 @@ pub struct PoolConfig {
     /// Consecutive failed starts after which the pool stops trying and reports the
     /// start-up error to callers.
     pub max_start_attempts: u32,
+    /// Fork workers from a zygote or start each fresh.
+    pub spawn_mode: SpawnMode,
 }
 
 impl Default for PoolConfig {
@@ -61,8 +63,18 @@ impl Default for PoolConfig {
             restart_backoff: Duration::from_millis(100),
             max_restart_backoff: Duration::from_secs(10),
             max_start_attempts: 5,
+            spawn_mode: default_spawn_mode(),
         }
     }
+}
+
+/// The spawn mode unless configured: `$SNAKEPOOL_SPAWN` (`zygote` or `fresh`), else
+/// zygote.
+fn default_spawn_mode() -> SpawnMode {
+    std::env::var("SNAKEPOOL_SPAWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default()
 }
 
 impl PoolConfig {
@@ -234,6 +246,12 @@ impl PoolBuilder {
     /// Consecutive failed starts before the pool gives up on a worker slot.
     pub fn max_start_attempts(mut self, n: u32) -> Self {
         self.config.max_start_attempts = n.max(1);
+        self
+    }
+
+    /// Fork workers from a zygote (default) or start each fresh.
+    pub fn spawn_mode(mut self, mode: SpawnMode) -> Self {
+        self.config.spawn_mode = mode;
         self
     }
 

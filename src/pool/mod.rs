@@ -8,6 +8,7 @@
 mod config;
 mod scheduler;
 mod sessions;
+mod spawner;
 mod supervisor;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,11 +19,12 @@ use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 pub use config::{PoolBuilder, PoolConfig};
+pub use spawner::SpawnMode;
 
 use crate::error::{Error, Result};
 use crate::metrics::{Counter, Metrics, MetricsSnapshot};
 use crate::session::{Session, SessionJournal};
-use crate::worker::Worker;
+use crate::worker::{ExitInfo, Worker};
 use scheduler::State;
 use supervisor::Event;
 
@@ -66,6 +68,17 @@ pub enum PoolEvent {
     SessionExpired {
         /// The session.
         session_id: Arc<str>,
+    },
+    /// The zygote is serving: workers are forked from it.
+    ZygoteReady {
+        /// Its process id.
+        pid: u32,
+    },
+    /// The zygote cannot be used (down, failed to start, or not fork-safe); workers
+    /// start fresh meanwhile.
+    ZygoteUnavailable {
+        /// Why, including the offending threads when not fork-safe.
+        reason: String,
     },
 }
 
@@ -126,6 +139,7 @@ pub(crate) struct Shared {
     pub journal: Arc<dyn SessionJournal>,
     /// Signalled whenever workers leave or join, for shutdown to wait on.
     pub changed: Notify,
+    pub spawner: spawner::Spawner,
 }
 
 impl Shared {
@@ -135,6 +149,18 @@ impl Shared {
 
     pub(crate) fn notify(&self, event: PoolEvent) {
         let _ = self.notices.send(event);
+    }
+
+    /// What runs when worker `id`'s process exits: tell the supervisor.
+    pub(crate) fn exit_hook(&self, id: &Arc<str>) -> impl Fn(ExitInfo) + Clone + Send + 'static {
+        let events = self.events.clone();
+        let id = id.clone();
+        move |info| {
+            let _ = events.send(Event::Exited {
+                worker: id.clone(),
+                info,
+            });
+        }
     }
 }
 
@@ -181,6 +207,7 @@ impl Pool {
         let (notices, _) = broadcast::channel(1024);
         let mut state = State::default();
         let ids: Vec<Arc<str>> = (0..config.workers).map(|_| state.new_worker_id()).collect();
+        let spawner = spawner::Spawner::new(config.spawn_mode, &config.worker);
         let shared = Arc::new(Shared {
             config,
             state: Mutex::new(state),
@@ -189,17 +216,13 @@ impl Pool {
             notices,
             journal,
             changed: Notify::new(),
+            spawner,
         });
-        let started = futures::future::join_all(ids.iter().map(|id| {
-            let events = shared.events.clone();
-            let exit_id = id.clone();
-            Worker::start(&shared.config.worker, id, move |info| {
-                let _ = events.send(Event::Exited {
-                    worker: exit_id,
-                    info,
-                });
-            })
-        }))
+        shared.spawner.start_zygote(&shared).await;
+        let started = futures::future::join_all(
+            ids.iter()
+                .map(|id| shared.spawner.launch(&shared, id, shared.exit_hook(id))),
+        )
         .await;
         let mut workers = Vec::with_capacity(started.len());
         let mut first_error = None;
@@ -306,6 +329,16 @@ impl Pool {
             .and_then(|e| e.worker.as_deref().map(str::to_owned))
     }
 
+    /// The zygote's pid, while one serves this pool.
+    pub fn zygote_pid(&self) -> Option<u32> {
+        self.shared().spawner.zygote_pid()
+    }
+
+    /// How workers are started.
+    pub fn spawn_mode(&self) -> SpawnMode {
+        self.shared().spawner.mode()
+    }
+
     /// The default request timeout.
     pub fn request_timeout(&self) -> Duration {
         self.shared().config.request_timeout
@@ -400,6 +433,7 @@ impl Pool {
             }
             changed.await;
         }
+        shared.spawner.shutdown();
         let stopping = std::mem::take(&mut shared.lock().stopping);
         let grace = shared.config.worker.stop_grace * 3;
         futures::future::join_all(stopping.iter().map(|exit| exit.wait(grace))).await;

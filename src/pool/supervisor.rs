@@ -145,15 +145,8 @@ impl Supervisor {
     fn spawn_start(&self, id: Arc<str>, replacing: Option<Arc<str>>) {
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let events = shared.events.clone();
-            let exit_id = id.clone();
-            let result = Worker::start(&shared.config.worker, &id, move |info| {
-                let _ = events.send(Event::Exited {
-                    worker: exit_id,
-                    info,
-                });
-            })
-            .await;
+            let on_exit = shared.exit_hook(&id);
+            let result = shared.spawner.launch(&shared, &id, on_exit).await;
             let _ = shared.events.send(Event::Started {
                 replacing,
                 result: Box::new(result),

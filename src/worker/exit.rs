@@ -54,19 +54,56 @@ pub struct ExitWatch {
     status: watch::Receiver<Option<ExitInfo>>,
 }
 
+/// The writing side of an [`ExitWatch`]: reports the exit once and runs the exit hook.
+pub struct ExitReporter {
+    status: watch::Sender<Option<ExitInfo>>,
+    on_exit: Option<Box<dyn FnOnce(ExitInfo) + Send>>,
+}
+
+impl ExitReporter {
+    /// Records how the process ended; only the first report counts.
+    pub fn report(mut self, info: ExitInfo) {
+        let first = self.status.send_if_modified(|status| {
+            let first = status.is_none();
+            if first {
+                *status = Some(info);
+            }
+            first
+        });
+        if let (true, Some(on_exit)) = (first, self.on_exit.take()) {
+            on_exit(info);
+        }
+    }
+}
+
+impl std::fmt::Debug for ExitReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitReporter").finish_non_exhaustive()
+    }
+}
+
 impl ExitWatch {
+    /// A watch and its reporter; `on_exit` runs once, when the exit is reported.
+    pub fn channel(on_exit: impl FnOnce(ExitInfo) + Send + 'static) -> (ExitWatch, ExitReporter) {
+        let (tx, status) = watch::channel(None);
+        let reporter = ExitReporter {
+            status: tx,
+            on_exit: Some(Box::new(on_exit)),
+        };
+        (ExitWatch { status }, reporter)
+    }
+
     /// Reaps `child` on a task of its own; `on_exit` runs once when it has exited.
     pub fn spawn(mut child: Child, on_exit: impl FnOnce(ExitInfo) + Send + 'static) -> Self {
-        let (tx, status) = watch::channel(None);
+        let (watch, reporter) = ExitWatch::channel(on_exit);
         tokio::spawn(async move {
             let info = match child.wait().await {
                 Ok(status) => ExitInfo::from(status),
                 Err(_) => ExitInfo::Unknown,
             };
-            let _ = tx.send(Some(info));
-            on_exit(info);
+            reporter.report(info);
         });
-        ExitWatch { status }
+        watch
     }
 
     /// True once the process has exited.

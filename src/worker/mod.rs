@@ -8,16 +8,17 @@ mod exit;
 mod manifest;
 pub mod spawn;
 mod stderr;
+pub mod zygote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::process::{ChildStdin, ChildStdout};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-pub use exit::{ExitInfo, ExitWatch};
+pub use exit::{ExitInfo, ExitReporter, ExitWatch};
 pub use manifest::{CommandInfo, Manifest};
 pub use spawn::{WorkerProgram, WorkerSpec};
 pub use stderr::StderrTail;
@@ -28,12 +29,57 @@ use crate::protocol::{FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Request}
 /// How long to wait for a dead worker's exit status and last stderr lines.
 const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
 
+/// The host's end of a worker's stdin.
+pub type WorkerInput = Box<dyn AsyncWrite + Send + Unpin>;
+/// The host's end of a worker's stdout or stderr.
+pub type WorkerOutput = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A worker process just started, however it was created, before its handshake.
+pub struct RawProcess {
+    /// Its process id (also its process group's id).
+    pub pid: u32,
+    /// The host's end of its stdin.
+    pub stdin: WorkerInput,
+    /// The host's end of its stdout.
+    pub stdout: WorkerOutput,
+    /// The host's end of its stderr.
+    pub stderr: WorkerOutput,
+    /// Reports its exit.
+    pub exit: ExitWatch,
+}
+
+impl RawProcess {
+    /// Spawns a fresh process for worker `id` as `spec` says.
+    pub fn spawn_fresh(
+        spec: &WorkerSpec,
+        id: &str,
+        on_exit: impl FnOnce(ExitInfo) + Send + 'static,
+    ) -> Result<RawProcess, Error> {
+        let mut child = spec.spawn(id).map_err(|e| Error::StartupFailed {
+            worker: id.to_owned(),
+            reason: format!("cannot spawn {:?}: {e}", spec.argv(id)),
+            stderr_tail: String::new(),
+        })?;
+        let pid = child.id().unwrap_or_default();
+        let stdin = Box::new(child.stdin.take().expect("stdin is piped"));
+        let stdout = Box::new(child.stdout.take().expect("stdout is piped"));
+        let stderr = Box::new(child.stderr.take().expect("stderr is piped"));
+        Ok(RawProcess {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+            exit: ExitWatch::spawn(child, on_exit),
+        })
+    }
+}
+
 /// A started, handshaken worker process.
 pub struct Worker {
     id: Arc<str>,
     pid: u32,
-    input: Option<FramedWrite<ChildStdin, HostCodec>>,
-    output: FramedRead<ChildStdout, HostCodec>,
+    input: Option<FramedWrite<WorkerInput, HostCodec>>,
+    output: FramedRead<WorkerOutput, HostCodec>,
     exit: ExitWatch,
     stderr: StderrTail,
     manifest: Arc<Manifest>,
@@ -59,7 +105,8 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Spawns the worker and completes the handshake within the spec's start-up timeout.
+    /// Spawns a fresh worker process and completes the handshake within the spec's
+    /// start-up timeout.
     ///
     /// `on_exit` is called once, from a background task, when the process exits for
     /// any reason (including while idle).
@@ -68,26 +115,29 @@ impl Worker {
         id: &str,
         on_exit: impl FnOnce(ExitInfo) + Send + 'static,
     ) -> Result<Worker, Error> {
+        let process = RawProcess::spawn_fresh(spec, id, on_exit)?;
+        Worker::handshake(spec, id, process).await
+    }
+
+    /// Completes the handshake with a started process.
+    pub async fn handshake(
+        spec: &WorkerSpec,
+        id: &str,
+        process: RawProcess,
+    ) -> Result<Worker, Error> {
         let startup_failed = |reason: String, stderr_tail: String| Error::StartupFailed {
             worker: id.to_owned(),
             reason,
             stderr_tail,
         };
-        let mut child = spec.spawn(id).map_err(|e| {
-            startup_failed(
-                format!("cannot spawn {:?}: {e}", spec.argv(id)),
-                String::new(),
-            )
-        })?;
-        let pid = child.id().unwrap_or_default();
-        let stdin = child.stdin.take().expect("stdin is piped");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = StderrTail::drain(
-            child.stderr.take().expect("stderr is piped"),
-            id.to_owned(),
-            spec.stderr_lines,
-        );
-        let exit = ExitWatch::spawn(child, on_exit);
+        let RawProcess {
+            pid,
+            stdin,
+            stdout,
+            stderr,
+            exit,
+        } = process;
+        let stderr = StderrTail::drain(stderr, id.to_owned(), spec.stderr_lines);
         let mut worker = Worker {
             id: Arc::from(id),
             pid,

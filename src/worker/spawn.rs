@@ -105,32 +105,42 @@ pub fn default_python() -> PathBuf {
 }
 
 impl WorkerSpec {
+    /// The worker runtime's arguments for worker `worker_id` (after
+    /// `python -m snakepool_worker`); `None` for a custom worker command.
+    pub fn runtime_args(&self, worker_id: &str) -> Option<Vec<String>> {
+        let WorkerProgram::Runtime {
+            modules, preload, ..
+        } = &self.program
+        else {
+            return None;
+        };
+        let mut args = vec![
+            "--worker-id".to_owned(),
+            worker_id.to_owned(),
+            "--max-frame-bytes".to_owned(),
+            self.max_frame_bytes.to_string(),
+        ];
+        for module in modules {
+            args.extend(["--module".to_owned(), module.clone()]);
+        }
+        for module in preload {
+            args.extend(["--preload".to_owned(), module.clone()]);
+        }
+        Some(args)
+    }
+
     /// The argv for the worker with id `worker_id`.
     pub fn argv(&self, worker_id: &str) -> Vec<OsString> {
         match &self.program {
-            WorkerProgram::Runtime {
-                python,
-                modules,
-                preload,
-                ..
-            } => {
-                let mut argv: Vec<OsString> = vec![
-                    python.into(),
-                    "-m".into(),
-                    "snakepool_worker".into(),
-                    "--worker-id".into(),
-                    worker_id.into(),
-                    "--max-frame-bytes".into(),
-                    self.max_frame_bytes.to_string().into(),
-                ];
-                for module in modules {
-                    argv.push("--module".into());
-                    argv.push(module.into());
-                }
-                for module in preload {
-                    argv.push("--preload".into());
-                    argv.push(module.into());
-                }
+            WorkerProgram::Runtime { python, .. } => {
+                let mut argv: Vec<OsString> =
+                    vec![python.into(), "-m".into(), "snakepool_worker".into()];
+                argv.extend(
+                    self.runtime_args(worker_id)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(OsString::from),
+                );
                 argv
             }
             WorkerProgram::Command(args) => args
@@ -140,14 +150,12 @@ impl WorkerSpec {
         }
     }
 
-    /// Spawns the process with piped stdin, stdout and stderr.
-    pub fn spawn(&self, worker_id: &str) -> std::io::Result<Child> {
-        let argv = self.argv(worker_id);
+    /// A command running `argv` the way every worker process runs: its own process
+    /// group, killed on drop and with the host, worker environment, piped stderr.
+    pub fn command(&self, argv: &[OsString]) -> Command {
         let mut command = Command::new(&argv[0]);
         command
             .args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
@@ -156,6 +164,7 @@ impl WorkerSpec {
                 command.env(key, value);
             }
         }
+        command.env("SNAKEPOOL_HOST_PID", std::process::id().to_string());
         if let WorkerProgram::Runtime { python_path, .. } = &self.program {
             let mut paths: Vec<PathBuf> = python_path.clone();
             if let Some(existing) = std::env::var_os("PYTHONPATH") {
@@ -169,7 +178,15 @@ impl WorkerSpec {
             command.env(key, value);
         }
         set_parent_death_signal(&mut command);
-        command.spawn()
+        command
+    }
+
+    /// Spawns a fresh worker process with piped stdin, stdout and stderr.
+    pub fn spawn(&self, worker_id: &str) -> std::io::Result<Child> {
+        self.command(&self.argv(worker_id))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
     }
 }
 
