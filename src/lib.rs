@@ -34,5 +34,6 @@ pub struct ReadmeDoctests;
 pub use metrics::MetricsSnapshot;
 pub use pool::{
     Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode, WorkerInfo,
+    ZygoteStatus,
 };
 pub use session::{JournalEntry, MemoryJournal, Session, SessionJournal};

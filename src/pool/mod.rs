@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 pub use config::{PoolBuilder, PoolConfig};
-pub use spawner::SpawnMode;
+pub use spawner::{SpawnMode, ZygoteStatus};
 
 use crate::error::{Error, Result};
 use crate::metrics::{Counter, Metrics, MetricsSnapshot};
@@ -332,6 +332,11 @@ impl Pool {
     /// The zygote's pid, while one serves this pool.
     pub fn zygote_pid(&self) -> Option<u32> {
         self.shared().spawner.zygote_pid()
+    }
+
+    /// The zygote's state and the last reason it could not be used.
+    pub fn zygote_status(&self) -> ZygoteStatus {
+        self.shared().spawner.status()
     }
 
     /// How workers are started.

@@ -52,10 +52,24 @@ enum Slot {
     Disabled,
 }
 
+/// The zygote's state, as reported by [`crate::Pool::zygote_status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ZygoteStatus {
+    /// The configured spawn mode.
+    pub mode: SpawnMode,
+    /// `serving`, `starting`, `down` or `disabled`.
+    pub state: &'static str,
+    /// The zygote's pid while serving.
+    pub pid: Option<u32>,
+    /// The last reason it could not be used, if any.
+    pub problem: Option<String>,
+}
+
 /// Starts workers for one pool.
 pub(crate) struct Spawner {
     mode: SpawnMode,
     slot: std::sync::Mutex<Slot>,
+    problem: std::sync::Mutex<Option<String>>,
 }
 
 impl Spawner {
@@ -73,6 +87,7 @@ impl Spawner {
         Spawner {
             mode,
             slot: std::sync::Mutex::new(slot),
+            problem: std::sync::Mutex::new(None),
         }
     }
 
@@ -91,6 +106,33 @@ impl Spawner {
             Slot::Up(z) if z.is_alive() => Some(z.pid()),
             _ => None,
         }
+    }
+
+    /// The zygote's state and last problem.
+    pub fn status(&self) -> ZygoteStatus {
+        let (state, pid) = match &*self.lock() {
+            Slot::Up(z) if z.is_alive() => ("serving", Some(z.pid())),
+            Slot::Up(_) | Slot::Down { .. } => ("down", None),
+            Slot::Starting => ("starting", None),
+            Slot::Disabled => ("disabled", None),
+        };
+        ZygoteStatus {
+            mode: self.mode,
+            state,
+            pid,
+            problem: self
+                .problem
+                .lock()
+                .expect("zygote problem poisoned")
+                .clone(),
+        }
+    }
+
+    /// Logs, records and announces why the zygote is not used.
+    fn report_problem(&self, shared: &Shared, reason: String) {
+        tracing::warn!("{reason}");
+        *self.problem.lock().expect("zygote problem poisoned") = Some(reason.clone());
+        shared.notify(PoolEvent::ZygoteUnavailable { reason });
     }
 
     /// Starts the zygote and waits for it (used when the pool starts).
@@ -120,8 +162,7 @@ impl Spawner {
                 zygote.kill();
                 *slot = Slot::Disabled;
                 drop(slot);
-                tracing::warn!("{reason}");
-                shared.notify(PoolEvent::ZygoteUnavailable { reason });
+                self.report_problem(shared, reason);
             }
             Ok(zygote) => {
                 let pid = zygote.pid();
@@ -139,8 +180,7 @@ impl Spawner {
                 };
                 drop(slot);
                 let reason = format!("zygote failed to start ({reason}); workers start fresh");
-                tracing::warn!("{reason}");
-                shared.notify(PoolEvent::ZygoteUnavailable { reason });
+                self.report_problem(shared, reason);
             }
         }
     }
@@ -156,8 +196,7 @@ impl Spawner {
                 "the zygote (pid {}) exited; workers start fresh until it is back",
                 zygote.pid()
             );
-            tracing::warn!("{reason}");
-            shared.notify(PoolEvent::ZygoteUnavailable { reason });
+            self.report_problem(shared, reason);
             *slot = Slot::Down {
                 retry_at: Instant::now(),
                 failures: 0,
@@ -183,8 +222,7 @@ impl Spawner {
             zygote.kill();
         }
         let reason = format!("the zygote is not fork-safe ({reason}); workers start fresh");
-        tracing::warn!("{reason}");
-        shared.notify(PoolEvent::ZygoteUnavailable { reason });
+        self.report_problem(shared, reason);
     }
 
     /// Starts worker `id`, from the zygote if possible, and completes its handshake.
