@@ -1,6 +1,7 @@
 #!/bin/sh
 # The whole test suite: Python runtime tests, Rust unit and integration tests against
-# real Python workers, formatting and lints. Sets up its own Python environment first.
+# real Python workers (the pool's behavioural tests in both spawn modes), formatting
+# and lints. Sets up its own Python environment first.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -8,12 +9,16 @@ cd "$root"
 SNAKEPOOL_PYTHON=$(sh scripts/python-env.sh)
 export SNAKEPOOL_PYTHON
 
-echo "== Python worker runtime (pytest)"
+echo "== Python worker runtime and DSPy bridge (pytest)"
 "$SNAKEPOOL_PYTHON" -m pytest python/tests -q
 
 echo "== Rust format and lints"
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 
-echo "== Rust tests (real Python workers)"
-cargo test --quiet
+echo "== Rust tests (real Python workers; workers forked from the zygote)"
+SNAKEPOOL_SPAWN=zygote cargo test --quiet
+
+echo "== The pool's behavioural tests again with fresh workers"
+SNAKEPOOL_SPAWN=fresh cargo test --quiet \
+  --test pool_basics --test pool_failures --test sessions --test dspy_bridge

@@ -17,6 +17,20 @@ enum Command {
     /// Run DSPy programs in several sessions over a pool, kill a worker mid-run, and
     /// show that nothing is lost.
     Demo(cli::demo::DemoArgs),
+    /// Benchmarks.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time to ready, respawn latency and memory per worker, zygote against fresh.
+    Startup(cli::startup::StartupArgs),
 }
 
 #[tokio::main]
@@ -31,6 +45,9 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => cli::demo::run(args).await,
+        Command::Bench(BenchArgs {
+            what: BenchCommand::Startup(args),
+        }) => cli::startup::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

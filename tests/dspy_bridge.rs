@@ -16,10 +16,13 @@ use serde_json::{Value, json};
 use snakepool::dspy::{Dspy, FieldType, Lm, Metric, Optimizer, ProgramKind, Signature};
 use snakepool::{Error, MemoryJournal, PoolEvent, SessionJournal};
 
+/// One request the fake model server received: its Authorization header and body.
+type SeenRequest = (Option<String>, Value);
+
 /// What the fake model server saw.
 #[derive(Clone, Default)]
 struct Seen {
-    requests: Arc<Mutex<Vec<(Option<String>, Value)>>>,
+    requests: Arc<Mutex<Vec<SeenRequest>>>,
 }
 
 /// An OpenAI-compatible chat completion: answers every question with 42, in the

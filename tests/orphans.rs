@@ -1,4 +1,5 @@
-//! When the host process is SIGKILLed, no worker process survives.
+//! When the host process is SIGKILLed, nothing it started survives: not the workers,
+//! not the zygote, not a process a handler started — in both spawn modes.
 
 mod common;
 
@@ -7,25 +8,30 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{alive, builder, wait_gone};
+use serde_json::json;
+use snakepool::SpawnMode;
 
-/// The host half of `sigkilled_host_leaves_no_worker`: started in a child process,
-/// it runs a pool, reports its worker pids and waits to be killed.
+/// The host half of the orphan tests: started in a child process, it runs a pool in
+/// the mode named by `SNAKEPOOL_ORPHAN_MODE`, has a handler start a grandchild,
+/// reports every pid it knows and waits to be killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "runs only as the child process of sigkilled_host_leaves_no_worker"]
+#[ignore = "runs only as the child process of the sigkilled_host tests"]
 async fn host_process_for_orphan_test() {
-    let pool = builder(3).start().await.unwrap();
-    let pids: Vec<String> = pool
-        .status()
-        .workers
-        .iter()
-        .map(|w| w.pid.to_string())
-        .collect();
-    println!("WORKER_PIDS {}", pids.join(" "));
+    let mode: SpawnMode = std::env::var("SNAKEPOOL_ORPHAN_MODE")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let pool = builder(3).spawn_mode(mode).start().await.unwrap();
+    let mut pids: Vec<u32> = pool.status().workers.iter().map(|w| w.pid).collect();
+    pids.extend(pool.zygote_pid());
+    let grandchild = pool.call("spawn_grandchild", json!({})).await.unwrap();
+    pids.push(grandchild.as_u64().unwrap() as u32);
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    println!("PIDS {}", pids.join(" "));
     std::future::pending::<()>().await;
 }
 
-#[test]
-fn sigkilled_host_leaves_no_worker() {
+fn sigkilled_host_leaves_nothing(mode: &str, expected: usize) {
     let mut host = Command::new(std::env::current_exe().unwrap())
         .args([
             "host_process_for_orphan_test",
@@ -33,6 +39,7 @@ fn sigkilled_host_leaves_no_worker() {
             "--ignored",
             "--nocapture",
         ])
+        .env("SNAKEPOOL_ORPHAN_MODE", mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -42,19 +49,34 @@ fn sigkilled_host_leaves_no_worker() {
         .lines()
         .map(Result::unwrap)
         .find_map(|line| {
-            line.strip_prefix("WORKER_PIDS ")
+            line.strip_prefix("PIDS ")
                 .map(|rest| rest.split(' ').map(|p| p.parse().unwrap()).collect())
         })
-        .expect("the host reported its workers");
-    assert_eq!(pids.len(), 3);
-    assert!(pids.iter().all(|p| alive(*p)));
+        .expect("the host reported its processes");
+    assert_eq!(pids.len(), expected, "{pids:?}");
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "all running before the kill"
+    );
 
     host.kill().unwrap();
     host.wait().unwrap();
     for pid in pids {
         assert!(
             wait_gone(pid, Duration::from_secs(10)),
-            "worker {pid} outlived its host"
+            "process {pid} outlived its host ({mode} mode)"
         );
     }
+}
+
+#[test]
+fn sigkilled_host_leaves_nothing_in_fresh_mode() {
+    // Three workers and a handler's grandchild.
+    sigkilled_host_leaves_nothing("fresh", 4);
+}
+
+#[test]
+fn sigkilled_host_leaves_nothing_in_zygote_mode() {
+    // Three workers, the zygote and a handler's grandchild.
+    sigkilled_host_leaves_nothing("zygote", 5);
 }

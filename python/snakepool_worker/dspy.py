@@ -15,8 +15,10 @@ Commands (``*`` = ``mutates_session``, journaled by the host):
 ``configure_lm``\\* ``{model, api_base?, api_key_env?, temperature?, max_tokens?,
 num_retries?=2, cache?=false}`` or ``{provider: "dummy", answers?, follow_examples?}``
     Creates the session's LM (replacing any previous one) and returns ``{provider,
-    model, ...settings}``; ``provider`` is ``"litellm"`` for ``dspy.LM`` models and
-    ``"dummy"`` for ``dspy.utils.dummies.DummyLM`` (also selected by ``model: "dummy"``).
+    model, ...settings}``; ``provider`` is ``"litellm"`` for ``dspy.LM`` models (DSPy
+    picks the client: its own HTTP client for OpenAI-compatible endpoints, LiteLLM for
+    the rest) and ``"dummy"`` for ``dspy.utils.dummies.DummyLM`` (also selected by
+    ``model: "dummy"``).
     ``api_key_env`` names an environment variable of the worker holding the key; the
     key never travels over the wire and is never returned. ``num_retries`` (default 2)
     retries transient provider errors (429, 5xx, network) with DSPy's back-off of 1 s,
@@ -35,9 +37,13 @@ program_id?}``
     ``signature`` is ``"question -> answer"`` / ``"question: str -> answer: int"`` or
     ``{instructions?, inputs: [{name, type?, desc?}], outputs: [...]}``; types are
     ``str, int, float, bool, list[str], dict``. ``type`` is ``predict`` or
-    ``chain_of_thought``. Ids default to ``prog_1``, ``prog_2`` ... from a per-session
-    counter, so replaying the same calls yields the same ids. Returns ``{program_id,
-    type, signature: {instructions, inputs, outputs}}``.
+    ``chain_of_thought``; ``instructions`` goes with a string signature. ``demos`` are
+    objects holding every input and output field; ``state`` comes from
+    ``dump_program_state``. Ids default to ``prog_1``, ``prog_2`` ... from a per-session
+    counter (skipping ids taken explicitly), so replaying the same calls yields the same
+    ids. The DSPex spellings ``id`` and ``program_type`` are accepted. Returns
+    ``{program_id, type, signature: {instructions, inputs: [{name, type, desc}],
+    outputs}}``.
 ``execute_program`` ``{program_id, inputs}``
     Returns ``{outputs, reasoning, usage}``: outputs typed as declared, ``reasoning`` for
     chain of thought (else null), ``usage`` as ``{model: {prompt_tokens, ...}}`` or null.
@@ -47,9 +53,10 @@ optimizer?="bootstrap_few_shot", max_bootstrapped_demos?=4, max_labeled_demos?=1
     ``dspy.LabeledFewShot`` (``k``) and replaces it. Returns ``{program_id, optimizer,
     demos, state}`` and has the host journal ``load_program_state`` with that state
     instead of this call, so a rebuilt session gets the same program without re-running
-    the optimizer. Metrics compare every declared output field, case- and
-    whitespace-insensitively: ``exact_match`` (equal) or ``contains`` (expected text
-    within the predicted text).
+    the optimizer. The program's previous demos are replaced. Metrics compare every
+    declared output field, case- and whitespace-insensitively: ``exact_match`` (equal)
+    or ``contains`` (expected text within the predicted text). A trainset example holds
+    every input and output field (and may hold ``reasoning`` for chain of thought).
 ``dump_program_state`` ``{program_id}`` -> ``{program_id, state}``
 ``load_program_state``\\* ``{program_id, state}`` -> ``{program_id, demos}``
 ``list_programs`` ``{}`` -> ``{programs: [{program_id, type, signature: "q -> a"}]}``
@@ -58,11 +65,15 @@ instructions}``
 ``delete_program``\\* ``{program_id}`` -> ``{deleted}``
 ``reset_state``\\* ``{}`` -> ``{programs_deleted, lm_cleared}``
 
+Every command rejects arguments it does not know (``InvalidArgument``), so a misspelt
+setting fails instead of being ignored.
+
 Error types (the exception class names below): ``SessionRequired``, ``InvalidArgument``,
 ``InvalidSignature``, ``UnsupportedType``, ``ProgramNotFound``, ``MissingInput``,
 ``UnknownInput``, ``LMNotConfigured``, ``ApiKeyMissing``, ``UnknownMetric``,
-``InvalidState``, ``DummyAnswersExhausted``. Failures inside DSPy keep DSPy's type names (for example
-``AdapterParseError`` when the LM's reply does not fit the signature, ``LMServerError``).
+``InvalidState``, ``DummyAnswersExhausted``. Failures inside DSPy keep DSPy's type names
+(for example ``AdapterParseError`` when the LM's reply does not fit the signature,
+``LMServerError`` when the provider keeps failing).
 """
 
 from __future__ import annotations
@@ -780,8 +791,7 @@ def configure_lm(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         raise InvalidArgument(
             f"{command}: unknown provider {provider!r}; allowed: {_names(PROVIDERS)}"
         )
-    dspy = load_dspy()
-
+    # Arguments are checked before DSPy is imported: a mistake costs no import.
     if provider == "dummy":
         _check_known(command, args, _DUMMY_ARGS)
         if model not in (None, "dummy"):
@@ -792,7 +802,7 @@ def configure_lm(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         follow_examples = _get_bool(command, args, "follow_examples", False)
         lm = scripted_lm_class()(answers, follow_examples=follow_examples)
         # One scripted answer per LM call: no second call through the JSON adapter.
-        adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        adapter = load_dspy().ChatAdapter(use_json_adapter_fallback=False)
         info = {
             "provider": "dummy",
             "model": "dummy",
@@ -837,7 +847,7 @@ def configure_lm(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             )
         kwargs["api_key"] = key
     try:
-        lm = dspy.LM(model, **kwargs)
+        lm = load_dspy().LM(model, **kwargs)
     except (ValueError, TypeError) as exc:
         raise InvalidArgument(f"{command}: DSPy rejected the LM settings: {exc}") from exc
     info = {
@@ -1116,17 +1126,34 @@ def _make_metric(name: str, output_names: List[str]) -> Callable[..., bool]:
     return contains
 
 
+class _NoProgressBars:
+    """Stands in for the ``tqdm`` module: ``tqdm.tqdm(iterable)`` returns the iterable."""
+
+    @staticmethod
+    def tqdm(iterable: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return iterable
+
+
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """Keep tqdm's progress bars (used by the optimizers) out of the worker's stderr."""
-    previous = os.environ.get("TQDM_DISABLE")
-    if previous is None:
-        os.environ["TQDM_DISABLE"] = "1"
+    """Keep the optimizer's tqdm progress bar out of stderr, the worker's log channel.
+
+    ``BootstrapFewShot`` draws one over the trainset and offers no switch (tqdm reads
+    ``TQDM_DISABLE`` only when it is imported). Its module's ``tqdm`` is swapped for the
+    duration of the call (a worker serves one call at a time) and restored afterwards.
+    """
+    load_dspy()
+    import dspy.teleprompt.bootstrap as bootstrap
+
+    original = getattr(bootstrap, "tqdm", None)
+    if original is None or not callable(getattr(original, "tqdm", None)):
+        yield
+        return
+    bootstrap.tqdm = _NoProgressBars
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
+        bootstrap.tqdm = original
 
 
 _OPTIMIZE_ARGS = (

@@ -60,6 +60,7 @@ from .protocol import (
     is_valid_id,
     loads,
 )
+from . import watchdog
 from .registry import Context, Registry, default_registry
 
 EXIT_OK = 0
@@ -602,6 +603,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"snakepool_worker: cannot set up the protocol channel: {exc}\n")
         return EXIT_USAGE
     configure_logging()
+    watchdog.install_termination_handler()
+    watchdog.start_host_watchdog()
     runtime = Runtime(
         default_registry, worker_id=options.worker_id, max_frame_bytes=options.max_frame_bytes
     )
@@ -624,6 +627,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return runtime.serve(reader, writer)
     except KeyboardInterrupt:
         return 130
+    finally:
+        # Processes a handler left behind in the worker's group end with the worker.
+        watchdog.kill_group_members()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -34,7 +34,7 @@ import threading
 import traceback
 from typing import Any, Dict, List, Optional, Sequence
 
-from . import runtime, watchdog
+from . import runtime
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -90,7 +90,9 @@ def _exit_message(pid: int, status: int) -> Dict[str, Any]:
     return {"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)}
 
 
-def _run_child(sock: socket.socket, wake_fds: Sequence[int], fds: List[int], argv: List[str]) -> None:
+def _run_child(
+    sock: socket.socket, wake_fds: Sequence[int], fds: List[int], argv: List[str]
+) -> None:
     """In the forked child: become a worker. Never returns."""
     code = EXIT_CHILD_FAILED
     try:
@@ -105,7 +107,6 @@ def _run_child(sock: socket.socket, wake_fds: Sequence[int], fds: List[int], arg
         for fd in fds:
             if fd > 2:
                 os.close(fd)
-        watchdog.start_host_watchdog()
         code = runtime.main(argv)
     except BaseException:
         try:
@@ -158,7 +159,11 @@ def _serve(sock: socket.socket) -> int:
                 os.close(fd)
             _send(
                 sock,
-                {"op": "spawn_failed", "request": request_id, "reason": f"got {len(fds)} fds, not 3"},
+                {
+                    "op": "spawn_failed",
+                    "request": request_id,
+                    "reason": f"got {len(fds)} fds, not 3",
+                },
             )
             continue
         if native_thread_count() != 1:

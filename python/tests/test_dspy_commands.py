@@ -903,3 +903,15 @@ def test_dspy_history_is_not_kept_for_sessions(bridge: Bridge) -> None:
     bridge.ok("execute_program", program_id="prog_1", inputs={"question": "q"})
     assert len(GLOBAL_HISTORY) == before
     assert bridge.state().lm.history == []
+
+
+def test_optimizer_draws_no_progress_bar(bridge: Bridge, capfd: pytest.CaptureFixture[str]) -> None:
+    import dspy.teleprompt.bootstrap as bootstrap
+
+    original = bootstrap.tqdm
+    bridge.ok("configure_lm", provider="dummy", answers={ATLANTIS: {"answer": "Poseidonia"}})
+    bridge.ok("create_program", signature="question -> answer")
+    result = bridge.ok("optimize_program", program_id="prog_1", trainset=TRAINSET[:1])
+    assert result["demos"] == 1
+    assert "it/s" not in capfd.readouterr().err
+    assert bootstrap.tqdm is original

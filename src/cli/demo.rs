@@ -201,9 +201,11 @@ async fn ask_sums(
     tally
 }
 
-async fn python_with_dspy(args: &DemoArgs) -> Result<String, String> {
-    if let Some(python) = &args.python {
-        return Ok(python.clone());
+/// The interpreter to use: `configured`, or the project's venv with DSPy (set up on
+/// first use).
+pub async fn python_with_dspy(configured: Option<&str>) -> Result<String, String> {
+    if let Some(python) = configured {
+        return Ok(python.to_owned());
     }
     let venv = snakepool::pyenv::default_venv();
     let python =
@@ -246,7 +248,7 @@ fn worker_pid(pool: &Pool, worker: &str) -> Option<u32> {
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> Result<(), String> {
-    let python = python_with_dspy(&args).await?;
+    let python = python_with_dspy(args.python.as_deref()).await?;
     match &args.lm {
         None => println!(
             "LM: DSPy DummyLM with scripted answers — no model is configured, so no model is \

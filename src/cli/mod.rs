@@ -1,3 +1,4 @@
 //! The subcommands of the `snakepool` binary.
 
 pub mod demo;
+pub mod startup;

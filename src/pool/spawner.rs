@@ -202,15 +202,16 @@ impl Spawner {
                 failures: 0,
             };
         }
-        if let Slot::Down { retry_at, failures } = *slot {
-            if retry_at <= Instant::now() && !shared.lock().shutting_down {
-                *slot = Slot::Starting;
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let started = Zygote::start(&shared.config.worker).await;
-                    shared.spawner.finish_start(&shared, started, failures);
-                });
-            }
+        if let Slot::Down { retry_at, failures } = *slot
+            && retry_at <= Instant::now()
+            && !shared.lock().shutting_down
+        {
+            *slot = Slot::Starting;
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let started = Zygote::start(&shared.config.worker).await;
+                shared.spawner.finish_start(&shared, started, failures);
+            });
         }
         None
     }

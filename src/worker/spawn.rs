@@ -1,9 +1,11 @@
 //! Building and spawning a worker's OS process.
 //!
 //! Each worker runs in its own process group (so the whole group can be killed by id),
-//! gets `SIGKILL` when the host thread that spawned it dies (`PR_SET_PDEATHSIG` on
-//! Linux), is killed when its handle is dropped, and starts with a thread-limiting
-//! environment unless the caller or the inherited environment says otherwise.
+//! gets a signal when the host thread that spawned it dies (`PR_SET_PDEATHSIG` on
+//! Linux: `SIGTERM` for the worker runtime, which then kills what its handlers
+//! started; `SIGKILL` for any other program), is killed when its handle is dropped,
+//! and starts with a thread-limiting environment unless the caller or the inherited
+//! environment says otherwise.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -177,7 +179,13 @@ impl WorkerSpec {
         for (key, value) in &self.env {
             command.env(key, value);
         }
-        set_parent_death_signal(&mut command);
+        // The worker runtime turns SIGTERM into "kill what my handlers started, then
+        // exit"; any other program is killed outright.
+        let signal = match self.program {
+            WorkerProgram::Runtime { .. } => libc::SIGTERM,
+            WorkerProgram::Command(_) => libc::SIGKILL,
+        };
+        set_parent_death_signal(&mut command, signal);
         command
     }
 
@@ -191,13 +199,13 @@ impl WorkerSpec {
 }
 
 #[cfg(target_os = "linux")]
-fn set_parent_death_signal(command: &mut Command) {
+fn set_parent_death_signal(command: &mut Command, signal: libc::c_int) {
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe calls (prctl, getppid, _exit).
     let host = std::process::id() as libc::pid_t;
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The host may have died between fork and prctl.
@@ -210,7 +218,7 @@ fn set_parent_death_signal(command: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_command: &mut Command) {}
+fn set_parent_death_signal(_command: &mut Command, _signal: libc::c_int) {}
 
 /// Sends `signal` to the process group led by `pid`; a group that is gone is fine.
 pub fn signal_group(pid: u32, signal: libc::c_int) {
