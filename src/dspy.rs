@@ -221,10 +221,11 @@ impl ProgramKind {
 /// The language model of a session.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Lm {
-    /// `dspy.utils.dummies.DummyLM`: answers from a list, for offline use and tests.
+    /// `dspy.utils.dummies.DummyLM`, for offline use and tests.
     Dummy {
-        /// Answers, each a map from output field to value, used in turn.
-        answers: Vec<Value>,
+        /// Either a list of answers (maps from output field to value) used in turn, or
+        /// a map from a text found in the prompt to the answer for that prompt.
+        answers: Value,
         /// Answer from a matching demo when there is one.
         follow_examples: bool,
     },
@@ -248,7 +249,16 @@ impl Lm {
     /// A DummyLM answering from `answers` in turn.
     pub fn dummy(answers: Vec<Value>) -> Self {
         Lm::Dummy {
-            answers,
+            answers: Value::Array(answers),
+            follow_examples: false,
+        }
+    }
+
+    /// A DummyLM that answers any prompt containing a key of `answers` with that key's
+    /// answer, as often as asked.
+    pub fn dummy_by_prompt(answers: serde_json::Map<String, Value>) -> Self {
+        Lm::Dummy {
+            answers: Value::Object(answers),
             follow_examples: false,
         }
     }

@@ -131,7 +131,7 @@ async fn an_optimized_program_keeps_its_optimization_after_its_worker_dies() {
     let session = pool.session("optimizer");
     let dspy = Dspy::new(session.clone());
     dspy.configure_lm(&Lm::Dummy {
-        answers: vec![json!({"answer": "no idea"}); 20],
+        answers: json!(vec![json!({"answer": "no idea"}); 20]),
         follow_examples: true,
     })
     .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use snakepool::dspy::{Dspy, FieldType, Lm, Program, ProgramKind, Signature};
 use snakepool::{Error, Pool};
 use tokio::sync::Notify;
@@ -76,10 +76,7 @@ fn dummy_lm(session: usize, questions: usize) -> Lm {
             json!({"reasoning": format!("{a} + {b} = {}", a + b), "answer": (a + b).to_string()}),
         );
     }
-    Lm::Dummy {
-        answers: vec![Value::Object(answers)],
-        follow_examples: false,
-    }
+    Lm::dummy_by_prompt(answers)
 }
 
 #[derive(Deserialize)]
@@ -100,7 +97,15 @@ struct Tally {
     correct: usize,
     retried: usize,
     failed: BTreeMap<&'static str, usize>,
+    first_error: Option<String>,
     sample: String,
+}
+
+impl Tally {
+    fn failed(&mut self, error: &Error) {
+        *self.failed.entry(error.kind()).or_default() += 1;
+        self.first_error.get_or_insert_with(|| error.to_string());
+    }
 }
 
 /// One session's programs and bookkeeping.
@@ -161,7 +166,7 @@ async fn ask_capitals(
                 }
                 tally.sample = format!("{question} → {answer}");
             }
-            Err(error) => *tally.failed.entry(error.kind()).or_default() += 1,
+            Err(error) => tally.failed(&error),
         }
         progress.inc(1);
         done.0.fetch_add(1, Ordering::SeqCst);
@@ -192,7 +197,7 @@ async fn ask_sums(
                 let reasoning = prediction.reasoning.unwrap_or_default();
                 tally.sample = format!("{question} → {} ({reasoning})", prediction.outputs.answer);
             }
-            Err(error) => *tally.failed.entry(error.kind()).or_default() += 1,
+            Err(error) => tally.failed(&error),
         }
         progress.inc(1);
         done.0.fetch_add(1, Ordering::SeqCst);
@@ -308,29 +313,35 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} calls [{elapsed}] {msg}")
             .expect("valid progress template"),
     );
-    let done = Arc::new((AtomicUsize::new(0), Notify::new()));
+    // Calls answered per session, so the kill lands in the middle of the first
+    // session's run.
+    let done: Vec<Arc<(AtomicUsize, Notify)>> = sessions
+        .iter()
+        .map(|_| Arc::new((AtomicUsize::new(0), Notify::new())))
+        .collect();
     let mut tasks = Vec::new();
     for (index, session) in sessions.iter().enumerate() {
         tasks.push(tokio::spawn(ask_capitals(
             session.predictor.clone(),
             args.questions,
             progress.clone(),
-            done.clone(),
+            done[index].clone(),
         )));
         tasks.push(tokio::spawn(ask_sums(
             session.reasoner.clone(),
             index,
             args.questions,
             progress.clone(),
-            done.clone(),
+            done[index].clone(),
         )));
     }
 
-    // Halfway through, kill the first session's worker from outside.
+    // Halfway through its calls, kill the first session's worker from outside.
     let victim_session = &sessions[0];
+    let victim_done = &done[0];
     loop {
-        let notified = done.1.notified();
-        if done.0.load(Ordering::SeqCst) >= total / 2 {
+        let notified = victim_done.1.notified();
+        if victim_done.0.load(Ordering::SeqCst) >= args.questions {
             break;
         }
         notified.await;
@@ -340,10 +351,15 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     if let (Some(worker), Some(pid)) = (&victim, victim_pid) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        progress.println(format!(
-            "killed worker {worker} (pid {pid}) holding session `{}` with kill -9",
-            victim_session.name
-        ));
+        progress.suspend(|| {
+            println!(
+                "killed worker {worker} (pid {pid}) holding session `{}` with kill -9, \
+                 {} of its {} calls in",
+                victim_session.name,
+                victim_done.0.load(Ordering::SeqCst),
+                2 * args.questions
+            )
+        });
     }
 
     let mut tallies = Vec::new();
@@ -381,6 +397,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             );
             for (error, count) in &tally.failed {
                 println!("        {count} call(s) failed: {error}");
+            }
+            if let Some(first) = &tally.first_error {
+                println!("        first failure: {first}");
             }
         }
     }
