@@ -126,7 +126,7 @@ fn main() {
     let direct_medians: Vec<f64> = serde_json::from_slice(&output.stdout).unwrap();
 
     println!("ChainOfThought + DummyLM, {rounds} rounds × {calls} calls, all on CPU 0");
-    println!("{:<34} {}", "path", "round medians (µs)");
+    println!("{:<34} round medians (µs)", "path");
     let show = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.0}"))
