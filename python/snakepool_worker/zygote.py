@@ -133,9 +133,10 @@ def _serve(sock: socket.socket) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    sock_fd = sock.fileno()
     while True:
         try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
+            ready, _, _ = select.select([sock_fd, wake_r], [], [])
         except InterruptedError:
             continue
         if wake_r in ready:
@@ -145,7 +146,7 @@ def _serve(sock: socket.socket) -> int:
             except BlockingIOError:
                 pass
             _reap(sock)
-        if sock not in ready:
+        if sock_fd not in ready:
             continue
         message, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 3)
         if not message:
