@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{builder, pid_of};
 use serde_json::json;
 use snakepool::Error;
@@ -184,6 +186,9 @@ async fn shutdown_finishes_calls_in_flight_and_stops_every_worker() {
         Err(Error::ShuttingDown)
     ));
     for pid in pids {
-        assert!(!common::alive(pid), "worker {pid} still running");
+        assert!(
+            common::wait_gone(pid, Duration::from_secs(10)),
+            "worker {pid} still running"
+        );
     }
 }

@@ -27,7 +27,10 @@ async fn timeout_kills_the_worker_and_the_next_call_gets_a_new_one() {
     }
     let new = pid_of(&pool.call("whoami", json!({})).await.unwrap());
     assert_ne!(old, new, "the timed-out worker was replaced");
-    assert!(!common::alive(old), "the timed-out worker was killed");
+    assert!(
+        common::wait_gone(old, Duration::from_secs(10)),
+        "the timed-out worker was killed"
+    );
     pool.shutdown().await;
 }
 
@@ -127,7 +130,7 @@ async fn oversized_frame_from_a_worker_is_refused_and_the_worker_replaced() {
     wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerReady { .. })).await;
     let pong = pool.call("ping", json!({})).await.unwrap();
     assert_ne!(pid_of(&pong), old);
-    assert!(!common::alive(old));
+    assert!(common::wait_gone(old, Duration::from_secs(10)));
     pool.shutdown().await;
 }
 
@@ -298,7 +301,10 @@ async fn a_caller_that_gives_up_mid_call_does_not_leak_its_worker() {
     .await;
     let reply = pool.call("whoami", json!({})).await.unwrap();
     assert_ne!(pid_of(&reply), pid, "the half-used worker was not reused");
-    assert!(!common::alive(pid), "the abandoned worker was killed");
+    assert!(
+        common::wait_gone(pid, Duration::from_secs(10)),
+        "the abandoned worker was killed"
+    );
     pool.shutdown().await;
 }
 

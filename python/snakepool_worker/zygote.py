@@ -12,7 +12,9 @@ datagram:
 - host → zygote: ``{"op": "spawn", "request", "worker_id", "argv"}`` carrying the
   worker's stdin, stdout and stderr as three file descriptors (``SCM_RIGHTS``).
 
-The zygote forks only while it is single-threaded: a process with other threads can
+Besides ``--preload``, the zygote imports the library behind each default command module
+it loads (DSPy for ``snakepool_worker.dspy``), since it pays that import once for all
+workers. The zygote forks only while it is single-threaded: a process with other threads can
 deadlock its child (a lock held by a thread that does not exist after the fork). Each
 child gets its own process group, the three descriptors as fds 0-2, a watchdog on the
 host's pid, and then runs the ordinary worker runtime (``runtime.main``) with ``argv``.
@@ -70,7 +72,13 @@ def _parse(argv: Optional[Sequence[str]]) -> tuple[int, List[str], List[str]]:
     parser.add_argument("--socket-fd", type=int, required=True, metavar="FD")
     ours, rest = parser.parse_known_args(argv)
     options = runtime.parse_options(rest)
-    return ours.socket_fd, list(options.preload), list(options.modules)
+    preload = list(options.preload)
+    # The zygote pays an import once for every worker, so the libraries behind the
+    # default command modules (DSPy for snakepool_worker.dspy) are preloaded too.
+    for requirement, module in runtime.DEFAULT_MODULES:
+        if module in options.modules and requirement not in preload:
+            preload.append(requirement)
+    return ours.socket_fd, preload, list(options.modules)
 
 
 def _import_all(names: List[str]) -> bool:

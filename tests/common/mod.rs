@@ -13,9 +13,17 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
 }
 
-/// The interpreter the tests use: `$SNAKEPOOL_PYTHON` or `python3`.
+/// The interpreter the tests use: `$SNAKEPOOL_PYTHON`, else the project's `.venv`
+/// (made by `scripts/python-env.sh`), else `python3`.
 pub fn python() -> String {
-    std::env::var("SNAKEPOOL_PYTHON").unwrap_or_else(|_| "python3".into())
+    if let Ok(python) = std::env::var("SNAKEPOOL_PYTHON") {
+        return python;
+    }
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    if std::path::Path::new(venv).exists() {
+        return venv.into();
+    }
+    "python3".into()
 }
 
 /// A builder for `n` runtime workers with the test handlers loaded and short timeouts.
