@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod config;
 pub mod dspy;
 pub mod error;
 pub mod metrics;

@@ -14,17 +14,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a pool over HTTP.
+    Serve(cli::serve::ServeArgs),
+    /// Call one command, against a server (--url) or a pool of its own.
+    Call(cli::call::CallArgs),
+    /// Load-test a pool or a server; `bench startup` times worker start-up.
+    Bench(BenchArgs),
+    /// Check the Python environment and say how to fix what is wrong.
+    Doctor(cli::doctor::DoctorArgs),
     /// Run DSPy programs in several sessions over a pool, kill a worker mid-run, and
     /// show that nothing is lost.
     Demo(cli::demo::DemoArgs),
-    /// Benchmarks.
-    Bench(BenchArgs),
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct BenchArgs {
     #[command(subcommand)]
-    what: BenchCommand,
+    what: Option<BenchCommand>,
+    #[command(flatten)]
+    load: cli::bench::LoadArgs,
 }
 
 #[derive(Subcommand)]
@@ -44,10 +53,15 @@ async fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo(args) => cli::demo::run(args).await,
+        Command::Serve(args) => cli::serve::run(args).await,
+        Command::Call(args) => return cli::call::run(args).await,
         Command::Bench(BenchArgs {
-            what: BenchCommand::Startup(args),
+            what: Some(BenchCommand::Startup(args)),
+            ..
         }) => cli::startup::run(args).await,
+        Command::Bench(BenchArgs { what: None, load }) => cli::bench::run(load).await,
+        Command::Doctor(args) => return cli::doctor::run(args).await,
+        Command::Demo(args) => cli::demo::run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,4 +1,9 @@
 //! The subcommands of the `snakepool` binary.
 
+pub mod bench;
+pub mod call;
 pub mod demo;
+pub mod doctor;
+pub mod pool_args;
+pub mod serve;
 pub mod startup;

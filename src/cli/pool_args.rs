@@ -1,0 +1,137 @@
+//! Pool settings on the command line: flags, each with an environment variable, and an
+//! optional TOML file underneath (flags over environment over file over defaults).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use snakepool::SpawnMode;
+use snakepool::config::Settings;
+
+/// Flags shared by the commands that run a pool of their own.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct PoolArgs {
+    /// TOML settings file (keys as the long flags, with `_` for `-`).
+    #[arg(long, env = "SNAKEPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Workers kept running.
+    #[arg(long, env = "SNAKEPOOL_WORKERS")]
+    pub workers: Option<usize>,
+    /// Command module every worker imports (repeatable).
+    #[arg(long = "module", env = "SNAKEPOOL_MODULES", value_delimiter = ',')]
+    pub modules: Vec<String>,
+    /// Module imported at start-up to warm it, e.g. dspy (repeatable).
+    #[arg(long = "preload", env = "SNAKEPOOL_PRELOAD", value_delimiter = ',')]
+    pub preload: Vec<String>,
+    /// Any protocol-v1 program instead of the worker runtime; `{worker_id}` is replaced.
+    #[arg(long, env = "SNAKEPOOL_WORKER_CMD")]
+    pub worker_cmd: Option<String>,
+    /// Python interpreter of the worker runtime.
+    #[arg(long, env = "SNAKEPOOL_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Directory added to the workers' PYTHONPATH (repeatable).
+    #[arg(long = "python-path", env = "SNAKEPOOL_PYTHON_PATH", value_delimiter = ':')]
+    pub python_path: Vec<PathBuf>,
+    /// How workers start: zygote (forked) or fresh.
+    #[arg(long, env = "SNAKEPOOL_SPAWN")]
+    pub spawn: Option<SpawnMode>,
+    /// Default time a call may take, e.g. 30s.
+    #[arg(long, env = "SNAKEPOOL_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub request_timeout: Option<Duration>,
+    /// Longest wait for a free worker, e.g. 10s.
+    #[arg(long, env = "SNAKEPOOL_CHECKOUT_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub checkout_timeout: Option<Duration>,
+    /// Spawn plus handshake per worker, e.g. 30s.
+    #[arg(long, env = "SNAKEPOOL_STARTUP_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub startup_timeout: Option<Duration>,
+    /// Callers allowed to wait for a worker.
+    #[arg(long, env = "SNAKEPOOL_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Retire a worker after about this many calls.
+    #[arg(long, env = "SNAKEPOOL_RECYCLE_AFTER")]
+    pub recycle_after: Option<u64>,
+    /// Retire a worker above this resident memory (MiB).
+    #[arg(long, env = "SNAKEPOOL_MAX_RSS_MB")]
+    pub max_rss_mb: Option<u64>,
+    /// Ping idle workers after this long, e.g. 30s.
+    #[arg(long, env = "SNAKEPOOL_HEALTH_INTERVAL", value_parser = humantime::parse_duration)]
+    pub health_interval: Option<Duration>,
+    /// Close sessions idle this long, e.g. 1h.
+    #[arg(long, env = "SNAKEPOOL_SESSION_TTL", value_parser = humantime::parse_duration)]
+    pub session_ttl: Option<Duration>,
+    /// Largest frame either way (bytes).
+    #[arg(long, env = "SNAKEPOOL_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+}
+
+fn non_empty<T>(values: &[T]) -> Option<Vec<T>>
+where
+    T: Clone,
+{
+    (!values.is_empty()).then(|| values.to_vec())
+}
+
+impl PoolArgs {
+    /// The flags (and their environment variables) as a settings layer.
+    pub fn flags(&self) -> Settings {
+        Settings {
+            workers: self.workers,
+            modules: non_empty(&self.modules),
+            preload: non_empty(&self.preload),
+            worker_cmd: self.worker_cmd.clone(),
+            python: self.python.clone(),
+            python_path: non_empty(&self.python_path),
+            spawn: self.spawn,
+            request_timeout: self.request_timeout,
+            checkout_timeout: self.checkout_timeout,
+            startup_timeout: self.startup_timeout,
+            max_queue: self.max_queue,
+            recycle_after: self.recycle_after,
+            max_rss_mb: self.max_rss_mb,
+            health_interval: self.health_interval,
+            session_ttl: self.session_ttl,
+            max_frame_bytes: self.max_frame_bytes,
+            ..Settings::default()
+        }
+    }
+
+    /// Flags over the settings file (if any).
+    pub fn settings(&self) -> Result<Settings, String> {
+        self.settings_with(Settings::default())
+    }
+
+    /// Flags, then `extra` (more flags of the calling command), then the file.
+    pub fn settings_with(&self, extra: Settings) -> Result<Settings, String> {
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path).map_err(|e| e.to_string())?,
+            None => Settings::default(),
+        };
+        Ok(self.flags().over(extra).over(file))
+    }
+}
+
+/// Flags of the HTTP server, over the same file.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerArgs {
+    /// Address to listen on (default 127.0.0.1:8700).
+    #[arg(long, env = "SNAKEPOOL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Bearer token required on every route but /health.
+    #[arg(long, env = "SNAKEPOOL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Largest request body (bytes, default 16 MiB).
+    #[arg(long, env = "SNAKEPOOL_BODY_LIMIT")]
+    pub body_limit: Option<usize>,
+}
+
+impl ServerArgs {
+    /// The flags as a settings layer.
+    pub fn flags(&self) -> Settings {
+        Settings {
+            listen: self.listen,
+            token: self.token.clone(),
+            body_limit: self.body_limit,
+            ..Settings::default()
+        }
+    }
+}
