@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod pyenv;
+pub mod server;
 pub mod session;
 pub mod worker;
 

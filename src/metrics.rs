@@ -6,6 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{
+    Histogram as PromHistogram, exponential_buckets_range,
+};
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 /// Highest latency the histograms track exactly: one hour, in microseconds.
@@ -71,6 +78,24 @@ pub struct Metrics {
     worker_recycles: AtomicU64,
     health_failures: AtomicU64,
     session_rebuilds: AtomicU64,
+    /// The same latencies in Prometheus buckets, for `/metrics`.
+    call_seconds: PromHistogram,
+    queue_wait_seconds: PromHistogram,
+}
+
+/// The pool's state at scrape time, exported as gauges next to the metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolGauges {
+    /// Running workers.
+    pub workers: usize,
+    /// Workers serving a call.
+    pub busy: usize,
+    /// Workers being started.
+    pub starting: usize,
+    /// Callers waiting for a worker.
+    pub queued: usize,
+    /// Open sessions.
+    pub sessions: usize,
 }
 
 /// One of the pool's plain counters.
@@ -88,6 +113,11 @@ pub enum Counter {
     HealthFailure,
     /// A session was rebuilt from its journal.
     SessionRebuild,
+}
+
+fn seconds_buckets() -> PromHistogram {
+    // 50 µs to 5 min, 24 buckets.
+    PromHistogram::new(exponential_buckets_range(0.000_05, 300.0, 24))
 }
 
 fn histogram() -> Mutex<Histogram<u64>> {
@@ -128,6 +158,8 @@ impl Default for Metrics {
             worker_recycles: AtomicU64::new(0),
             health_failures: AtomicU64::new(0),
             session_rebuilds: AtomicU64::new(0),
+            call_seconds: seconds_buckets(),
+            queue_wait_seconds: seconds_buckets(),
         }
     }
 }
@@ -154,6 +186,7 @@ impl Metrics {
             .lock()
             .expect("histogram poisoned")
             .record(micros(latency));
+        self.call_seconds.observe(latency.as_secs_f64());
     }
 
     /// Records how long a caller waited for a worker.
@@ -163,6 +196,7 @@ impl Metrics {
             .lock()
             .expect("histogram poisoned")
             .record(micros(wait));
+        self.queue_wait_seconds.observe(wait.as_secs_f64());
     }
 
     /// Adds one to a plain counter.
@@ -196,6 +230,95 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The metrics and `gauges` in the Prometheus text format, names prefixed
+    /// `snakepool_`.
+    pub fn prometheus_text(&self, gauges: PoolGauges) -> String {
+        let snap = self.snapshot();
+        let mut registry = Registry::with_prefix("snakepool");
+        let counters: [(&str, &str, u64); 8] = [
+            (
+                "calls",
+                "Calls made, plain and session, failed ones included",
+                snap.calls,
+            ),
+            ("calls_ok", "Calls that returned a result", snap.calls_ok),
+            (
+                "worker_starts",
+                "Workers that completed their handshake",
+                snap.worker_starts,
+            ),
+            (
+                "worker_start_failures",
+                "Workers that failed to start",
+                snap.worker_start_failures,
+            ),
+            (
+                "worker_crashes",
+                "Workers that died, timed out or broke the protocol",
+                snap.worker_crashes,
+            ),
+            (
+                "worker_recycles",
+                "Workers retired by call count or memory",
+                snap.worker_recycles,
+            ),
+            (
+                "health_failures",
+                "Idle workers that failed a health ping",
+                snap.health_failures,
+            ),
+            (
+                "session_rebuilds",
+                "Sessions rebuilt from their journal",
+                snap.session_rebuilds,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = PromCounter::<u64>::default();
+            counter.inc_by(value);
+            registry.register(name, help, counter);
+        }
+        let errors = Family::<Vec<(String, String)>, PromCounter>::default();
+        for (kind, count) in &snap.errors {
+            errors
+                .get_or_create(&vec![("kind".to_owned(), (*kind).to_owned())])
+                .inc_by(*count);
+        }
+        registry.register("call_errors", "Failed calls by error kind", errors);
+        let gauge_values = [
+            ("workers", "Running workers", gauges.workers),
+            ("workers_busy", "Workers serving a call", gauges.busy),
+            ("workers_starting", "Workers being started", gauges.starting),
+            (
+                "queued_callers",
+                "Callers waiting for a worker",
+                gauges.queued,
+            ),
+            ("sessions", "Open sessions", gauges.sessions),
+        ];
+        for (name, help, value) in gauge_values {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            registry.register(name, help, gauge);
+        }
+        registry.register(
+            "call_duration_seconds",
+            "Time of whole calls, queue wait included",
+            self.call_seconds.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from asking for a worker to getting one",
+            self.queue_wait_seconds.clone(),
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +338,27 @@ mod tests {
         assert_eq!(snap.call_latency.p50_us, 200);
         assert!(snap.call_latency.max_us >= 300);
         assert_eq!(snap.worker_crashes, 1);
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let metrics = Metrics::default();
+        metrics.record_call(None, Duration::from_millis(2));
+        metrics.record_call(Some("request_timeout"), Duration::from_secs(1));
+        let text = metrics.prometheus_text(PoolGauges {
+            workers: 4,
+            ..PoolGauges::default()
+        });
+        assert!(text.contains("snakepool_calls_total 2"), "{text}");
+        assert!(
+            text.contains(r#"snakepool_call_errors_total{kind="request_timeout"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("snakepool_workers 4"), "{text}");
+        assert!(
+            text.contains("snakepool_call_duration_seconds_count 2"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -1,10 +1,106 @@
-//! `snakepool serve` (being written).
+//! `snakepool serve`: the HTTP API over one pool.
+//!
+//! The listener is bound first, so `/health` answers 503 while the workers start.
+//! SIGTERM or SIGINT stops taking calls, lets the calls in flight finish, then stops
+//! every worker.
+
+use std::io::Write;
+
+use snakepool::config::{DEFAULT_BODY_LIMIT, Settings};
+use snakepool::server::{ServerOptions, ServerState, router};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::pool_args::{PoolArgs, ServerArgs};
 
 /// Options of `snakepool serve`.
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
 
-/// Runs the server.
-pub async fn run(_args: ServeArgs) -> Result<(), String> {
-    Err("being written".into())
+async fn termination() -> &'static str {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let settings: Settings = args.pool.settings_with(args.server.flags())?;
+    let builder = settings.builder();
+    builder.config().map_err(|e| e.to_string())?;
+    let addr = settings.listen_addr();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let options = ServerOptions {
+        token: settings.token.clone(),
+        body_limit: settings.body_limit.unwrap_or(DEFAULT_BODY_LIMIT),
+    };
+    if options.token.is_none() && !local.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {local} without a token; anyone who can reach it can run commands"
+        );
+    }
+    println!("listening on http://{local}");
+    let _ = std::io::stdout().flush();
+
+    let state = ServerState::starting();
+    let app = router(state.clone(), &options);
+    let starter = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            match builder.start().await {
+                Ok(pool) => {
+                    let workers = pool.status().workers.len();
+                    println!("pool ready: {workers} workers");
+                    let _ = std::io::stdout().flush();
+                    state.ready(pool);
+                    Ok(())
+                }
+                Err(error) => {
+                    state.failed(error.to_string());
+                    Err(())
+                }
+            }
+        })
+    };
+
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+    let watch_start = tokio::spawn(async move {
+        if let Ok(Err(_)) = starter.await {
+            let _ = failed_tx.send(());
+        }
+    });
+    let draining = state.clone();
+    let stop = async move {
+        tokio::select! {
+            signal = termination() => {
+                println!("{signal}: finishing calls in flight, then stopping the workers");
+                let _ = std::io::stdout().flush();
+            }
+            Ok(_) = failed_rx => {}
+        }
+        draining.drain();
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    watch_start.abort();
+    if let Some(reason) = state.failure() {
+        return Err(format!("the pool failed to start: {reason}"));
+    }
+    if let Some(pool) = state.pool() {
+        pool.shutdown().await;
+    }
+    println!("stopped");
+    Ok(())
 }

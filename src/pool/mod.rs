@@ -22,7 +22,7 @@ pub use config::{PoolBuilder, PoolConfig};
 pub use spawner::{SpawnMode, ZygoteStatus};
 
 use crate::error::{Error, Result};
-use crate::metrics::{Counter, Metrics, MetricsSnapshot};
+use crate::metrics::{Counter, Metrics, MetricsSnapshot, PoolGauges};
 use crate::session::{Session, SessionJournal};
 use crate::worker::{ExitInfo, Worker};
 use scheduler::State;
@@ -357,6 +357,34 @@ impl Pool {
     /// A copy of the pool's metrics.
     pub fn metrics(&self) -> MetricsSnapshot {
         self.shared().metrics.snapshot()
+    }
+
+    /// The pool's metrics and state in the Prometheus text format.
+    pub fn prometheus_text(&self) -> String {
+        let status = self.status();
+        let gauges = PoolGauges {
+            workers: status.workers.len(),
+            busy: status.workers.iter().filter(|w| w.state != "idle").count(),
+            starting: status.starting,
+            queued: status.queued,
+            sessions: status.sessions,
+        };
+        self.shared().metrics.prometheus_text(gauges)
+    }
+
+    /// How many entries session `id`'s journal holds.
+    pub async fn journal_len(&self, id: &str) -> Result<usize> {
+        self.shared()
+            .journal
+            .len(id)
+            .await
+            .map_err(|e| Error::SessionRebuildFailed {
+                session_id: id.to_owned(),
+                source: Box::new(Error::InvalidRequest {
+                    command: "journal".into(),
+                    reason: e.to_string(),
+                }),
+            })
     }
 
     /// Observes pool events from now on.
