@@ -6,10 +6,13 @@
 //!   `GET /health` (200 ready, 503 starting or shutting down), `GET /metrics`.
 //!
 //! With a token, every route but `/health` needs `Authorization: Bearer <token>`.
+//! A session closed by `DELETE` or by its TTL answers `410 Gone` for ten minutes,
+//! rather than a later call silently opening a new, empty session under its id.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -21,8 +24,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use tokio::sync::broadcast;
+
 use crate::error::Error;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolEvent};
 
 const STARTING: u8 = 0;
 const READY: u8 = 1;
@@ -38,12 +43,19 @@ pub struct ServerOptions {
     pub body_limit: usize,
 }
 
+/// How long a closed session's id keeps answering `410 Gone` before it can be
+/// opened again.
+const TOMBSTONE_LIFETIME: Duration = Duration::from_secs(600);
+
 /// The server's view of its pool: starting, ready, draining or failed.
 #[derive(Debug, Default)]
 pub struct ServerState {
     pool: OnceLock<Pool>,
     phase: AtomicU8,
     failure: OnceLock<String>,
+    /// Recently closed (or expired) session ids: a call naming one is refused rather
+    /// than silently opening a new, empty session.
+    closed: Mutex<HashMap<String, Instant>>,
 }
 
 impl ServerState {
@@ -53,7 +65,21 @@ impl ServerState {
     }
 
     /// The pool is ready: start serving calls.
-    pub fn ready(&self, pool: Pool) {
+    pub fn ready(self: &Arc<Self>, pool: Pool) {
+        let mut events = pool.subscribe();
+        let state = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(PoolEvent::SessionExpired { session_id }) => match state.upgrade() {
+                        Some(state) => state.tombstone(&session_id),
+                        None => return,
+                    },
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         let _ = self.pool.set(pool);
         let _ = self
             .phase
@@ -69,6 +95,21 @@ impl ServerState {
     /// Stop taking calls (shutdown has begun).
     pub fn drain(&self) {
         self.phase.store(DRAINING, Ordering::SeqCst);
+    }
+
+    fn tombstone(&self, id: &str) {
+        let now = Instant::now();
+        let mut closed = self.closed.lock().expect("tombstones poisoned");
+        closed.retain(|_, at| now.duration_since(*at) < TOMBSTONE_LIFETIME);
+        closed.insert(id.to_owned(), now);
+    }
+
+    fn is_tombstoned(&self, id: &str) -> bool {
+        self.closed
+            .lock()
+            .expect("tombstones poisoned")
+            .get(id)
+            .is_some_and(|at| at.elapsed() < TOMBSTONE_LIFETIME)
     }
 
     /// Why the pool could not start, if it could not.
@@ -250,6 +291,9 @@ async fn call(
         .timeout_ms
         .map_or_else(|| pool.request_timeout(), Duration::from_millis);
     let result = match &body.session_id {
+        Some(id) if state.is_tombstoned(id) => Err(Error::SessionClosed {
+            session_id: id.clone(),
+        }),
         Some(id) => {
             pool.session(id)
                 .call_with_timeout(&body.command, body.args, timeout)
@@ -278,6 +322,7 @@ async fn close_session(State(state): State<Arc<ServerState>>, Path(id): Path<Str
             format!("no open session `{id}`"),
         );
     }
+    state.tombstone(&id);
     match pool.close_session(&id, None).await {
         Ok(()) => Json(json!({"closed": id})).into_response(),
         Err(error) => error_response(&error),
