@@ -122,29 +122,41 @@ impl ServerState {
         self.pool.get()
     }
 
-    fn serving_pool(&self) -> Result<&Pool, Response> {
-        match (self.phase.load(Ordering::SeqCst), self.pool.get()) {
-            (READY, Some(pool)) => Ok(pool),
-            (DRAINING, _) => Err(unavailable("shutting_down", "the server is shutting down")),
-            (FAILED, _) => Err(unavailable(
+    fn serving_pool(&self) -> Result<&Pool, Unavailable> {
+        let (kind, message) = match (self.phase.load(Ordering::SeqCst), self.pool.get()) {
+            (READY, Some(pool)) => return Ok(pool),
+            (DRAINING, _) => ("shutting_down", "the server is shutting down"),
+            (FAILED, _) => (
                 "startup_failed",
                 self.failure.get().map_or("the pool failed to start", |s| s),
-            )),
-            _ => Err(unavailable("starting", "the pool is starting")),
-        }
+            ),
+            _ => ("starting", "the pool is starting"),
+        };
+        Err(Unavailable {
+            kind,
+            message: message.to_owned(),
+        })
     }
 }
 
-fn unavailable(kind: &str, message: &str) -> Response {
-    let mut response = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"error": {"kind": kind, "message": message}})),
-    )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+/// Why the server cannot take a call right now; answered with 503 and `Retry-After`.
+struct Unavailable {
+    kind: &'static str,
+    message: String,
+}
+
+impl IntoResponse for Unavailable {
+    fn into_response(self) -> Response {
+        let mut response = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": {"kind": self.kind, "message": self.message}})),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    }
 }
 
 /// The HTTP status that fits an error kind.
@@ -285,7 +297,7 @@ async fn call(
     }
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
-        Err(response) => return response,
+        Err(unavailable) => return unavailable.into_response(),
     };
     let timeout = body
         .timeout_ms
@@ -313,7 +325,7 @@ async fn call(
 async fn close_session(State(state): State<Arc<ServerState>>, Path(id): Path<String>) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
-        Err(response) => return response,
+        Err(unavailable) => return unavailable.into_response(),
     };
     if !pool.sessions().iter().any(|s| s.id == id) {
         return bad_request(
@@ -332,7 +344,7 @@ async fn close_session(State(state): State<Arc<ServerState>>, Path(id): Path<Str
 async fn list_sessions(State(state): State<Arc<ServerState>>) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
-        Err(response) => return response,
+        Err(unavailable) => return unavailable.into_response(),
     };
     let mut sessions = Vec::new();
     for info in pool.sessions() {
@@ -347,7 +359,7 @@ async fn list_sessions(State(state): State<Arc<ServerState>>) -> Response {
 async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
-        Err(response) => return response,
+        Err(unavailable) => return unavailable.into_response(),
     };
     let status = pool.status();
     Json(json!({
@@ -367,21 +379,14 @@ async fn health(State(state): State<Arc<ServerState>>) -> Response {
         Ok(pool) => {
             Json(json!({"status": "ready", "workers": pool.status().workers.len()})).into_response()
         }
-        Err(response) => {
-            let kind = match state.phase.load(Ordering::SeqCst) {
-                DRAINING => "shutting_down",
-                FAILED => "failed",
-                _ => "starting",
+        Err(unavailable) => {
+            let status = match unavailable.kind {
+                "startup_failed" => "failed",
+                kind => kind,
             };
-            let mut out = (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": kind})),
-            )
-                .into_response();
-            if let Some(retry) = response.headers().get(header::RETRY_AFTER) {
-                out.headers_mut().insert(header::RETRY_AFTER, retry.clone());
-            }
-            out
+            let mut response = unavailable.into_response();
+            *response.body_mut() = axum::body::Body::from(json!({"status": status}).to_string());
+            response
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `snakepool doctor`: checks the Python side and says how to fix each problem.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -187,10 +187,10 @@ async fn check_dspy(python: &PathBuf, outcomes: &mut Vec<Outcome>) -> bool {
     }
 }
 
-async fn check_zygote(python: &PathBuf, dspy: bool, outcomes: &mut Vec<Outcome>) {
+async fn check_zygote(python: &Path, dspy: bool, outcomes: &mut Vec<Outcome>) {
     let spec = WorkerSpec {
         program: WorkerProgram::Runtime {
-            python: python.clone(),
+            python: python.to_path_buf(),
             modules: Vec::new(),
             preload: if dspy {
                 vec!["dspy".into()]
