@@ -43,15 +43,6 @@ fn print(outcome: &Outcome) {
     }
 }
 
-fn default_python() -> PathBuf {
-    let venv = snakepool::pyenv::venv_python(&snakepool::pyenv::default_venv());
-    if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    }
-}
-
 /// Runs `python -c code` with the bundled worker package and `extra` on the path; its
 /// stdout.
 async fn python_says_with(
@@ -229,7 +220,10 @@ async fn check_zygote(python: &Path, dspy: bool, outcomes: &mut Vec<Outcome>) {
 
 /// Runs every check; exit code 1 if any failed.
 pub async fn run(args: DoctorArgs) -> ExitCode {
-    let python = args.python.clone().unwrap_or_else(default_python);
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(snakepool::worker::spawn::default_python);
     let mut outcomes = Vec::new();
     if check_python(&python, &mut outcomes).await {
         check_runtime(&python, &args, &mut outcomes).await;

@@ -30,7 +30,11 @@ pub struct PoolArgs {
     #[arg(long, env = "SNAKEPOOL_PYTHON")]
     pub python: Option<PathBuf>,
     /// Directory added to the workers' PYTHONPATH (repeatable).
-    #[arg(long = "python-path", env = "SNAKEPOOL_PYTHON_PATH", value_delimiter = ':')]
+    #[arg(
+        long = "python-path",
+        env = "SNAKEPOOL_PYTHON_PATH",
+        value_delimiter = ':'
+    )]
     pub python_path: Vec<PathBuf>,
     /// How workers start: zygote (forked) or fresh.
     #[arg(long, env = "SNAKEPOOL_SPAWN")]

@@ -99,11 +99,18 @@ impl Default for WorkerSpec {
     }
 }
 
-/// The interpreter used unless configured: `$SNAKEPOOL_PYTHON`, else `python3`.
+/// The interpreter used unless configured: `$SNAKEPOOL_PYTHON`, else the source tree's
+/// `.venv` when it exists (made by `snakepool demo` or `scripts/python-env.sh`), else
+/// `python3`.
 pub fn default_python() -> PathBuf {
-    std::env::var_os("SNAKEPOOL_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("python3"))
+    if let Some(python) = std::env::var_os("SNAKEPOOL_PYTHON") {
+        return PathBuf::from(python);
+    }
+    let venv = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("python3")
 }
 
 impl WorkerSpec {

@@ -13,17 +13,12 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
 }
 
-/// The interpreter the tests use: `$SNAKEPOOL_PYTHON`, else the project's `.venv`
-/// (made by `scripts/python-env.sh`), else `python3`.
+/// The interpreter the tests use: the pool's default (`$SNAKEPOOL_PYTHON`, else the
+/// project's `.venv`, else `python3`).
 pub fn python() -> String {
-    if let Ok(python) = std::env::var("SNAKEPOOL_PYTHON") {
-        return python;
-    }
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    if std::path::Path::new(venv).exists() {
-        return venv.into();
-    }
-    "python3".into()
+    snakepool::worker::spawn::default_python()
+        .display()
+        .to_string()
 }
 
 /// A builder for `n` runtime workers with the test handlers loaded and short timeouts.
