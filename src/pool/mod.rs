@@ -276,8 +276,9 @@ impl Pool {
                 .await?
                 .expect("plain checkouts are never rerouted");
             let worker = lease.worker();
-            if worker.is_lost() {
-                // It died while idle and nothing was sent to it: take another.
+            if !worker.is_usable() {
+                // It died or misbehaved while idle, and nothing was sent to it: take
+                // another.
                 continue;
             }
             return worker.call(command, args, timeout).await;

@@ -143,8 +143,8 @@ impl Shared {
                 }
             };
             let mut lease = lease;
-            if lease.worker().is_lost() {
-                // Died while idle: nothing was sent to it. Route again.
+            if !lease.worker().is_usable() {
+                // Died or misbehaved while idle: nothing was sent to it. Route again.
                 continue;
             }
             let pending = self

@@ -111,6 +111,16 @@ impl ExitWatch {
         self.status.borrow().is_some()
     }
 
+    /// Waits for the exit, however long it takes.
+    pub async fn wait_forever(&self) -> ExitInfo {
+        let mut status = self.status.clone();
+        match status.wait_for(Option::is_some).await {
+            Ok(info) => info.unwrap_or(ExitInfo::Unknown),
+            // The reporter is gone without a report: treat as exited.
+            Err(_) => ExitInfo::Unknown,
+        }
+    }
+
     /// Waits up to `limit` for the exit; `None` if the process is still running.
     pub async fn wait(&self, limit: Duration) -> Option<ExitInfo> {
         let mut status = self.status.clone();

@@ -13,7 +13,7 @@ pub mod zygote;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -28,6 +28,9 @@ use crate::protocol::{FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Request}
 
 /// How long to wait for a dead worker's exit status and last stderr lines.
 const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
+
+/// How long a reply may take to surface after its worker exited.
+const EXITED_REPLY_GRACE: Duration = Duration::from_millis(50);
 
 /// The host's end of a worker's stdin.
 pub type WorkerInput = Box<dyn AsyncWrite + Send + Unpin>;
@@ -222,6 +225,25 @@ impl Worker {
         self.lost || self.in_flight || self.exit.exited()
     }
 
+    /// Checks, without waiting, that an idle worker is fit for a call: alive, and not
+    /// having written anything nobody asked for (a second reply, stray bytes, end of
+    /// output). An unfit worker is killed, so the caller can take another one before
+    /// sending anything to this one.
+    pub fn is_usable(&mut self) -> bool {
+        if self.is_lost() {
+            return false;
+        }
+        let problem = match self.output.next().now_or_never() {
+            None => return true,
+            Some(Some(Ok(reply))) => format!("sent a reply nobody asked for (id {})", reply.id),
+            Some(Some(Err(error))) => format!("wrote bytes while idle: {error}"),
+            Some(None) => "closed its output".to_owned(),
+        };
+        tracing::warn!(worker = %self.name(), %problem, "idle worker is unfit; killed");
+        self.kill();
+        false
+    }
+
     /// Sends one request and waits up to `timeout` for its reply.
     ///
     /// On timeout the worker is killed, so a late reply can never reach another caller.
@@ -310,7 +332,20 @@ impl Worker {
                 });
             }
         }
-        match self.output.next().await {
+        let frame = tokio::select! {
+            biased;
+            frame = self.output.next() => frame,
+            _ = self.exit.wait_forever() => {
+                // It exited with the request in flight. A reply it wrote just before
+                // may still be in the pipe; a grandchild holding the pipe open must not
+                // keep us waiting for end of file.
+                match tokio::time::timeout(EXITED_REPLY_GRACE, self.output.next()).await {
+                    Ok(frame) => frame,
+                    Err(_) => None,
+                }
+            }
+        };
+        match frame {
             Some(Ok(reply)) if reply.id == request.id => {
                 self.in_flight = false;
                 let journal = reply.journal;
@@ -356,12 +391,10 @@ impl Worker {
     async fn crashed(&mut self, command: &str) -> Error {
         let status = match self.exit.wait(POST_MORTEM_WAIT).await {
             Some(info) => info.to_string(),
-            None => {
-                self.kill();
-                "closed its output while still running; killed".to_owned()
-            }
+            None => "closed its output while still running; killed".to_owned(),
         };
-        self.lost = true;
+        // Whatever it started dies with it (a grandchild may hold its pipes).
+        self.kill();
         self.input = None;
         Error::WorkerCrashed {
             worker: self.name(),
