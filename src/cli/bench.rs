@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use snakepool::{MetricsSnapshot, Pool, Session};
 
+use super::chaos::{self, ChaosPlan};
 use super::pool_args::PoolArgs;
 
 /// Highest latency recorded: one hour, in microseconds.
@@ -68,6 +69,13 @@ pub struct LoadArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Kill a random worker with SIGKILL this many times a second while the load runs,
+    /// and check that no call is lost (own pool only; calls `probe_echo`).
+    #[arg(long, value_name = "RATE", conflicts_with_all = ["url", "sessions"])]
+    chaos: Option<f64>,
+    /// With --chaos: sessions holding a DSPy program (DummyLM) under load.
+    #[arg(long, default_value_t = 4, requires = "chaos")]
+    dspy_sessions: usize,
     #[command(flatten)]
     pub pool: PoolArgs,
 }
@@ -617,6 +625,18 @@ fn micros(us: u64) -> String {
 
 /// Runs the load benchmark.
 pub async fn run(args: LoadArgs) -> Result<(), String> {
+    if let Some(rate) = args.chaos {
+        let plan = ChaosPlan {
+            rate,
+            dspy_sessions: args.dspy_sessions,
+            concurrency: args.concurrency,
+            requests: args.requests,
+            duration: args.duration,
+            timeout: args.timeout,
+            json: args.json,
+        };
+        return chaos::run(plan, args.pool.settings()?).await;
+    }
     let target = Arc::new(Target::open(&args).await?);
     target.warm_up(args.concurrency).await;
     let (tally, elapsed) = measure(&target, &args).await;

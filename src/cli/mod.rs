@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod call;
+pub mod chaos;
 pub mod demo;
 pub mod doctor;
 pub mod pool_args;
