@@ -1,5 +1,6 @@
-//! When the host process is SIGKILLed, nothing it started survives: not the workers,
-//! not the zygote, not a process a handler started — in both spawn modes.
+//! When the host process (a program using the library, or `snakepool serve`) is
+//! SIGKILLed, nothing it started survives: not the workers, not the zygote, not a
+//! process a handler started — in both spawn modes.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{alive, builder, wait_gone};
-use serde_json::json;
+use serde_json::{Value, json};
 use snakepool::SpawnMode;
 
 /// The host half of the orphan tests: started in a child process, it runs a pool in
@@ -79,4 +80,81 @@ fn sigkilled_host_leaves_nothing_in_fresh_mode() {
 fn sigkilled_host_leaves_nothing_in_zygote_mode() {
     // Three workers, the zygote and a handler's grandchild.
     sigkilled_host_leaves_nothing("zygote", 5);
+}
+
+/// `snakepool serve` SIGKILLed: no worker, zygote or handler-started process survives.
+async fn sigkilled_server_leaves_nothing(mode: &str) {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_snakepool"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--spawn",
+            mode,
+        ])
+        .args(["--python", &common::python()])
+        .args(["--python-path", common::fixtures().to_str().unwrap()])
+        .args(["--module", "sp_test_handlers"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let url = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    assert!(lines.next().unwrap().unwrap().starts_with("pool ready"));
+    let client = reqwest::Client::new();
+    let grandchild: Value = client
+        .post(format!("{url}/v1/call"))
+        .json(&json!({"command": "spawn_grandchild"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let pool: Value = client
+        .get(format!("{url}/v1/pool"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut pids: Vec<u32> = pool["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    pids.extend(pool["spawn"]["pid"].as_u64().map(|p| p as u32));
+    pids.push(grandchild["result"].as_u64().unwrap() as u32);
+    assert_eq!(pids.len(), if mode == "zygote" { 4 } else { 3 }, "{pool}");
+    assert!(pids.iter().all(|p| alive(*p)));
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    for pid in pids {
+        assert!(
+            wait_gone(pid, Duration::from_secs(10)),
+            "process {pid} outlived `snakepool serve` ({mode} mode)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_server_leaves_nothing_in_fresh_mode() {
+    sigkilled_server_leaves_nothing("fresh").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_server_leaves_nothing_in_zygote_mode() {
+    sigkilled_server_leaves_nothing("zygote").await;
 }
