@@ -10,7 +10,14 @@ use serde_json::Value;
 fn chaos_round(spawn: &str, rate: &str) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_snakepool"))
         .args(["bench", "--chaos", rate, "--duration", "2s", "--json"])
-        .args(["--workers", "3", "--concurrency", "4", "--dspy-sessions", "2"])
+        .args([
+            "--workers",
+            "3",
+            "--concurrency",
+            "4",
+            "--dspy-sessions",
+            "2",
+        ])
         .args(["--spawn", spawn, "--python", &common::python()])
         .env_remove("SNAKEPOOL_CONFIG")
         .output()
@@ -42,7 +49,10 @@ fn assert_nothing_lost(report: &Value) {
         "{report}"
     );
     for kind in report["failed"].as_object().unwrap().keys() {
-        assert_eq!(kind, "worker_crashed", "only calls whose worker was killed fail");
+        assert_eq!(
+            kind, "worker_crashed",
+            "only calls whose worker was killed fail"
+        );
     }
 }
 

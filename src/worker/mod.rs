@@ -339,10 +339,9 @@ impl Worker {
                 // It exited with the request in flight. A reply it wrote just before
                 // may still be in the pipe; a grandchild holding the pipe open must not
                 // keep us waiting for end of file.
-                match tokio::time::timeout(EXITED_REPLY_GRACE, self.output.next()).await {
-                    Ok(frame) => frame,
-                    Err(_) => None,
-                }
+                tokio::time::timeout(EXITED_REPLY_GRACE, self.output.next())
+                    .await
+                    .unwrap_or_default()
             }
         };
         match frame {
