@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{builder, fixtures, python, wait_for_event, wait_gone};
+use common::{ServeProcess, builder, server_pids, spawn_serve, wait_for_event, wait_gone};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use snakepool::server::{ServerOptions, ServerState, router};
@@ -333,57 +332,11 @@ async fn health_says_starting_until_the_pool_is_ready() {
     pool.shutdown().await;
 }
 
-/// `snakepool serve` on a random port: reads its address from its first line.
-fn spawn_serve(
-    extra: &[&str],
-) -> (
-    std::process::Child,
-    String,
-    BufReader<std::process::ChildStdout>,
-) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_snakepool"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
-        .args(["--python", &python()])
-        .args(["--python-path", fixtures().to_str().unwrap()])
-        .args(["--module", "sp_test_handlers"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("first line names the address")
-        .to_owned();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
-    assert!(line.starts_with("pool ready"), "{line}");
-    (child, url, stdout)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_calls_in_flight_then_stops_every_worker() {
-    let (mut child, url, _stdout) = spawn_serve(&[]);
+    let ServeProcess { mut child, url, .. } = spawn_serve(&[]);
     let client = reqwest::Client::new();
-    let pool: Value = client
-        .get(format!("{url}/v1/pool"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut pids: Vec<u32> = pool["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect();
-    pids.extend(pool["spawn"]["pid"].as_u64().map(|p| p as u32));
+    let pids = server_pids(&client, &url).await;
     let slow = {
         let client = client.clone();
         let url = url.clone();

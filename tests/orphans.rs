@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{alive, builder, wait_gone};
+use common::{ServeProcess, alive, builder, server_pids, spawn_serve, wait_gone};
 use serde_json::{Value, json};
 use snakepool::SpawnMode;
 
@@ -84,32 +84,11 @@ fn sigkilled_host_leaves_nothing_in_zygote_mode() {
 
 /// `snakepool serve` SIGKILLed: no worker, zygote or handler-started process survives.
 async fn sigkilled_server_leaves_nothing(mode: &str) {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_snakepool"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--spawn",
-            mode,
-        ])
-        .args(["--python", &common::python()])
-        .args(["--python-path", common::fixtures().to_str().unwrap()])
-        .args(["--module", "sp_test_handlers"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let url = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_owned();
-    assert!(lines.next().unwrap().unwrap().starts_with("pool ready"));
+    let ServeProcess {
+        child: mut server,
+        url,
+        ..
+    } = spawn_serve(&["--spawn", mode]);
     let client = reqwest::Client::new();
     let grandchild: Value = client
         .post(format!("{url}/v1/call"))
@@ -120,23 +99,9 @@ async fn sigkilled_server_leaves_nothing(mode: &str) {
         .json()
         .await
         .unwrap();
-    let pool: Value = client
-        .get(format!("{url}/v1/pool"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut pids: Vec<u32> = pool["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["pid"].as_u64().unwrap() as u32)
-        .collect();
-    pids.extend(pool["spawn"]["pid"].as_u64().map(|p| p as u32));
+    let mut pids = server_pids(&client, &url).await;
     pids.push(grandchild["result"].as_u64().unwrap() as u32);
-    assert_eq!(pids.len(), if mode == "zygote" { 4 } else { 3 }, "{pool}");
+    assert_eq!(pids.len(), if mode == "zygote" { 4 } else { 3 }, "{pids:?}");
     assert!(pids.iter().all(|p| alive(*p)));
 
     server.kill().unwrap();

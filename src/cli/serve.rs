@@ -21,6 +21,14 @@ pub struct ServeArgs {
     server: ServerArgs,
 }
 
+/// Prints a status line; a closed stdout (e.g. a supervisor that went away) is no
+/// reason to fail.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 async fn termination() -> &'static str {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -49,8 +57,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             "warning: listening on {local} without a token; anyone who can reach it can run commands"
         );
     }
-    println!("listening on http://{local}");
-    let _ = std::io::stdout().flush();
+    say(&format!("listening on http://{local}"));
 
     let state = ServerState::starting();
     let app = router(state.clone(), &options);
@@ -60,9 +67,8 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             match builder.start().await {
                 Ok(pool) => {
                     let workers = pool.status().workers.len();
-                    println!("pool ready: {workers} workers");
-                    let _ = std::io::stdout().flush();
                     state.ready(pool);
+                    say(&format!("pool ready: {workers} workers"));
                     Ok(())
                 }
                 Err(error) => {
@@ -83,8 +89,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let stop = async move {
         tokio::select! {
             signal = termination() => {
-                println!("{signal}: finishing calls in flight, then stopping the workers");
-                let _ = std::io::stdout().flush();
+                say(&format!("{signal}: finishing calls in flight, then stopping the workers"));
             }
             Ok(_) = failed_rx => {}
         }
@@ -101,6 +106,6 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     if let Some(pool) = state.pool() {
         pool.shutdown().await;
     }
-    println!("stopped");
+    say("stopped");
     Ok(())
 }

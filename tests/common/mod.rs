@@ -110,3 +110,62 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
         ready == 1 || !alive(pid)
     }
 }
+
+/// A `snakepool serve` process on a random loopback port, ready to serve.
+pub struct ServeProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    /// The rest of its stdout.
+    pub stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// Starts `snakepool serve` with 2 workers and the test handlers, plus `extra` flags,
+/// and waits for its "pool ready" line.
+pub fn spawn_serve(extra: &[&str]) -> ServeProcess {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snakepool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(["--python", &python()])
+        .args(["--python-path", fixtures().to_str().unwrap()])
+        .args(["--module", "sp_test_handlers"])
+        .args(extra)
+        .env_remove("SNAKEPOOL_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("the first line names the address")
+        .to_owned();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.starts_with("pool ready"), "{line}");
+    ServeProcess { child, url, stdout }
+}
+
+/// The pids of a server's workers and zygote, from `GET /v1/pool`.
+pub async fn server_pids(client: &reqwest::Client, url: &str) -> Vec<u32> {
+    let pool: serde_json::Value = client
+        .get(format!("{url}/v1/pool"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut pids: Vec<u32> = pool["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    pids.extend(pool["spawn"]["pid"].as_u64().map(|p| p as u32));
+    pids
+}
