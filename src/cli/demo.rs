@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
-use snakepool::dspy::{Dspy, FieldType, Lm, Program, ProgramKind, Signature};
+use snakepool::dspy::{Dspy, FieldType, Lm, Prediction, Program, ProgramKind, Signature};
 use snakepool::{Error, Pool};
 use tokio::sync::Notify;
 
@@ -145,65 +146,66 @@ where
     }
 }
 
-async fn ask_capitals(
-    program: Program,
-    questions: usize,
-    progress: ProgressBar,
+/// Where a program's calls report their progress.
+#[derive(Clone)]
+struct Progress {
+    bar: ProgressBar,
     done: Arc<(AtomicUsize, Notify)>,
-) -> Tally {
+}
+
+impl Progress {
+    fn one_more(&self) {
+        self.bar.inc(1);
+        self.done.0.fetch_add(1, Ordering::SeqCst);
+        self.done.1.notify_waiters();
+    }
+}
+
+/// Asks `program` each question in turn; `judge` says whether an answer is right and
+/// how to show it.
+async fn ask<O, J>(program: Program, questions: Vec<String>, judge: J, progress: Progress) -> Tally
+where
+    O: DeserializeOwned,
+    J: Fn(usize, &Prediction<O>) -> (bool, String),
+{
     let mut tally = Tally::default();
-    for i in 0..questions {
-        let (question, city) = capital_question(i);
+    for (i, question) in questions.iter().enumerate() {
         tally.asked += 1;
         let inputs = json!({ "question": question });
-        let result = with_one_retry(|| program.call::<_, CapitalAnswer>(&inputs), &mut tally).await;
-        match result {
+        match with_one_retry(|| program.call::<_, O>(&inputs), &mut tally).await {
             Ok(prediction) => {
                 tally.answered += 1;
-                let answer = prediction.outputs.answer;
-                if answer.to_lowercase().contains(&city.to_lowercase()) {
-                    tally.correct += 1;
-                }
-                tally.sample = format!("{question} → {answer}");
+                let (correct, shown) = judge(i, &prediction);
+                tally.correct += usize::from(correct);
+                tally.sample = format!("{question} → {shown}");
             }
             Err(error) => tally.failed(&error),
         }
-        progress.inc(1);
-        done.0.fetch_add(1, Ordering::SeqCst);
-        done.1.notify_waiters();
+        progress.one_more();
     }
     tally
 }
 
-async fn ask_sums(
-    program: Program,
-    session: usize,
-    questions: usize,
-    progress: ProgressBar,
-    done: Arc<(AtomicUsize, Notify)>,
-) -> Tally {
-    let mut tally = Tally::default();
-    for i in 0..questions {
-        let (question, a, b) = sum_question(session, i);
-        tally.asked += 1;
-        let inputs = json!({ "question": question });
-        let result = with_one_retry(|| program.call::<_, SumAnswer>(&inputs), &mut tally).await;
-        match result {
-            Ok(prediction) => {
-                tally.answered += 1;
-                if prediction.outputs.answer == a + b {
-                    tally.correct += 1;
-                }
-                let reasoning = prediction.reasoning.unwrap_or_default();
-                tally.sample = format!("{question} → {} ({reasoning})", prediction.outputs.answer);
-            }
-            Err(error) => tally.failed(&error),
-        }
-        progress.inc(1);
-        done.0.fetch_add(1, Ordering::SeqCst);
-        done.1.notify_waiters();
-    }
-    tally
+async fn ask_capitals(program: Program, questions: usize, progress: Progress) -> Tally {
+    let asked = (0..questions).map(|i| capital_question(i).0).collect();
+    let judge = |i: usize, p: &Prediction<CapitalAnswer>| {
+        let city = capital_question(i).1;
+        let answer = &p.outputs.answer;
+        let correct = answer.to_lowercase().contains(&city.to_lowercase());
+        (correct, answer.clone())
+    };
+    ask(program, asked, judge, progress).await
+}
+
+async fn ask_sums(program: Program, session: usize, questions: usize, progress: Progress) -> Tally {
+    let asked = (0..questions).map(|i| sum_question(session, i).0).collect();
+    let judge = |i: usize, p: &Prediction<SumAnswer>| {
+        let (_, a, b) = sum_question(session, i);
+        let reasoning = p.reasoning.clone().unwrap_or_default();
+        let shown = format!("{} ({reasoning})", p.outputs.answer);
+        (p.outputs.answer == a + b, shown)
+    };
+    ask(program, asked, judge, progress).await
 }
 
 /// The interpreter to use: `configured`, or the project's venv with DSPy (set up on
@@ -321,18 +323,20 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .collect();
     let mut tasks = Vec::new();
     for (index, session) in sessions.iter().enumerate() {
+        let report = Progress {
+            bar: progress.clone(),
+            done: done[index].clone(),
+        };
         tasks.push(tokio::spawn(ask_capitals(
             session.predictor.clone(),
             args.questions,
-            progress.clone(),
-            done[index].clone(),
+            report.clone(),
         )));
         tasks.push(tokio::spawn(ask_sums(
             session.reasoner.clone(),
             index,
             args.questions,
-            progress.clone(),
-            done[index].clone(),
+            report,
         )));
     }
 
