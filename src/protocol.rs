@@ -223,6 +223,11 @@ impl HostCodec {
     pub fn max_frame_bytes(&self) -> usize {
         self.max_frame_bytes
     }
+
+    /// Whether a frame's header has been read but not yet its whole body.
+    pub fn mid_frame(&self) -> bool {
+        self.in_body
+    }
 }
 
 impl Decoder for HostCodec {

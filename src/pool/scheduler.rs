@@ -337,6 +337,30 @@ impl Shared {
         self.notify(PoolEvent::WorkerReady { worker: id, pid });
     }
 
+    /// Checks every idle worker, without waiting, for output nobody asked for (and for
+    /// death); unfit ones are removed and replaced before any caller meets them.
+    pub(crate) fn sweep_idle(self: &Arc<Self>) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        // The checks read the pipes, so they run outside the lock.
+        let mut fit = Vec::new();
+        let mut unfit = Vec::new();
+        for mut worker in idle {
+            if worker.is_usable() {
+                fit.push(worker);
+            } else {
+                unfit.push(worker);
+            }
+        }
+        let mut st = self.lock();
+        for worker in fit {
+            st.hand_over(worker);
+        }
+        drop(st);
+        for worker in unfit {
+            self.release(worker);
+        }
+    }
+
     /// Takes idle workers unused for `idle_for` out of the pool for a health ping.
     pub(crate) fn take_stale_idle(self: &Arc<Self>, idle_for: Duration) -> Vec<Lease> {
         let now = Instant::now();

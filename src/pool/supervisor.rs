@@ -219,6 +219,7 @@ impl Supervisor {
     fn maintain(&mut self) {
         let shared = self.shared.clone();
         let config = &shared.config;
+        shared.sweep_idle();
         if let Some(interval) = config.health_interval {
             for mut lease in self.shared.take_stale_idle(interval) {
                 let timeout = config.health_timeout;

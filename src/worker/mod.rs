@@ -234,7 +234,11 @@ impl Worker {
             return false;
         }
         let problem = match self.output.next().now_or_never() {
-            None => return true,
+            // Nothing whole arrived; but part of a frame is no better.
+            None if self.output.read_buffer().is_empty() && !self.output.decoder().mid_frame() => {
+                return true;
+            }
+            None => "wrote part of a frame while idle".to_owned(),
             Some(Some(Ok(reply))) => format!("sent a reply nobody asked for (id {})", reply.id),
             Some(Some(Err(error))) => format!("wrote bytes while idle: {error}"),
             Some(None) => "closed its output".to_owned(),
