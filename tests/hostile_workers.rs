@@ -101,6 +101,23 @@ async fn shutdown_leaves_nothing(pool: Pool, pids: &[u32]) {
     }
 }
 
+/// A one-worker pool of `mode` workers, its events, its worker's pid (checked to
+/// serve), and the result of the call that makes the worker misbehave.
+async fn misbehave(
+    mode: &str,
+) -> (
+    Pool,
+    broadcast::Receiver<PoolEvent>,
+    u32,
+    Result<serde_json::Value, Error>,
+) {
+    let pool = hostile(mode).start().await.unwrap();
+    let events = pool.subscribe();
+    let old = only_worker(&pool).await;
+    let result = promptly(pool.call("misbehave", json!({}))).await;
+    (pool, events, old, result)
+}
+
 /// Every decimal number in `text`, in order.
 fn numbers(text: &str) -> Vec<u64> {
     text.split(|c: char| !c.is_ascii_digit())
@@ -111,12 +128,8 @@ fn numbers(text: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_stdout_is_a_protocol_error() {
-    let pool = hostile("garbage").start().await.unwrap();
-    let mut events = pool.subscribe();
-    let old = only_worker(&pool).await;
-    let err = promptly(pool.call("misbehave", json!({})))
-        .await
-        .unwrap_err();
+    let (pool, mut events, old, result) = misbehave("garbage").await;
+    let err = result.unwrap_err();
     assert_eq!(err.kind(), "protocol", "{err:?}");
     match &err {
         Error::Protocol {
@@ -139,14 +152,10 @@ async fn garbage_on_stdout_is_a_protocol_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4_gib_frame_header_is_refused_at_once() {
-    let pool = hostile("huge_header").start().await.unwrap();
-    let mut events = pool.subscribe();
-    let old = only_worker(&pool).await;
     // The request timeout is 60 s: failing within `HANG` means the header alone was
     // enough, with no wait for a body that never comes.
-    let err = promptly(pool.call("misbehave", json!({})))
-        .await
-        .unwrap_err();
+    let (pool, mut events, old, result) = misbehave("huge_header").await;
+    let err = result.unwrap_err();
     assert_eq!(err.kind(), "protocol", "{err:?}");
     match &err {
         Error::Protocol {
@@ -200,12 +209,8 @@ async fn a_stray_byte_after_a_reply_replaces_the_idle_worker_without_failing_any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_with_another_id_is_a_protocol_error() {
-    let pool = hostile("wrong_id").start().await.unwrap();
-    let mut events = pool.subscribe();
-    let old = only_worker(&pool).await;
-    let err = promptly(pool.call("misbehave", json!({})))
-        .await
-        .unwrap_err();
+    let (pool, mut events, old, result) = misbehave("wrong_id").await;
+    let err = result.unwrap_err();
     assert_eq!(err.kind(), "protocol", "{err:?}");
     match &err {
         Error::Protocol {
@@ -252,12 +257,8 @@ async fn a_worker_that_never_replies_times_out_and_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_closes_stdout_and_lives_on_is_a_crash() {
-    let pool = hostile("close_stdout").start().await.unwrap();
-    let mut events = pool.subscribe();
-    let old = only_worker(&pool).await;
-    let err = promptly(pool.call("misbehave", json!({})))
-        .await
-        .unwrap_err();
+    let (pool, mut events, old, result) = misbehave("close_stdout").await;
+    let err = result.unwrap_err();
     assert_eq!(err.kind(), "worker_crashed", "{err:?}");
     match &err {
         Error::WorkerCrashed {
