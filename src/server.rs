@@ -335,7 +335,7 @@ async fn close_session(State(state): State<Arc<ServerState>>, Path(id): Path<Str
         );
     }
     state.tombstone(&id);
-    match pool.close_session(&id, None).await {
+    match pool.close_session(&id).await {
         Ok(()) => Json(json!({"closed": id})).into_response(),
         Err(error) => error_response(&error),
     }

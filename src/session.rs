@@ -148,6 +148,6 @@ impl Session {
     /// to free the session's state, and the journal is dropped.
     pub async fn close(&self) -> Result<()> {
         let _turn = self.order.lock().await;
-        self.pool.close_session(&self.id, Some(self.epoch)).await
+        self.pool.close_session_epoch(&self.id, self.epoch).await
     }
 }

@@ -318,9 +318,14 @@ impl Pool {
         }
     }
 
-    /// Closes session `id` whatever handle opened it.
-    pub async fn close_session(&self, id: &str, epoch: Option<u64>) -> Result<()> {
-        self.shared().close_session(id, epoch).await
+    /// Closes session `id`, whatever handle opened it: its worker frees its state and
+    /// its journal is dropped. Closing a session that is not open does nothing.
+    pub async fn close_session(&self, id: &str) -> Result<()> {
+        self.shared().close_session(id, None).await
+    }
+
+    pub(crate) async fn close_session_epoch(&self, id: &str, epoch: u64) -> Result<()> {
+        self.shared().close_session(id, Some(epoch)).await
     }
 
     pub(crate) fn session_worker(&self, id: &str) -> Option<String> {
