@@ -267,10 +267,14 @@ impl Shared {
         let mut st = self.lock();
         if worker.is_lost() {
             let pid = worker.pid();
+            // The supervisor may have removed it already (it saw the process exit).
+            let known = st.slots.contains_key(&id);
             st.remove_worker(&id);
             drop(st);
-            self.metrics.bump(crate::metrics::Counter::WorkerCrash);
-            self.notify(PoolEvent::WorkerLost { worker: id, pid });
+            if known {
+                self.metrics.bump(crate::metrics::Counter::WorkerCrash);
+                self.notify(PoolEvent::WorkerLost { worker: id, pid });
+            }
             let _ = self.events.send(Event::Capacity);
             drop(worker);
             self.changed.notify_waiters();
