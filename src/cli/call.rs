@@ -140,7 +140,9 @@ async fn call_own_pool(args: &CallArgs, call_args: Value) -> Result<Value, Error
 }
 
 fn print(value: &Value) -> ExitCode {
-    println!("{value}");
+    use std::io::Write;
+    // A reader that went away (`| head`) is not an error of the call.
+    let _ = writeln!(std::io::stdout().lock(), "{value}");
     ExitCode::SUCCESS
 }
 
