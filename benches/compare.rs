@@ -19,7 +19,7 @@
 //! `benches/python/*.py` under `$SNAKEPOOL_PYTHON`, an interpreter with DSPy.
 
 use std::error::Error;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
@@ -35,7 +35,10 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::{Value, json};
 use snakepool::dspy::{Dspy, Lm, Program, ProgramKind};
 use snakepool::{Pool, SpawnMode};
+use support::RawWorker;
 use tokio::runtime::Runtime;
+
+mod support;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const HANDLERS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python");
@@ -382,32 +385,16 @@ fn micros_since(started: Instant) -> f64 {
 // Cores, runtimes, processes
 // ---------------------------------------------------------------------------------
 
-/// Restricts thread or process `pid` (0: the calling thread) to `cpus`.
-fn set_affinity(pid: u32, cpus: &[usize]) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &cpu in cpus {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        libc::sched_setaffinity(
-            pid as libc::pid_t,
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &set,
-        );
-    }
-}
-
 /// Restricts the main thread to `cpus`; every thread and process started from it
 /// afterwards (runtimes, their workers, helpers) inherits that.
 fn confine_host(cpus: &[usize]) {
-    set_affinity(0, cpus);
+    support::set_affinity(0, cpus);
 }
 
 /// Pins every worker of `pool` to `cpus`.
 fn pin_workers(pool: &Pool, cpus: &[usize]) {
     for worker in pool.status().workers {
-        set_affinity(worker.pid, cpus);
+        support::set_affinity(worker.pid, cpus);
     }
 }
 
@@ -571,70 +558,16 @@ fn ppe_throughput(workers: usize, task: &str, mode: &str, tasks: usize, callers:
 // 1. Ping round trip: raw pipe against the pool
 // ---------------------------------------------------------------------------------
 
-/// The worker runtime driven by hand over blocking pipes: the floor for any host.
-struct RawWorker {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-    next_id: u64,
+/// `n` pings over a raw pipe; per-call latency in µs.
+fn raw_pings(raw: &mut RawWorker, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            raw.round_trip("ping", json!({}));
+            micros_since(started)
+        })
+        .collect()
 }
-
-impl RawWorker {
-    fn start(python: &str) -> RawWorker {
-        let mut child = Command::new(python)
-            .args(["-m", "snakepool_worker", "--worker-id", "raw"])
-            .args(["--module", "compare_handlers"])
-            .env("PYTHONPATH", format!("{ROOT}/python:{HANDLERS_DIR}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python starts");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut raw = RawWorker {
-            child,
-            stdin,
-            stdout,
-            next_id: 0,
-        };
-        raw.round_trip("ping", json!({"initialization": true}));
-        raw
-    }
-
-    fn round_trip(&mut self, command: &str, args: Value) -> Value {
-        let request = json!({"id": self.next_id, "command": command, "args": args});
-        let body = serde_json::to_vec(&request).expect("json");
-        self.next_id += 1;
-        let mut frame = Vec::with_capacity(body.len() + 4);
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&body);
-        self.stdin.write_all(&frame).expect("worker input");
-        let mut header = [0u8; 4];
-        self.stdout.read_exact(&mut header).expect("worker output");
-        let mut reply = vec![0u8; u32::from_be_bytes(header) as usize];
-        self.stdout.read_exact(&mut reply).expect("worker output");
-        serde_json::from_slice(&reply).expect("json reply")
-    }
-
-    /// `n` pings; per-call latency in µs.
-    fn pings(&mut self, n: usize) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let started = Instant::now();
-                self.round_trip("ping", json!({}));
-                micros_since(started)
-            })
-            .collect()
-    }
-}
-
-impl Drop for RawWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Section 1's figures: raw pipe, pool on a current-thread runtime, pool on a
 /// multi-thread runtime.
 struct RoundTrip {
@@ -645,13 +578,17 @@ struct RoundTrip {
 
 fn measure_roundtrip(s: &Settings) -> RoundTrip {
     confine_host(&[0]);
-    let mut raw = RawWorker::start(&s.python);
+    let mut raw = RawWorker::start(
+        &s.python,
+        &format!("{ROOT}/python:{HANDLERS_DIR}"),
+        &["compare_handlers"],
+    );
     let (multi, current) = (multi_thread(), current_thread());
     let pool_multi = multi.block_on(plain_pool(&s.python, 1));
     let pool_current = current.block_on(plain_pool(&s.python, 1));
     pin_workers(&pool_multi, &[0]);
     pin_workers(&pool_current, &[0]);
-    raw.pings(1000);
+    raw_pings(&mut raw, 1000);
     multi.block_on(serial_pings(&pool_multi, 1000));
     current.block_on(serial_pings(&pool_current, 1000));
     let mut out = RoundTrip {
@@ -661,7 +598,7 @@ fn measure_roundtrip(s: &Settings) -> RoundTrip {
     };
     for round in 1..=s.rounds {
         let mut paths: [Caller; 3] = [
-            Box::new(|n| raw.pings(n)),
+            Box::new(|n| raw_pings(&mut raw, n)),
             Box::new(|n| multi.block_on(serial_pings(&pool_multi, n))),
             Box::new(|n| current.block_on(serial_pings(&pool_current, n))),
         ];

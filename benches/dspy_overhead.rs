@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use snakepool::Pool;
 use snakepool::dspy::{Dspy, Lm, ProgramKind};
 
+mod support;
+
 const DIRECT: &str = r#"
 import json, os, sys, time
 os.sched_setaffinity(0, {0})
@@ -41,12 +43,7 @@ print(json.dumps(medians))
 "#;
 
 fn pin_host() {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    support::set_affinity(0, &[0]);
 }
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -10,25 +10,17 @@
 //! (current-thread runtime); each reports its median, and the summary gives the median
 //! of the round medians and the pool/raw ratio.
 
-use std::io::{Read, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use snakepool::Pool;
+use support::RawWorker;
+
+mod support;
 
 fn pin(pid: u32, cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(
-            pid as libc::pid_t,
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &set,
-        );
-    }
+    support::set_affinity(pid, &[cpu]);
 }
 
 /// The workers' CPU: 0 beside the host, or 1 with `BENCH_PIN=split` on a machine that
@@ -53,58 +45,15 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The worker runtime driven by hand over blocking pipes: the floor for any host.
-struct RawWorker {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: ChildStdout,
-    next_id: u64,
-}
-
-impl RawWorker {
-    fn start() -> RawWorker {
-        let mut child = Command::new(python())
-            .args(["-m", "snakepool_worker", "--worker-id", "raw"])
-            .env("PYTHONPATH", concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python starts");
-        pin(child.id(), worker_cpu());
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut raw = RawWorker {
-            child,
-            stdin,
-            stdout,
-            next_id: 0,
-        };
-        raw.round_trip("ping", json!({"initialization": true}));
-        raw
-    }
-
-    fn round_trip(&mut self, command: &str, args: Value) -> Value {
-        let body =
-            serde_json::to_vec(&json!({"id": self.next_id, "command": command, "args": args}))
-                .unwrap();
-        self.next_id += 1;
-        let mut frame = Vec::with_capacity(body.len() + 4);
-        frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&body);
-        self.stdin.write_all(&frame).unwrap();
-        let mut header = [0u8; 4];
-        self.stdout.read_exact(&mut header).unwrap();
-        let mut reply = vec![0u8; u32::from_be_bytes(header) as usize];
-        self.stdout.read_exact(&mut reply).unwrap();
-        serde_json::from_slice(&reply).unwrap()
-    }
-}
-
-impl Drop for RawWorker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A raw pipe worker pinned beside (or apart from) the host.
+fn start_raw() -> RawWorker {
+    let raw = RawWorker::start(
+        &python(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/python"),
+        &[],
+    );
+    pin(raw.pid(), worker_cpu());
+    raw
 }
 
 fn histogram() -> Histogram<u64> {
@@ -159,7 +108,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut raw = RawWorker::start();
+    let mut raw = start_raw();
     let pool_mt = multi.block_on(start_pool());
     let pool_ct = single.block_on(start_pool());
 
