@@ -267,17 +267,9 @@ impl Shared {
         let mut st = self.lock();
         if worker.is_lost() {
             let pid = worker.pid();
-            // The supervisor may have removed it already (it saw the process exit).
-            let known = st.slots.contains_key(&id);
-            st.remove_worker(&id);
-            drop(st);
-            if known {
-                self.metrics.bump(crate::metrics::Counter::WorkerCrash);
-                self.notify(PoolEvent::WorkerLost { worker: id, pid });
-            }
+            self.forget_lost(st, &id, pid);
             let _ = self.events.send(Event::Capacity);
             drop(worker);
-            self.changed.notify_waiters();
             return;
         }
         let retire = st.shutting_down || st.slots.get(&id).is_none_or(|s| s.retire);
@@ -300,6 +292,30 @@ impl Shared {
         if recycle {
             let _ = self.events.send(Event::Recycle { worker: id });
         }
+    }
+
+    /// Forgets a worker that died, timed out or broke the protocol. It is counted and
+    /// announced once, whichever path notices it first (its caller, or the supervisor
+    /// seeing its process exit); returns whether it was still known.
+    pub(crate) fn forget_lost(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        id: &Arc<str>,
+        pid: u32,
+    ) -> bool {
+        let known = st.slots.contains_key(id);
+        let idle = st.remove_worker(id);
+        drop(st);
+        drop(idle);
+        if known {
+            self.metrics.bump(crate::metrics::Counter::WorkerCrash);
+            self.notify(PoolEvent::WorkerLost {
+                worker: id.clone(),
+                pid,
+            });
+        }
+        self.changed.notify_waiters();
+        known
     }
 
     /// Adds a freshly started worker to the pool (or stops it if shutting down).

@@ -87,21 +87,13 @@ impl Supervisor {
 
     /// An idle worker that died is removed at once; a busy one is left to its caller.
     fn on_exit(&mut self, worker: &Arc<str>, info: ExitInfo) {
-        let mut st = self.shared.lock();
-        let idle = st.slots.get(worker).is_some_and(|s| !s.busy);
-        if !idle {
+        let st = self.shared.lock();
+        let Some(pid) = st.slots.get(worker).filter(|s| !s.busy).map(|s| s.pid) else {
             return;
+        };
+        if self.shared.forget_lost(st, worker, pid) {
+            tracing::warn!(worker = %worker, pid, status = %info, "idle worker exited; replacing it");
         }
-        let pid = st.slots.get(worker).map_or(0, |s| s.pid);
-        st.remove_worker(worker);
-        drop(st);
-        tracing::warn!(worker = %worker, pid, status = %info, "idle worker exited; replacing it");
-        self.shared.metrics.bump(Counter::WorkerCrash);
-        self.shared.notify(PoolEvent::WorkerLost {
-            worker: worker.clone(),
-            pid,
-        });
-        self.shared.changed.notify_waiters();
         self.ensure_capacity();
     }
 
