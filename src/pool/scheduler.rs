@@ -153,6 +153,14 @@ impl State {
     }
 }
 
+/// Stops a worker the pool no longer counts, gracefully and in the background;
+/// shutdown waits for it through `stopping`.
+pub(crate) fn stop_in_background(mut st: std::sync::MutexGuard<'_, State>, worker: Worker) {
+    st.stopping.push(worker.exit_watch());
+    drop(st);
+    tokio::spawn(worker.stop());
+}
+
 /// A worker checked out for one caller. Dropping the lease returns the worker to the
 /// pool, or, if a call was cut short or the worker is lost, removes and kills it.
 pub(crate) struct Lease {
@@ -275,9 +283,7 @@ impl Shared {
         let retire = st.shutting_down || st.slots.get(&id).is_none_or(|s| s.retire);
         if retire {
             st.remove_worker(&id);
-            st.stopping.push(worker.exit_watch());
-            drop(st);
-            tokio::spawn(worker.stop());
+            stop_in_background(st, worker);
             self.changed.notify_waiters();
             return;
         }
@@ -324,9 +330,7 @@ impl Shared {
         let pid = worker.pid();
         let mut st = self.lock();
         if st.shutting_down {
-            st.stopping.push(worker.exit_watch());
-            drop(st);
-            tokio::spawn(worker.stop());
+            stop_in_background(st, worker);
             return;
         }
         let recycle_at = self.config.recycle_after_calls.map(|after| {

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::error::Error;
 use crate::metrics::Counter;
+use crate::pool::scheduler::stop_in_background;
 use crate::pool::{PoolEvent, Shared};
 use crate::worker::{ExitInfo, Worker};
 
@@ -202,9 +203,7 @@ impl Supervisor {
             return;
         }
         if let Some(worker) = st.remove_worker(old) {
-            st.stopping.push(worker.exit_watch());
-            drop(st);
-            tokio::spawn(worker.stop());
+            stop_in_background(st, worker);
         }
     }
 
