@@ -6,6 +6,7 @@
 
 mod exit;
 mod manifest;
+mod pid;
 pub mod spawn;
 mod stderr;
 pub mod zygote;
@@ -20,6 +21,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 pub use exit::{ExitInfo, ExitReporter, ExitWatch};
 pub use manifest::{CommandInfo, Manifest};
+pub use pid::Pid;
 pub use spawn::{WorkerProgram, WorkerSpec};
 pub use stderr::StderrTail;
 
@@ -40,7 +42,7 @@ pub type WorkerOutput = Box<dyn AsyncRead + Send + Unpin>;
 /// A worker process just started, however it was created, before its handshake.
 pub struct RawProcess {
     /// Its process id (also its process group's id).
-    pub pid: u32,
+    pub pid: Pid,
     /// The host's end of its stdin.
     pub stdin: WorkerInput,
     /// The host's end of its stdout.
@@ -63,7 +65,11 @@ impl RawProcess {
             reason: format!("cannot spawn {:?}: {e}", spec.argv(id)),
             stderr_tail: String::new(),
         })?;
-        let pid = child.id().unwrap_or_default();
+        let pid = spawn::child_pid(&child).map_err(|e| Error::StartupFailed {
+            worker: id.to_owned(),
+            reason: e.to_string(),
+            stderr_tail: String::new(),
+        })?;
         let stdin = Box::new(child.stdin.take().expect("stdin is piped"));
         let stdout = Box::new(child.stdout.take().expect("stdout is piped"));
         let stderr = Box::new(child.stderr.take().expect("stderr is piped"));
@@ -80,7 +86,7 @@ impl RawProcess {
 /// A started, handshaken worker process.
 pub struct Worker {
     id: Arc<str>,
-    pid: u32,
+    pid: Pid,
     input: Option<FramedWrite<WorkerInput, HostCodec>>,
     output: FramedRead<WorkerOutput, HostCodec>,
     exit: ExitWatch,
@@ -196,7 +202,7 @@ impl Worker {
 
     /// The OS process id (also the id of its process group).
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.pid.get()
     }
 
     /// What the worker said about itself in the handshake.
@@ -416,7 +422,7 @@ impl Worker {
     pub fn kill(&mut self) {
         self.lost = true;
         self.input = None;
-        spawn::signal_group(self.pid, libc::SIGKILL);
+        self.pid.signal_group(libc::SIGKILL);
     }
 
     /// Stops the worker gracefully: close stdin, wait the grace period, `SIGTERM`,
@@ -424,15 +430,15 @@ impl Worker {
     pub async fn stop(mut self) -> Option<ExitInfo> {
         self.input = None;
         if let Some(info) = self.exit.wait(self.stop_grace).await {
-            spawn::signal_group(self.pid, libc::SIGKILL);
+            self.pid.signal_group(libc::SIGKILL);
             return Some(info);
         }
-        spawn::signal_group(self.pid, libc::SIGTERM);
+        self.pid.signal_group(libc::SIGTERM);
         if let Some(info) = self.exit.wait(self.stop_grace).await {
-            spawn::signal_group(self.pid, libc::SIGKILL);
+            self.pid.signal_group(libc::SIGKILL);
             return Some(info);
         }
-        spawn::signal_group(self.pid, libc::SIGKILL);
+        self.pid.signal_group(libc::SIGKILL);
         self.exit.wait(self.stop_grace).await
     }
 
@@ -446,7 +452,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         // A worker nobody holds any more must not live on.
         if !self.exit.exited() {
-            spawn::signal_group(self.pid, libc::SIGKILL);
+            self.pid.signal_group(libc::SIGKILL);
         }
     }
 }

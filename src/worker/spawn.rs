@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use super::Pid;
+
 use crate::protocol::DEFAULT_MAX_FRAME_BYTES;
 
 /// Environment given to every worker unless overridden: one thread per numeric
@@ -227,12 +229,12 @@ fn set_parent_death_signal(command: &mut Command, signal: libc::c_int) {
 #[cfg(not(target_os = "linux"))]
 fn set_parent_death_signal(_command: &mut Command, _signal: libc::c_int) {}
 
-/// Sends `signal` to the process group led by `pid`; a group that is gone is fine.
-pub fn signal_group(pid: u32, signal: libc::c_int) {
-    // SAFETY: killpg has no memory-safety preconditions.
-    unsafe {
-        libc::killpg(pid as libc::pid_t, signal);
-    }
+/// The pid of a process just spawned; `None` only if it was already reaped.
+pub fn child_pid(child: &Child) -> std::io::Result<Pid> {
+    child
+        .id()
+        .and_then(Pid::new)
+        .ok_or_else(|| std::io::Error::other("the process was reaped before its pid could be read"))
 }
 
 #[cfg(test)]

@@ -35,7 +35,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 
-use super::{ExitInfo, ExitReporter, ExitWatch, RawProcess, StderrTail, WorkerProgram, WorkerSpec};
+use super::{
+    ExitInfo, ExitReporter, ExitWatch, Pid, RawProcess, StderrTail, WorkerProgram, WorkerSpec,
+};
 
 /// The fd number the zygote finds its socket on.
 const SOCKET_FD: RawFd = 3;
@@ -61,7 +63,7 @@ pub enum ForkError {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ZygoteHello {
     /// The zygote's pid.
-    pub pid: u32,
+    pub pid: Pid,
     /// Whether it had a single thread after preloading.
     pub fork_safe: bool,
     /// The threads it found, when not fork-safe.
@@ -78,7 +80,7 @@ struct Message {
     #[serde(default)]
     request: u64,
     #[serde(default)]
-    pid: u32,
+    pid: Option<Pid>,
     #[serde(default)]
     code: Option<i32>,
     #[serde(default)]
@@ -89,14 +91,14 @@ struct Message {
     not_fork_safe: bool,
 }
 
-type Pending = HashMap<u64, (ExitReporter, oneshot::Sender<Result<u32, ForkError>>)>;
+type Pending = HashMap<u64, (ExitReporter, oneshot::Sender<Result<Pid, ForkError>>)>;
 
 /// A running zygote and its bookkeeping.
 pub struct Zygote {
     socket: AsyncFd<OwnedFd>,
     hello: ZygoteHello,
     pending: Mutex<Pending>,
-    exits: Mutex<HashMap<u32, ExitReporter>>,
+    exits: Mutex<HashMap<Pid, ExitReporter>>,
     next_request: AtomicU64,
     alive: AtomicBool,
     exit: ExitWatch,
@@ -162,7 +164,7 @@ impl Zygote {
             .spawn()
             .map_err(|e| format!("cannot spawn {argv:?}: {e}"))?;
         drop(zygote_end);
-        let pid = child.id().unwrap_or_default();
+        let pid = super::spawn::child_pid(&child).map_err(|e| format!("zygote: {e}"))?;
         let stderr = StderrTail::drain(
             child.stderr.take().expect("stderr is piped"),
             "zygote".into(),
@@ -179,14 +181,14 @@ impl Zygote {
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let status = exit.wait(Duration::from_millis(500)).await;
                 let tail = stderr.settled_snapshot(Duration::from_millis(500)).await;
-                super::spawn::signal_group(pid, libc::SIGKILL);
+                pid.signal_group(libc::SIGKILL);
                 return Err(format!(
                     "the zygote exited while starting ({}); stderr tail:\n{tail}",
                     status.map_or("still running".into(), |s| s.to_string())
                 ));
             }
             Err(_) => {
-                super::spawn::signal_group(pid, libc::SIGKILL);
+                pid.signal_group(libc::SIGKILL);
                 return Err(format!(
                     "the zygote was not ready within {:?}; stderr tail:\n{}",
                     spec.startup_timeout,
@@ -216,7 +218,7 @@ impl Zygote {
 
     /// The zygote's pid.
     pub fn pid(&self) -> u32 {
-        self.hello.pid
+        self.hello.pid.get()
     }
 
     /// Whether the zygote is still serving.
@@ -320,14 +322,14 @@ impl Zygote {
     /// Stops the zygote (its forked workers live on, owned by the pool).
     pub fn kill(&self) {
         self.alive.store(false, Ordering::SeqCst);
-        super::spawn::signal_group(self.hello.pid, libc::SIGKILL);
+        self.hello.pid.signal_group(libc::SIGKILL);
     }
 }
 
 impl Drop for Zygote {
     fn drop(&mut self) {
         if !self.exit.exited() {
-            super::spawn::signal_group(self.hello.pid, libc::SIGKILL);
+            self.hello.pid.signal_group(libc::SIGKILL);
         }
     }
 }
@@ -371,16 +373,22 @@ async fn read_messages(zygote: Arc<Zygote>) {
                     .lock()
                     .expect("zygote requests poisoned")
                     .remove(&message.request);
-                if let Some((reporter, tx)) = entry {
-                    zygote
-                        .exits
-                        .lock()
-                        .expect("zygote exits poisoned")
-                        .insert(message.pid, reporter);
-                    if tx.send(Ok(message.pid)).is_err() {
-                        // The requester gave up: nobody will own this worker.
-                        super::spawn::signal_group(message.pid, libc::SIGKILL);
-                    }
+                let Some((reporter, tx)) = entry else {
+                    continue;
+                };
+                let Some(pid) = message.pid else {
+                    let reason = "the zygote reported a spawned worker without a valid pid";
+                    let _ = tx.send(Err(ForkError::Failed(reason.into())));
+                    continue;
+                };
+                zygote
+                    .exits
+                    .lock()
+                    .expect("zygote exits poisoned")
+                    .insert(pid, reporter);
+                if tx.send(Ok(pid)).is_err() {
+                    // The requester gave up: nobody will own this worker.
+                    pid.signal_group(libc::SIGKILL);
                 }
             }
             "spawn_failed" => {
@@ -399,11 +407,13 @@ async fn read_messages(zygote: Arc<Zygote>) {
                 }
             }
             "exited" => {
-                let reporter = zygote
-                    .exits
-                    .lock()
-                    .expect("zygote exits poisoned")
-                    .remove(&message.pid);
+                let reporter = message.pid.and_then(|pid| {
+                    zygote
+                        .exits
+                        .lock()
+                        .expect("zygote exits poisoned")
+                        .remove(&pid)
+                });
                 if let Some(reporter) = reporter {
                     let info = match (message.code, message.signal) {
                         (Some(code), _) => ExitInfo::Code(code),
@@ -417,13 +427,13 @@ async fn read_messages(zygote: Arc<Zygote>) {
         }
     }
     zygote.alive.store(false, Ordering::SeqCst);
-    tracing::warn!(pid = zygote.hello.pid, "the zygote has exited");
+    tracing::warn!(pid = zygote.hello.pid.get(), "the zygote has exited");
     zygote
         .pending
         .lock()
         .expect("zygote requests poisoned")
         .clear();
-    let orphans: Vec<(u32, ExitReporter)> = zygote
+    let orphans: Vec<(Pid, ExitReporter)> = zygote
         .exits
         .lock()
         .expect("zygote exits poisoned")
@@ -435,9 +445,9 @@ async fn read_messages(zygote: Arc<Zygote>) {
 }
 
 /// Waits for a worker whose zygote is gone to exit, through its pidfd.
-async fn watch_orphan(pid: u32, reporter: ExitReporter) {
+async fn watch_orphan(pid: Pid, reporter: ExitReporter) {
     // SAFETY: pidfd_open takes plain integers; a valid result is an fd we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.get() as libc::pid_t, 0) };
     if fd < 0 {
         reporter.report(ExitInfo::Unknown);
         return;
