@@ -14,13 +14,15 @@
 //! listen = "127.0.0.1:8700"
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::pool::{PoolBuilder, SpawnMode};
+use crate::lm_policy::LmProfile;
+use crate::pool::{PoolBuilder, PoolConfig, SpawnMode};
 
 /// One layer of settings; `None` means "not set here".
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -65,12 +67,42 @@ pub struct Settings {
     pub session_ttl: Option<Duration>,
     /// Largest frame either way, in bytes.
     pub max_frame_bytes: Option<usize>,
+    /// Most sessions open at once.
+    pub max_sessions: Option<usize>,
+    /// Shortest timeout a caller may ask for.
+    #[serde(default, with = "humantime_serde")]
+    pub min_request_timeout: Option<Duration>,
+    /// Longest timeout a caller may ask for.
+    #[serde(default, with = "humantime_serde")]
+    pub max_request_timeout: Option<Duration>,
+    /// How long a session's rebuild on a new worker may take in all.
+    #[serde(default, with = "humantime_serde")]
+    pub rebuild_timeout: Option<Duration>,
+    /// On how many workers a session's rebuild is tried.
+    pub max_rebuild_attempts: Option<u32>,
+    /// LM profiles by name (`[lm.NAME]` tables).
+    pub lm: Option<BTreeMap<String, LmProfile>>,
+    /// Whether callers may give an LM's model, endpoint and key variable themselves.
+    pub lm_client_settings: Option<bool>,
+    /// Where LM profiles with `cache = true` keep their caches.
+    pub lm_cache_dir: Option<PathBuf>,
     /// Address the HTTP server listens on.
     pub listen: Option<SocketAddr>,
     /// Bearer token every route but `/health` requires.
     pub token: Option<String>,
     /// Largest HTTP request body, in bytes.
     pub body_limit: Option<usize>,
+    /// Most HTTP connections open at once.
+    pub max_connections: Option<usize>,
+    /// Longest wait for a request head (also how long an idle connection is kept).
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// Longest wait for a request body.
+    #[serde(default, with = "humantime_serde")]
+    pub body_read_timeout: Option<Duration>,
+    /// After SIGTERM, how long calls in flight may run before they are failed.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
 }
 
 /// A settings file that cannot be used.
@@ -99,6 +131,14 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8700";
 
 /// The default HTTP body limit: 16 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 16 * 1024 * 1024;
+/// The default cap on open HTTP connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default wait for a request head (and idle keep-alive).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default wait for a request body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default time calls in flight get after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 macro_rules! layer {
     ($top:expr, $bottom:expr, $($field:ident),+) => {
@@ -124,9 +164,17 @@ impl Settings {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
     }
 
-    /// These settings, with `lower`'s filling what these leave unset.
+    /// These settings, with `lower`'s filling what these leave unset. LM profiles
+    /// are merged by name, this layer's winning.
     pub fn over(self, lower: Settings) -> Settings {
-        layer!(
+        let lm = match (self.lm.clone(), lower.lm.clone()) {
+            (Some(top), Some(mut bottom)) => {
+                bottom.extend(top);
+                Some(bottom)
+            }
+            (top, bottom) => top.or(bottom),
+        };
+        let mut merged = layer!(
             self,
             lower,
             workers,
@@ -146,10 +194,24 @@ impl Settings {
             health_interval,
             session_ttl,
             max_frame_bytes,
+            max_sessions,
+            min_request_timeout,
+            max_request_timeout,
+            rebuild_timeout,
+            max_rebuild_attempts,
+            lm,
+            lm_client_settings,
+            lm_cache_dir,
             listen,
             token,
-            body_limit
-        )
+            body_limit,
+            max_connections,
+            header_read_timeout,
+            body_read_timeout,
+            drain_timeout
+        );
+        merged.lm = lm;
+        merged
     }
 
     /// A pool builder with these settings over the defaults.
@@ -203,6 +265,34 @@ impl Settings {
         if let Some(n) = self.max_frame_bytes {
             b = b.max_frame_bytes(n);
         }
+        if let Some(n) = self.max_sessions {
+            b = b.max_sessions(n);
+        }
+        let defaults = PoolConfig::default();
+        if self.min_request_timeout.is_some() || self.max_request_timeout.is_some() {
+            b = b.client_timeout_range(
+                self.min_request_timeout
+                    .unwrap_or(defaults.min_request_timeout),
+                self.max_request_timeout
+                    .unwrap_or(defaults.max_request_timeout),
+            );
+        }
+        if self.rebuild_timeout.is_some() || self.max_rebuild_attempts.is_some() {
+            b = b.rebuild_limits(
+                self.rebuild_timeout.unwrap_or(defaults.rebuild_timeout),
+                self.max_rebuild_attempts
+                    .unwrap_or(defaults.max_rebuild_attempts),
+            );
+        }
+        for (name, profile) in self.lm.iter().flatten() {
+            b = b.lm_profile(name, profile.clone());
+        }
+        if let Some(allow) = self.lm_client_settings {
+            b = b.allow_client_lm(allow);
+        }
+        if let Some(dir) = &self.lm_cache_dir {
+            b = b.lm_cache_dir(dir);
+        }
         b
     }
 
@@ -248,6 +338,38 @@ mod tests {
         assert!(err.contains("workers"), "{err}");
         let err = Settings::from_toml("spawn = \"cloned\"\n").unwrap_err();
         assert!(err.contains("cloned"), "{err}");
+    }
+
+    #[test]
+    fn lm_profiles_are_tables_merged_by_name() {
+        let file = Settings::from_toml(
+            r#"
+            lm_client_settings = false
+            [lm.fast]
+            model = "openai/small"
+            api_base = "http://127.0.0.1:9/v1"
+            api_key_env = "LM_KEY"
+            temperature = 0.2
+            [lm.slow]
+            model = "openai/big"
+            cache = true
+            "#,
+        )
+        .unwrap();
+        let profiles = file.lm.clone().unwrap();
+        assert_eq!(profiles["fast"].api_key_env.as_deref(), Some("LM_KEY"));
+        assert!(profiles["slow"].cache);
+        let err = Settings::from_toml("[lm.x]\nmodel = \"m\"\napi_key = \"sk\"\n").unwrap_err();
+        assert!(err.contains("api_key"), "{err}");
+        let mut flag_profiles = BTreeMap::new();
+        flag_profiles.insert("fast".to_owned(), LmProfile::new("openai/other"));
+        let flags = Settings {
+            lm: Some(flag_profiles),
+            ..Settings::default()
+        };
+        let merged = flags.over(file).lm.unwrap();
+        assert_eq!(merged["fast"].model, "openai/other");
+        assert_eq!(merged["slow"].model, "openai/big");
     }
 
     #[test]

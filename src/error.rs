@@ -7,6 +7,7 @@ pub type WorkerName = String;
 
 /// Everything a call through the pool can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The checkout queue is full; nothing was queued. Retry later.
     #[error("pool saturated: {queued} callers already waiting for a worker")]
@@ -102,17 +103,44 @@ pub enum Error {
         /// What did not fit.
         reason: String,
     },
+    /// The command is the pool's own (e.g. `shutdown`, `cleanup_session`): only the
+    /// pool sends it, never a caller.
+    #[error("`{command}` is internal to the pool and cannot be called")]
+    Forbidden {
+        /// The command.
+        command: String,
+    },
+    /// Opening one more session would pass the pool's `max_sessions`; nothing was
+    /// opened. Close sessions or retry later.
+    #[error("too many open sessions: the limit is {limit}")]
+    TooManySessions {
+        /// The limit.
+        limit: usize,
+    },
+    /// A setting given to the builder is out of range; nothing was started.
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidConfig {
+        /// The setting's name.
+        setting: &'static str,
+        /// What is wrong with its value.
+        reason: String,
+    },
     /// The session was closed (explicitly or by its TTL).
     #[error("session `{session_id}` is closed")]
     SessionClosed {
         /// The session's id.
         session_id: String,
     },
-    /// The session's state could not be rebuilt on a new worker.
-    #[error("session `{session_id}` could not be rebuilt on a new worker: {source}")]
+    /// The session's state could not be rebuilt on a new worker. The session stays
+    /// unusable (its calls fail with this error at once) until it is closed.
+    #[error("session `{session_id}` could not be rebuilt on a new worker{}: {source}", describe_entry(*.entry, .entry_command.as_deref()))]
     SessionRebuildFailed {
         /// The session's id.
         session_id: String,
+        /// The position (from 0) of the journal entry whose replay failed, if one did.
+        entry: Option<usize>,
+        /// That entry's command.
+        entry_command: Option<String>,
         /// The failure while replaying its journal.
         source: Box<Error>,
     },
@@ -134,6 +162,9 @@ impl Error {
             Error::Protocol { .. } => "protocol",
             Error::StartupFailed { .. } => "startup_failed",
             Error::InvalidRequest { .. } => "invalid_request",
+            Error::Forbidden { .. } => "forbidden",
+            Error::TooManySessions { .. } => "too_many_sessions",
+            Error::InvalidConfig { .. } => "invalid_config",
             Error::UnexpectedResult { .. } => "unexpected_result",
             Error::SessionClosed { .. } => "session_closed",
             Error::SessionRebuildFailed { .. } => "session_rebuild_failed",
@@ -147,6 +178,14 @@ impl Error {
             self,
             Error::RequestTimeout { .. } | Error::WorkerCrashed { .. } | Error::Protocol { .. }
         )
+    }
+}
+
+fn describe_entry(entry: Option<usize>, command: Option<&str>) -> String {
+    match (entry, command) {
+        (Some(entry), Some(command)) => format!(" (journal entry {entry}, `{command}`)"),
+        (Some(entry), None) => format!(" (journal entry {entry})"),
+        _ => String::new(),
     }
 }
 

@@ -19,6 +19,8 @@
 pub mod config;
 pub mod dspy;
 pub mod error;
+pub mod journal;
+pub mod lm_policy;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
@@ -33,9 +35,10 @@ pub use error::{Error, Result};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+pub use journal::{JournalEntry, MemoryJournal, SessionJournal};
 pub use metrics::MetricsSnapshot;
 pub use pool::{
     Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode, WorkerInfo,
     ZygoteStatus,
 };
-pub use session::{JournalEntry, MemoryJournal, Session, SessionJournal};
+pub use session::Session;

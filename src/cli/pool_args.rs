@@ -5,8 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
 use snakepool::SpawnMode;
 use snakepool::config::Settings;
+use snakepool::lm_policy::LmProfile;
 
 /// Flags shared by the commands that run a pool of their own.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -66,6 +70,61 @@ pub struct PoolArgs {
     /// Largest frame either way (bytes).
     #[arg(long, env = "SNAKEPOOL_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
+    /// Most sessions open at once (default 100000).
+    #[arg(long, env = "SNAKEPOOL_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
+    /// Shortest timeout a caller may ask for (default 1s).
+    #[arg(long, env = "SNAKEPOOL_MIN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub min_request_timeout: Option<Duration>,
+    /// Longest timeout a caller may ask for (default 10m).
+    #[arg(long, env = "SNAKEPOOL_MAX_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub max_request_timeout: Option<Duration>,
+    /// How long a session's rebuild on a new worker may take in all (default 60s).
+    #[arg(long, env = "SNAKEPOOL_REBUILD_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub rebuild_timeout: Option<Duration>,
+    /// On how many workers a session's rebuild is tried (default 3).
+    #[arg(long, env = "SNAKEPOOL_MAX_REBUILD_ATTEMPTS")]
+    pub max_rebuild_attempts: Option<u32>,
+    /// LM profile `NAME:model=M[,api_base=URL][,api_key_env=VAR][,temperature=T][,max_tokens=N][,cache=true]`
+    /// (repeatable); callers select it with `configure_lm {"profile": NAME}`.
+    #[arg(long = "lm-profile", env = "SNAKEPOOL_LM_PROFILE", value_delimiter = ';',
+          value_parser = parse_lm_profile)]
+    pub lm_profiles: Vec<(String, LmProfile)>,
+    /// Let callers give an LM's model, api_base and api_key_env themselves (off:
+    /// they pick a profile).
+    #[arg(long, env = "SNAKEPOOL_ALLOW_CLIENT_LM")]
+    pub allow_client_lm: bool,
+    /// Directory of the response caches of LM profiles with cache=true (memory only
+    /// when unset).
+    #[arg(long, env = "SNAKEPOOL_LM_CACHE_DIR")]
+    pub lm_cache_dir: Option<PathBuf>,
+}
+
+/// Parses `NAME:key=value,...` into a named LM profile.
+fn parse_lm_profile(text: &str) -> Result<(String, LmProfile), String> {
+    let (name, pairs) = text
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:model=...,..., got {text:?}"))?;
+    let mut table = toml::Table::new();
+    for pair in pairs.split(',').filter(|p| !p.trim().is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("expected key=value in LM profile `{name}`, got {pair:?}"))?;
+        let value = value.trim();
+        let value = if let Ok(n) = value.parse::<i64>() {
+            toml::Value::Integer(n)
+        } else if let Ok(x) = value.parse::<f64>() {
+            toml::Value::Float(x)
+        } else if let Ok(b) = value.parse::<bool>() {
+            toml::Value::Boolean(b)
+        } else {
+            toml::Value::String(value.to_owned())
+        };
+        table.insert(key.trim().to_owned(), value);
+    }
+    let profile = LmProfile::deserialize(toml::Value::Table(table))
+        .map_err(|e| format!("LM profile `{name}`: {e}"))?;
+    Ok((name.trim().to_owned(), profile))
 }
 
 fn non_empty<T>(values: &[T]) -> Option<Vec<T>>
@@ -95,6 +154,15 @@ impl PoolArgs {
             health_interval: self.health_interval,
             session_ttl: self.session_ttl,
             max_frame_bytes: self.max_frame_bytes,
+            max_sessions: self.max_sessions,
+            min_request_timeout: self.min_request_timeout,
+            max_request_timeout: self.max_request_timeout,
+            rebuild_timeout: self.rebuild_timeout,
+            max_rebuild_attempts: self.max_rebuild_attempts,
+            lm: (!self.lm_profiles.is_empty())
+                .then(|| self.lm_profiles.iter().cloned().collect::<BTreeMap<_, _>>()),
+            lm_client_settings: self.allow_client_lm.then_some(true),
+            lm_cache_dir: self.lm_cache_dir.clone(),
             ..Settings::default()
         }
     }
@@ -126,6 +194,20 @@ pub struct ServerArgs {
     /// Largest request body (bytes, default 16 MiB).
     #[arg(long, env = "SNAKEPOOL_BODY_LIMIT")]
     pub body_limit: Option<usize>,
+    /// Most HTTP connections open at once (default 1024).
+    #[arg(long, env = "SNAKEPOOL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Longest wait for a request head, also how long an idle connection is kept
+    /// (default 10s).
+    #[arg(long, env = "SNAKEPOOL_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// Longest wait for a request body (default 30s).
+    #[arg(long, env = "SNAKEPOOL_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Option<Duration>,
+    /// After SIGTERM, how long calls in flight may run before they are failed and
+    /// their workers killed (default 30s).
+    #[arg(long, env = "SNAKEPOOL_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
 }
 
 impl ServerArgs {
@@ -135,6 +217,10 @@ impl ServerArgs {
             listen: self.listen,
             token: self.token.clone(),
             body_limit: self.body_limit,
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            drain_timeout: self.drain_timeout,
             ..Settings::default()
         }
     }

@@ -1,13 +1,17 @@
 //! `snakepool serve`: the HTTP API over one pool.
 //!
 //! The listener is bound first, so `/health` answers 503 while the workers start.
-//! SIGTERM or SIGINT stops taking calls, lets the calls in flight finish, then stops
-//! every worker.
+//! SIGTERM or SIGINT stops taking calls and lets the calls in flight finish within
+//! the drain timeout; calls still running then are failed with `shutting_down` and
+//! their workers killed. Then every worker is stopped and `serve` exits.
 
 use std::io::Write;
 
-use snakepool::config::{DEFAULT_BODY_LIMIT, Settings};
-use snakepool::server::{ServerOptions, ServerState, router};
+use snakepool::config::{
+    DEFAULT_BODY_LIMIT, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Settings,
+};
+use snakepool::server::{ConnectionLimits, ServerOptions, ServerState, router, serve};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::pool_args::{PoolArgs, ServerArgs};
@@ -51,7 +55,20 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let options = ServerOptions {
         token: settings.token.clone(),
         body_limit: settings.body_limit.unwrap_or(DEFAULT_BODY_LIMIT),
+        body_read_timeout: settings
+            .body_read_timeout
+            .unwrap_or(DEFAULT_BODY_READ_TIMEOUT),
     };
+    let limits = ConnectionLimits {
+        max_connections: settings.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        header_read_timeout: settings
+            .header_read_timeout
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+    };
+    if limits.max_connections == 0 {
+        return Err("max_connections must be at least 1".into());
+    }
+    let drain_timeout = settings.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
     if options.token.is_none() && !local.ip().is_loopback() {
         eprintln!(
             "warning: listening on {local} without a token; anyone who can reach it can run commands"
@@ -86,25 +103,32 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         }
     });
     let draining = state.clone();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
     let stop = async move {
         tokio::select! {
             signal = termination() => {
-                say(&format!("{signal}: finishing calls in flight, then stopping the workers"));
+                say(&format!("{signal}: finishing calls in flight (up to {drain_timeout:?}), then stopping the workers"));
             }
             Ok(_) = failed_rx => {}
         }
         draining.drain();
+        // The pool's shutdown runs beside the server's: past the deadline it fails
+        // the calls still running, so their connections can finish.
+        let stopping = draining
+            .pool()
+            .cloned()
+            .map(|pool| tokio::spawn(async move { pool.shutdown_within(drain_timeout).await }));
+        let _ = stopped_tx.send(stopping);
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
+    serve(listener, app, limits, stop).await;
     watch_start.abort();
     if let Some(reason) = state.failure() {
         return Err(format!("the pool failed to start: {reason}"));
     }
-    if let Some(pool) = state.pool() {
-        pool.shutdown().await;
+    if let Ok(Some(stopping)) = stopped_rx.await {
+        let _ = stopping.await;
+    } else if let Some(pool) = state.pool() {
+        pool.shutdown_within(drain_timeout).await;
     }
     say("stopped");
     Ok(())

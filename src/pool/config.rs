@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::journal::{MemoryJournal, SessionJournal};
+use crate::lm_policy::{LmPolicy, LmProfile};
 use crate::pool::{Pool, SpawnMode};
-use crate::session::{MemoryJournal, SessionJournal};
 use crate::worker::{WorkerProgram, WorkerSpec};
 
 /// Every setting of a pool. Build one with [`Pool::builder`].
@@ -39,11 +40,22 @@ pub struct PoolConfig {
     pub restart_backoff: Duration,
     /// Longest delay between start attempts.
     pub max_restart_backoff: Duration,
-    /// Consecutive failed starts after which the pool stops trying and reports the
-    /// start-up error to callers.
-    pub max_start_attempts: u32,
     /// Fork workers from a zygote or start each fresh.
     pub spawn_mode: SpawnMode,
+    /// Most sessions open at once; opening one more fails with `TooManySessions`.
+    pub max_sessions: usize,
+    /// Shortest timeout a caller may ask for (see [`crate::Pool::client_timeout`]).
+    pub min_request_timeout: Duration,
+    /// Longest timeout a caller may ask for.
+    pub max_request_timeout: Duration,
+    /// How long rebuilding a session on a new worker may take in all, whatever the
+    /// timeout of the call that triggered it.
+    pub rebuild_timeout: Duration,
+    /// On how many workers a session's rebuild is tried before the session is given up
+    /// with `SessionRebuildFailed`.
+    pub max_rebuild_attempts: u32,
+    /// Which language models workers may reach.
+    pub lm: LmPolicy,
 }
 
 impl Default for PoolConfig {
@@ -62,8 +74,13 @@ impl Default for PoolConfig {
             session_ttl: Some(Duration::from_secs(3600)),
             restart_backoff: Duration::from_millis(100),
             max_restart_backoff: Duration::from_secs(10),
-            max_start_attempts: 5,
             spawn_mode: default_spawn_mode(),
+            max_sessions: 100_000,
+            min_request_timeout: Duration::from_secs(1),
+            max_request_timeout: Duration::from_secs(600),
+            rebuild_timeout: Duration::from_secs(60),
+            max_rebuild_attempts: 3,
+            lm: LmPolicy::default(),
         }
     }
 }
@@ -78,6 +95,38 @@ fn default_spawn_mode() -> SpawnMode {
 }
 
 impl PoolConfig {
+    /// Refuses values that cannot work, naming the setting.
+    fn validate(&self) -> Result<()> {
+        let invalid =
+            |setting: &'static str, reason: String| Err(Error::InvalidConfig { setting, reason });
+        if self.workers == 0 {
+            return invalid("workers", "a pool needs at least one worker".into());
+        }
+        if self.max_sessions == 0 {
+            return invalid("max_sessions", "must be at least 1".into());
+        }
+        if self.max_rebuild_attempts == 0 {
+            return invalid("max_rebuild_attempts", "must be at least 1".into());
+        }
+        if self.min_request_timeout.is_zero() || self.min_request_timeout > self.max_request_timeout
+        {
+            return invalid(
+                "min_request_timeout",
+                format!(
+                    "must be above zero and at most max_request_timeout ({:?}), got {:?}",
+                    self.max_request_timeout, self.min_request_timeout
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.recycle_jitter) {
+            return invalid(
+                "recycle_jitter",
+                format!("must be within 0..=1, got {}", self.recycle_jitter),
+            );
+        }
+        self.lm.validate().or_else(|reason| invalid("lm", reason))
+    }
+
     /// How often the supervisor looks at idle workers, memory and session TTLs.
     pub(crate) fn maintenance_interval(&self) -> Duration {
         let shortest = [self.health_interval, self.session_ttl]
@@ -139,7 +188,7 @@ impl PoolBuilder {
 
     /// Number of workers (at least one).
     pub fn workers(mut self, n: usize) -> Self {
-        self.config.workers = n.max(1);
+        self.config.workers = n;
         self
     }
 
@@ -208,7 +257,7 @@ impl PoolBuilder {
     /// `calls`) of random extra calls.
     pub fn recycle_after(mut self, calls: u64, jitter: f64) -> Self {
         self.config.recycle_after_calls = Some(calls.max(1));
-        self.config.recycle_jitter = jitter.clamp(0.0, 1.0);
+        self.config.recycle_jitter = jitter;
         self
     }
 
@@ -243,9 +292,47 @@ impl PoolBuilder {
         self
     }
 
-    /// Consecutive failed starts before the pool gives up on a worker slot.
-    pub fn max_start_attempts(mut self, n: u32) -> Self {
-        self.config.max_start_attempts = n.max(1);
+    /// Most sessions open at once (at least 1).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.config.max_sessions = n;
+        self
+    }
+
+    /// The range a caller's own timeout is clamped to (see
+    /// [`Pool::client_timeout`](crate::Pool::client_timeout)).
+    pub fn client_timeout_range(mut self, min: Duration, max: Duration) -> Self {
+        self.config.min_request_timeout = min;
+        self.config.max_request_timeout = max;
+        self
+    }
+
+    /// How long a session's rebuild may take in all, and on how many workers it is
+    /// tried, before the session is given up.
+    pub fn rebuild_limits(mut self, timeout: Duration, attempts: u32) -> Self {
+        self.config.rebuild_timeout = timeout;
+        self.config.max_rebuild_attempts = attempts;
+        self
+    }
+
+    /// Adds a named LM profile that callers select with
+    /// `configure_lm {"profile": NAME}`.
+    pub fn lm_profile(mut self, name: impl Into<String>, profile: LmProfile) -> Self {
+        self.config.lm.profiles.insert(name.into(), profile);
+        self
+    }
+
+    /// Whether callers may give an LM's `model`, `api_base` and `api_key_env`
+    /// themselves (off by default: they pick a profile). Only allow it when every
+    /// caller is trusted with every key in the workers' environment.
+    pub fn allow_client_lm(mut self, allow: bool) -> Self {
+        self.config.lm.client_settings = allow;
+        self
+    }
+
+    /// Where profiles with `cache = true` keep their response caches (memory only
+    /// when unset).
+    pub fn lm_cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.lm.cache_dir = Some(dir.into());
         self
     }
 
@@ -273,9 +360,11 @@ impl PoolBuilder {
         self
     }
 
-    /// The configuration this builder would start.
+    /// The configuration this builder would start; a value out of range is refused
+    /// with [`Error::InvalidConfig`] naming the setting.
     pub fn config(&self) -> Result<PoolConfig> {
         let mut config = self.config.clone();
+        config.validate()?;
         if let Some(line) = &self.worker_cmd {
             config.worker.program =
                 WorkerProgram::from_command_line(line).map_err(|reason| Error::StartupFailed {
@@ -299,6 +388,9 @@ impl PoolBuilder {
             dirs.append(python_path);
             *python_path = dirs;
         }
+        // The LM policy comes last, so it wins over an `env()` entry of the same name.
+        let policy_env = config.lm.worker_env();
+        config.worker.env.extend(policy_env);
         Ok(config)
     }
 
@@ -344,5 +436,43 @@ mod tests {
         assert!(matches!(config.worker.program, WorkerProgram::Command(_)));
         let bad = Pool::builder().worker_cmd("'unclosed").config();
         assert!(matches!(bad, Err(Error::StartupFailed { .. })));
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_setting() {
+        let setting = |b: PoolBuilder| match b.config() {
+            Err(Error::InvalidConfig { setting, .. }) => setting,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        };
+        assert_eq!(setting(Pool::builder().workers(0)), "workers");
+        assert_eq!(setting(Pool::builder().max_sessions(0)), "max_sessions");
+        assert_eq!(
+            setting(
+                Pool::builder()
+                    .client_timeout_range(Duration::from_secs(5), Duration::from_secs(1))
+            ),
+            "min_request_timeout"
+        );
+        assert_eq!(
+            setting(Pool::builder().recycle_after(10, 2.0)),
+            "recycle_jitter"
+        );
+        assert_eq!(
+            setting(
+                Pool::builder().lm_profile("x", LmProfile::new("m").api_key_env("SNAKEPOOL_TOKEN"))
+            ),
+            "lm"
+        );
+        let config = Pool::builder()
+            .lm_profile("fast", LmProfile::new("openai/m"))
+            .config()
+            .unwrap();
+        assert!(
+            config
+                .worker
+                .env
+                .iter()
+                .any(|(k, v)| k == crate::lm_policy::PROFILES_ENV && v.contains("openai/m"))
+        );
     }
 }

@@ -7,11 +7,13 @@
 
 mod config;
 mod scheduler;
+mod session_table;
 mod sessions;
 mod spawner;
 mod supervisor;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -19,11 +21,13 @@ use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 pub use config::{PoolBuilder, PoolConfig};
+pub use session_table::MAX_SESSION_ID_BYTES;
 pub use spawner::{SpawnMode, ZygoteStatus};
 
 use crate::error::{Error, Result};
+use crate::journal::SessionJournal;
 use crate::metrics::{Counter, Metrics, MetricsSnapshot, PoolGauges};
-use crate::session::{Session, SessionJournal};
+use crate::session::{Opened, Session};
 use crate::worker::{ExitInfo, Worker};
 use scheduler::State;
 use supervisor::Event;
@@ -114,6 +118,57 @@ pub struct SessionInfo {
     pub idle_s: f64,
 }
 
+/// Whether the pool can serve calls now.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolHealth {
+    /// Workers ready for calls.
+    pub ready_workers: usize,
+    /// Workers being started.
+    pub starting: usize,
+    /// Why the last worker start failed, while no worker is running.
+    pub start_error: Option<String>,
+    /// Whether the pool is shutting down.
+    pub shutting_down: bool,
+}
+
+impl PoolHealth {
+    /// At least one worker is ready and the pool is not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.ready_workers > 0 && !self.shutting_down
+    }
+}
+
+/// One page of the open sessions, in id order.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionPage {
+    /// The sessions.
+    pub sessions: Vec<SessionInfo>,
+    /// Pass as `after` for the next page; `None` at the end.
+    pub next_after: Option<String>,
+}
+
+/// Commands only the pool itself sends, whatever a worker's manifest says.
+pub const INTERNAL_COMMANDS: &[&str] = &[
+    "shutdown",
+    "cleanup_session",
+    "snapshot_session",
+    "restore_session",
+];
+
+/// Runs the I/O part of a call on a task of its own, so that a caller who goes away
+/// (a dropped future, a disconnected HTTP client) neither kills the worker nor loses
+/// a journal entry: the call finishes within its timeout and its reply is dropped.
+pub(crate) async fn detached<T: Send + 'static>(
+    call: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tokio::spawn(call).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(Error::ShuttingDown),
+    }
+}
+
 /// The pool's state at one moment.
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolStatus {
@@ -140,6 +195,9 @@ pub(crate) struct Shared {
     /// Signalled whenever workers leave or join, for shutdown to wait on.
     pub changed: Notify,
     pub spawner: spawner::Spawner,
+    /// Commands the workers' manifest flags as internal (known after the first
+    /// worker is admitted).
+    pub internal_commands: OnceLock<BTreeSet<String>>,
 }
 
 impl Shared {
@@ -217,6 +275,7 @@ impl Pool {
             journal,
             changed: Notify::new(),
             spawner,
+            internal_commands: OnceLock::new(),
         });
         shared.spawner.start_zygote(&shared).await;
         let started = futures::future::join_all(
@@ -249,6 +308,13 @@ impl Pool {
     }
 
     /// Calls `command` on any free worker, with the pool's request timeout.
+    ///
+    /// `args` must be a JSON object without `session_id` (the pool sets that, for
+    /// session calls only: [`Error::InvalidRequest`]), and the pool's internal commands
+    /// ([`INTERNAL_COMMANDS`] and those a worker flags `internal`) are refused with
+    /// [`Error::Forbidden`]. Dropping the returned future while the call waits for a
+    /// worker takes it out of the queue; once sent, the call runs to completion (or
+    /// its timeout) on its worker and the reply is dropped.
     pub async fn call(&self, command: &str, args: Value) -> Result<Value> {
         let timeout = self.request_timeout();
         self.call_with_timeout(command, args, timeout).await
@@ -263,7 +329,11 @@ impl Pool {
         timeout: Duration,
     ) -> Result<Value> {
         let started = Instant::now();
-        let result = self.plain_call(command, args, timeout).await;
+        let result = match self.check_client_call(command, &args) {
+            Ok(()) => self.plain_call(command, args, timeout).await,
+            Err(error) => Err(error),
+        };
+        let result = self.settle(result);
         self.record(&result, started);
         result
     }
@@ -275,13 +345,55 @@ impl Pool {
                 .checkout(None)
                 .await?
                 .expect("plain checkouts are never rerouted");
-            let worker = lease.worker();
-            if !worker.is_usable() {
+            if !lease.worker().is_usable() {
                 // It died or misbehaved while idle, and nothing was sent to it: take
                 // another.
                 continue;
             }
-            return worker.call(command, args, timeout).await;
+            let command = command.to_owned();
+            return detached(async move { lease.worker().call(&command, args, timeout).await })
+                .await;
+        }
+    }
+
+    /// Refuses what no caller may send: arguments that are not an object or that
+    /// carry their own `session_id`, and the pool's internal commands.
+    pub(crate) fn check_client_call(&self, command: &str, args: &Value) -> Result<()> {
+        let Some(map) = args.as_object() else {
+            return Err(Error::InvalidRequest {
+                command: command.to_owned(),
+                reason: "arguments must be a JSON object".into(),
+            });
+        };
+        if map.contains_key("session_id") {
+            return Err(Error::InvalidRequest {
+                command: command.to_owned(),
+                reason: "`args.session_id` is set by the pool, never by a caller; make a \
+                         session call instead (`session_id` beside `args` over HTTP)"
+                    .into(),
+            });
+        }
+        let flagged = self
+            .shared()
+            .internal_commands
+            .get()
+            .is_some_and(|names| names.contains(command));
+        if flagged || INTERNAL_COMMANDS.contains(&command) {
+            return Err(Error::Forbidden {
+                command: command.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A call that lost its worker after shutdown's deadline failed because of the
+    /// shutdown.
+    fn settle(&self, result: Result<Value>) -> Result<Value> {
+        match result {
+            Err(error) if error.lost_worker() && self.shared().lock().aborting => {
+                Err(Error::ShuttingDown)
+            }
+            other => other,
         }
     }
 
@@ -293,6 +405,8 @@ impl Pool {
     pub(crate) async fn session_call(
         &self,
         session: &Session,
+        epoch: u64,
+        turn: tokio::sync::OwnedMutexGuard<()>,
         command: &str,
         args: Value,
         timeout: Duration,
@@ -300,22 +414,42 @@ impl Pool {
         let started = Instant::now();
         let result = self
             .shared()
-            .session_call(&session.id, session.epoch, command, args, timeout)
+            .session_call(&session.id, epoch, turn, command, args, timeout)
             .await;
+        let result = self.settle(result);
         self.record(&result, started);
         result
     }
 
     /// A handle on session `id`, opening it if it is not open. Its calls always go
-    /// to one worker, in order.
+    /// to one worker, in order. If the session cannot be opened (see [`Session`]),
+    /// its calls fail with the reason.
     pub fn session(&self, id: &str) -> Session {
-        let (epoch, order) = self.shared().open_session(id);
+        let opened = self
+            .shared()
+            .open_session(id)
+            .map(|(epoch, order)| Opened { epoch, order });
         Session {
             pool: self.clone(),
             id: Arc::from(id),
-            epoch,
-            order,
+            opened,
         }
+    }
+
+    /// Whether session `id` is open.
+    pub fn has_session(&self, id: &str) -> bool {
+        self.shared().lock().sessions.get(id).is_some()
+    }
+
+    /// The timeout for a call whose caller asked for `requested`: the pool's request
+    /// timeout when it asked for none, else what it asked for within
+    /// `min_request_timeout..=max_request_timeout`. A caller can neither kill a
+    /// worker with a tiny timeout nor hold one forever with a huge one.
+    pub fn client_timeout(&self, requested: Option<Duration>) -> Duration {
+        let config = self.config();
+        requested.map_or(config.request_timeout, |t| {
+            t.clamp(config.min_request_timeout, config.max_request_timeout)
+        })
     }
 
     /// Closes session `id`, whatever handle opened it: its worker frees its state and
@@ -333,6 +467,17 @@ impl Pool {
         st.sessions
             .get(id)
             .and_then(|e| e.worker.as_deref().map(str::to_owned))
+    }
+
+    /// Whether the pool can serve calls now, and if not, why.
+    pub fn health(&self) -> PoolHealth {
+        let st = self.shared().lock();
+        PoolHealth {
+            ready_workers: st.slots.len(),
+            starting: st.starting,
+            start_error: st.fatal.as_ref().map(ToString::to_string),
+            shutting_down: st.shutting_down,
+        }
     }
 
     /// The zygote's pid, while one serves this pool.
@@ -386,6 +531,8 @@ impl Pool {
             .await
             .map_err(|e| Error::SessionRebuildFailed {
                 session_id: id.to_owned(),
+                entry: None,
+                entry_command: None,
                 source: Box::new(Error::InvalidRequest {
                     command: "journal".into(),
                     reason: e.to_string(),
@@ -415,7 +562,7 @@ impl Pool {
                     _ => "idle",
                 },
                 calls_served: s.calls,
-                sessions: s.sessions,
+                sessions: s.pinned.len(),
                 rss_bytes: s.rss_bytes,
                 age_s: now.duration_since(s.started_at).as_secs_f64(),
             })
@@ -429,19 +576,58 @@ impl Pool {
         }
     }
 
-    /// The open sessions.
+    /// Every open session, in id order (see [`Pool::sessions_page`] for a bounded
+    /// read).
     pub fn sessions(&self) -> Vec<SessionInfo> {
+        self.sessions_page(None, usize::MAX).sessions
+    }
+
+    /// Up to `limit` open sessions whose ids come after `after`, in id order.
+    pub fn sessions_page(&self, after: Option<&str>, limit: usize) -> SessionPage {
         let st = self.shared().lock();
         let now = Instant::now();
-        st.sessions
-            .iter()
+        let sessions: Vec<SessionInfo> = st
+            .sessions
+            .page(after, limit)
             .map(|(id, e)| SessionInfo {
                 id: id.to_string(),
                 worker: e.worker.as_deref().map(str::to_owned),
                 age_s: now.duration_since(e.created).as_secs_f64(),
                 idle_s: now.duration_since(e.last_used).as_secs_f64(),
             })
-            .collect()
+            .collect();
+        let more = sessions
+            .last()
+            .is_some_and(|last| st.sessions.page(Some(&last.id), 1).next().is_some());
+        let next_after = more
+            .then(|| sessions.last().map(|s| s.id.clone()))
+            .flatten();
+        SessionPage {
+            sessions,
+            next_after,
+        }
+    }
+
+    /// Like [`Pool::shutdown`], but calls still running after `deadline` are failed
+    /// with [`Error::ShuttingDown`] and their workers killed.
+    pub async fn shutdown_within(&self, deadline: Duration) {
+        let shutdown = self.shutdown();
+        tokio::pin!(shutdown);
+        if tokio::time::timeout(deadline, &mut shutdown).await.is_ok() {
+            return;
+        }
+        let busy: Vec<(Arc<str>, u32)> = {
+            let mut st = self.shared().lock();
+            st.aborting = true;
+            st.slots.iter().map(|(id, s)| (id.clone(), s.pid)).collect()
+        };
+        for (id, pid) in busy {
+            tracing::warn!(worker = %id, pid, "still busy at the shutdown deadline; killing it");
+            if let Some(pid) = crate::worker::Pid::new(pid) {
+                pid.signal_group(libc::SIGKILL);
+            }
+        }
+        shutdown.await;
     }
 
     /// Stops taking calls, fails queued callers with `ShuttingDown`, lets calls in

@@ -4,15 +4,15 @@
 //! only move a [`Worker`] between the idle list, a waiter's channel and a caller's
 //! [`Lease`]. The caller does the pipe I/O after the lock is released.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::pool::sessions::SessionEntry;
-use crate::pool::supervisor::Event;
+use crate::pool::session_table::SessionTable;
+use crate::pool::supervisor::{Event, resident_bytes};
 use crate::pool::{PoolEvent, Shared};
 use crate::worker::{ExitWatch, Manifest, Worker};
 
@@ -22,7 +22,8 @@ pub(crate) struct Slot {
     pub pid: u32,
     pub busy: bool,
     pub calls: u64,
-    pub sessions: usize,
+    /// The sessions pinned to it.
+    pub pinned: HashSet<Arc<str>>,
     pub started_at: Instant,
     pub last_used: Instant,
     pub manifest: Arc<Manifest>,
@@ -58,17 +59,20 @@ pub(crate) struct State {
     pub slots: BTreeMap<Arc<str>, Slot>,
     pub idle: Vec<Worker>,
     pub waiters: VecDeque<Waiter>,
-    pub sessions: HashMap<Arc<str>, SessionEntry>,
+    pub sessions: SessionTable,
     /// Workers being started.
     pub starting: usize,
     pub shutting_down: bool,
-    /// Set when the pool gave up starting workers and has none left.
+    /// Shutdown's deadline passed: calls still running are failed with
+    /// `ShuttingDown` and their workers killed.
+    pub aborting: bool,
+    /// The last start attempt failed and no worker is running: calls fail at once
+    /// with this error until a worker starts.
     pub fatal: Option<Error>,
     /// Exit watches of workers being stopped, awaited by shutdown.
     pub stopping: Vec<ExitWatch>,
     pub next_worker: u64,
     pub next_waiter: u64,
-    pub next_epoch: u64,
 }
 
 impl State {
@@ -86,13 +90,8 @@ impl State {
     /// Forgets worker `id`: unpins its sessions (their journal will be replayed) and
     /// sends its waiters to route again. Returns the worker if it was idle.
     pub fn remove_worker(&mut self, id: &str) -> Option<Worker> {
-        self.slots.remove(id)?;
-        for entry in self.sessions.values_mut() {
-            if entry.worker.as_deref() == Some(id) {
-                entry.worker = None;
-                entry.replay_pending = true;
-            }
-        }
+        let slot = self.slots.remove(id)?;
+        self.sessions.unpin(id, slot.pinned);
         let mut kept = VecDeque::with_capacity(self.waiters.len());
         for waiter in self.waiters.drain(..) {
             if waiter.target.as_deref() == Some(id) {
@@ -161,6 +160,36 @@ pub(crate) fn stop_in_background(mut st: std::sync::MutexGuard<'_, State>, worke
     tokio::spawn(worker.stop());
 }
 
+/// A caller's place in the queue. Dropping it (the caller gave up, or its future was
+/// dropped) takes the place out of the queue, and gives back a worker handed over in
+/// the meantime, so an abandoned wait never holds a queue slot or a worker.
+struct QueuedWait {
+    shared: Arc<Shared>,
+    seq: u64,
+    rx: Option<oneshot::Receiver<Handoff>>,
+}
+
+impl QueuedWait {
+    fn receiver(&mut self) -> &mut oneshot::Receiver<Handoff> {
+        self.rx.as_mut().expect("receiver kept until the wait ends")
+    }
+
+    /// Leaves the queue; returns what was handed over before leaving, if anything.
+    fn withdraw(&mut self) -> Option<Handoff> {
+        let mut rx = self.rx.take()?;
+        self.shared.lock().waiters.retain(|w| w.seq != self.seq);
+        rx.try_recv().ok()
+    }
+}
+
+impl Drop for QueuedWait {
+    fn drop(&mut self) {
+        if let Some(Handoff::Worker(worker)) = self.withdraw() {
+            self.shared.release(*worker);
+        }
+    }
+}
+
 /// A worker checked out for one caller. Dropping the lease returns the worker to the
 /// pool, or, if a call was cut short or the worker is lost, removes and kills it.
 pub(crate) struct Lease {
@@ -199,13 +228,12 @@ impl Shared {
         target: Option<&Arc<str>>,
     ) -> Result<Option<Lease>, Error> {
         let asked = Instant::now();
-        let (seq, rx) = {
+        let mut wait = {
             let mut st = self.lock();
             if st.shutting_down {
                 return Err(Error::ShuttingDown);
             }
             if st.slots.is_empty()
-                && st.starting == 0
                 && let Some(fatal) = &st.fatal
             {
                 return Err(fatal.clone());
@@ -236,28 +264,27 @@ impl Shared {
                 target: target.cloned(),
                 tx,
             });
-            (seq, rx)
-        };
-        let timeout = self.config.checkout_timeout;
-        let mut rx = rx;
-        let handoff = match tokio::time::timeout(timeout, &mut rx).await {
-            Ok(Ok(handoff)) => handoff,
-            Ok(Err(_)) => Handoff::Fail(Error::ShuttingDown),
-            Err(_) => {
-                let mut st = self.lock();
-                st.waiters.retain(|w| w.seq != seq);
-                drop(st);
-                // A worker may have been handed over just as the wait expired.
-                match rx.try_recv() {
-                    Ok(handoff @ Handoff::Worker(_)) => handoff,
-                    _ => {
-                        return Err(Error::CheckoutTimeout {
-                            waited: asked.elapsed(),
-                        });
-                    }
-                }
+            QueuedWait {
+                shared: self.clone(),
+                seq,
+                rx: Some(rx),
             }
         };
+        let timeout = self.config.checkout_timeout;
+        let handoff = match tokio::time::timeout(timeout, wait.receiver()).await {
+            Ok(Ok(handoff)) => handoff,
+            Ok(Err(_)) => Handoff::Fail(Error::ShuttingDown),
+            Err(_) => match wait.withdraw() {
+                // A worker was handed over just as the wait expired.
+                Some(handoff @ Handoff::Worker(_)) => handoff,
+                _ => {
+                    return Err(Error::CheckoutTimeout {
+                        waited: asked.elapsed(),
+                    });
+                }
+            },
+        };
+        wait.rx = None;
         match handoff {
             Handoff::Worker(worker) => {
                 self.metrics.record_queue_wait(asked.elapsed());
@@ -272,6 +299,8 @@ impl Shared {
     /// (if lost) removed so the supervisor replaces it.
     pub(crate) fn release(self: &Arc<Self>, worker: Worker) {
         let id: Arc<str> = Arc::from(worker.id());
+        // Read outside the lock: it is a file read.
+        let over_limit = !worker.is_lost() && self.over_memory_limit(&worker);
         let mut st = self.lock();
         if worker.is_lost() {
             let pid = worker.pid();
@@ -287,6 +316,16 @@ impl Shared {
             self.changed.notify_waiters();
             return;
         }
+        if over_limit {
+            tracing::info!(worker = %worker.name(), "worker above its memory limit after a call; retiring it");
+            st.remove_worker(&id);
+            stop_in_background(st, worker);
+            self.metrics.bump(crate::metrics::Counter::WorkerRecycle);
+            self.notify(PoolEvent::WorkerRecycled { worker: id });
+            let _ = self.events.send(Event::Capacity);
+            self.changed.notify_waiters();
+            return;
+        }
         let slot = st.slots.get_mut(&id).expect("slot checked above");
         slot.calls = worker.calls_served();
         slot.last_used = Instant::now();
@@ -298,6 +337,14 @@ impl Shared {
         if recycle {
             let _ = self.events.send(Event::Recycle { worker: id });
         }
+    }
+
+    /// Whether `worker` is above the pool's resident memory limit, if it has one (read
+    /// after every call, so a worker over it never serves another).
+    fn over_memory_limit(&self, worker: &Worker) -> bool {
+        self.config
+            .max_rss_bytes
+            .is_some_and(|limit| resident_bytes(worker.pid()).is_some_and(|rss| rss > limit))
     }
 
     /// Forgets a worker that died, timed out or broke the protocol. It is counted and
@@ -344,7 +391,7 @@ impl Shared {
                 pid,
                 busy: true,
                 calls: 0,
-                sessions: 0,
+                pinned: HashSet::new(),
                 started_at: now,
                 last_used: now,
                 manifest: worker.manifest().clone(),
@@ -355,6 +402,8 @@ impl Shared {
             },
         );
         st.fatal = None;
+        self.internal_commands
+            .get_or_init(|| worker.manifest().internal_commands());
         st.hand_over(worker);
         drop(st);
         self.metrics.bump(crate::metrics::Counter::WorkerStart);

@@ -1,32 +1,23 @@
-//! Session routing: pinning a session to one worker, replaying its journal on a new
-//! worker when the old one is gone, and closing it.
+//! Session routing: pinning a session to one worker, rebuilding it on a new worker
+//! (within bounds) when the old one is gone, and closing it.
+//!
+//! A session call first waits for its worker in the caller's future: a caller that
+//! goes away while queued never touches a worker. From then on the call runs on a
+//! task of its own (rebuild, call, journal append), so it finishes, and its journal
+//! entry is kept, even if the caller is gone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::error::Error;
+use crate::journal::JournalEntry;
 use crate::metrics::Counter;
-use crate::pool::scheduler::Lease;
-use crate::pool::{PoolEvent, Shared};
+use crate::pool::scheduler::{Lease, State};
+use crate::pool::{PoolEvent, Shared, detached};
 use crate::protocol::JournalHint;
-use crate::session::JournalEntry;
-
-/// The pool's record of one open session.
-#[derive(Debug)]
-pub(crate) struct SessionEntry {
-    /// Distinguishes this session from an earlier one with the same id.
-    pub epoch: u64,
-    /// The worker the session is pinned to.
-    pub worker: Option<Arc<str>>,
-    /// The session lost its worker: replay the journal before the next call.
-    pub replay_pending: bool,
-    pub created: Instant,
-    pub last_used: Instant,
-    /// Serialises the session's calls, in the order they were made.
-    pub order: Arc<tokio::sync::Mutex<()>>,
-}
 
 /// Where a session's next call goes.
 enum Route {
@@ -36,9 +27,17 @@ enum Route {
     AnyFree,
 }
 
+/// Why a rebuild failed: the journal entry being replayed, if any, and the error.
+struct ReplayFailure {
+    entry: Option<(usize, String)>,
+    error: Error,
+}
+
 fn journal_error(session_id: &str, error: impl std::fmt::Display) -> Error {
     Error::SessionRebuildFailed {
         session_id: session_id.to_owned(),
+        entry: None,
+        entry_command: None,
         source: Box::new(Error::InvalidRequest {
             command: "journal".into(),
             reason: error.to_string(),
@@ -48,27 +47,15 @@ fn journal_error(session_id: &str, error: impl std::fmt::Display) -> Error {
 
 impl Shared {
     /// Opens (or returns the open) session `id`: its epoch and ordering lock.
-    pub(crate) fn open_session(&self, id: &str) -> (u64, Arc<tokio::sync::Mutex<()>>) {
+    pub(crate) fn open_session(
+        &self,
+        id: &str,
+    ) -> Result<(u64, Arc<tokio::sync::Mutex<()>>), Error> {
         let mut st = self.lock();
-        if let Some(entry) = st.sessions.get(id) {
-            return (entry.epoch, entry.order.clone());
+        if st.shutting_down {
+            return Err(Error::ShuttingDown);
         }
-        st.next_epoch += 1;
-        let epoch = st.next_epoch;
-        let order = Arc::new(tokio::sync::Mutex::new(()));
-        let now = Instant::now();
-        st.sessions.insert(
-            Arc::from(id),
-            SessionEntry {
-                epoch,
-                worker: None,
-                replay_pending: false,
-                created: now,
-                last_used: now,
-                order: order.clone(),
-            },
-        );
-        (epoch, order)
+        st.sessions.open(id, self.config.max_sessions)
     }
 
     /// Picks the session's worker, pinning it to the least-loaded one if it has none.
@@ -77,49 +64,37 @@ impl Shared {
         if st.shutting_down {
             return Err(Error::ShuttingDown);
         }
-        let closed = || Error::SessionClosed {
-            session_id: id.to_owned(),
-        };
         let entry = st
             .sessions
-            .get_mut(id)
-            .filter(|e| e.epoch == epoch)
-            .ok_or_else(closed)?;
-        entry.last_used = Instant::now();
-        if let Some(worker) = &entry.worker {
-            return Ok(Route::Pinned(worker.clone()));
+            .get_mut(id, epoch)
+            .ok_or_else(|| Error::SessionClosed {
+                session_id: id.to_owned(),
+            })?;
+        if let Some(broken) = &entry.broken {
+            return Err(broken.clone());
+        }
+        let pinned = entry.worker.clone();
+        st.sessions.touch(id, epoch);
+        if let Some(worker) = pinned {
+            return Ok(Route::Pinned(worker));
         }
         let best = st
             .slots
             .iter()
             .filter(|(_, s)| !s.retire)
-            .min_by_key(|(_, s)| (s.recycling, s.sessions, s.busy))
+            .min_by_key(|(_, s)| (s.recycling, s.pinned.len(), s.busy))
             .map(|(id, _)| id.clone());
         let Some(worker) = best else {
             return Ok(Route::AnyFree);
         };
-        self.pin(&mut st, id, &worker);
+        pin(&mut st, id, epoch, &worker);
         Ok(Route::Pinned(worker))
     }
 
-    fn pin(&self, st: &mut crate::pool::scheduler::State, session: &str, worker: &Arc<str>) {
-        if let Some(slot) = st.slots.get_mut(worker) {
-            slot.sessions += 1;
-        }
-        if let Some(entry) = st.sessions.get_mut(session) {
-            entry.worker = Some(worker.clone());
-        }
-    }
-
-    /// Checks out the session's worker, rebuilding the session there first if needed.
-    async fn session_lease(
-        self: &Arc<Self>,
-        id: &str,
-        epoch: u64,
-        timeout: Duration,
-    ) -> Result<Lease, Error> {
+    /// Waits for the session's worker (pinning the session first if needed).
+    async fn session_checkout(self: &Arc<Self>, id: &str, epoch: u64) -> Result<Lease, Error> {
         loop {
-            let lease = match self.route(id, epoch)? {
+            let mut lease = match self.route(id, epoch)? {
                 Route::Pinned(worker) => match self.checkout(Some(&worker)).await? {
                     Some(lease) => lease,
                     None => continue,
@@ -133,60 +108,110 @@ impl Shared {
                     let mut st = self.lock();
                     let still_unpinned = st
                         .sessions
-                        .get(id)
-                        .is_some_and(|e| e.epoch == epoch && e.worker.is_none());
+                        .get_mut(id, epoch)
+                        .is_some_and(|e| e.worker.is_none());
                     if still_unpinned && st.slots.contains_key(&worker) {
-                        self.pin(&mut st, id, &worker);
+                        pin(&mut st, id, epoch, &worker);
                     }
                     drop(st);
                     lease
                 }
             };
-            let mut lease = lease;
-            if !lease.worker().is_usable() {
-                // Died or misbehaved while idle: nothing was sent to it. Route again.
-                continue;
+            if lease.worker().is_usable() {
+                return Ok(lease);
             }
-            let pending = self
-                .lock()
-                .sessions
-                .get(id)
-                .is_some_and(|e| e.epoch == epoch && e.replay_pending);
-            if pending {
-                match self.replay(id, &mut lease, timeout).await {
-                    Ok(()) => {
-                        if let Some(entry) = self.lock().sessions.get_mut(id) {
-                            entry.replay_pending = false;
-                        }
-                    }
-                    Err(error) if error.lost_worker() => continue,
-                    Err(error) => {
-                        return Err(Error::SessionRebuildFailed {
-                            session_id: id.to_owned(),
-                            source: Box::new(error),
-                        });
-                    }
-                }
-            }
-            return Ok(lease);
+            // Died or misbehaved while idle: nothing was sent to it. Route again.
         }
     }
 
-    /// Replays the session's journal on the leased worker.
-    async fn replay(&self, id: &str, lease: &mut Lease, timeout: Duration) -> Result<(), Error> {
-        let entries = self
-            .journal
-            .entries(id)
-            .await
-            .map_err(|e| journal_error(id, e))?;
-        if entries.is_empty() {
-            return Ok(());
+    fn replay_pending(&self, id: &str, epoch: u64) -> bool {
+        self.lock()
+            .sessions
+            .get_mut(id, epoch)
+            .is_some_and(|e| e.replay_pending)
+    }
+
+    /// Rebuilds the session on the leased worker if it lost its worker: under the
+    /// pool's rebuild deadline (not the call's timeout), on at most
+    /// `max_rebuild_attempts` workers. A session that cannot be rebuilt is marked
+    /// broken: its calls fail at once until it is closed.
+    async fn rebuild_if_pending(
+        self: &Arc<Self>,
+        id: &str,
+        epoch: u64,
+        mut lease: Lease,
+    ) -> Result<Lease, Error> {
+        let deadline = Instant::now() + self.config.rebuild_timeout;
+        let mut attempts = 0;
+        while self.replay_pending(id, epoch) {
+            attempts += 1;
+            let failure = match self.replay(id, &mut lease, deadline).await {
+                Ok(()) => {
+                    if let Some(entry) = self.lock().sessions.get_mut(id, epoch) {
+                        entry.replay_pending = false;
+                    }
+                    break;
+                }
+                Err(failure) => failure,
+            };
+            let retry = failure.error.lost_worker()
+                && attempts < self.config.max_rebuild_attempts
+                && Instant::now() < deadline;
+            if retry {
+                tracing::warn!(session = id, attempt = attempts, error = %failure.error, "session rebuild lost its worker; trying another");
+                drop(lease);
+                lease = self.session_checkout(id, epoch).await?;
+                continue;
+            }
+            let (entry, entry_command) = failure.entry.unzip();
+            let error = Error::SessionRebuildFailed {
+                session_id: id.to_owned(),
+                entry,
+                entry_command,
+                source: Box::new(failure.error),
+            };
+            tracing::error!(session = id, attempts, %error, "session given up: it cannot be rebuilt");
+            if let Some(entry) = self.lock().sessions.get_mut(id, epoch) {
+                entry.broken = Some(error.clone());
+            }
+            return Err(error);
         }
-        for entry in &entries {
+        Ok(lease)
+    }
+
+    /// Replays the session's journal on the leased worker, each entry within what is
+    /// left of `deadline`.
+    async fn replay(
+        &self,
+        id: &str,
+        lease: &mut Lease,
+        deadline: Instant,
+    ) -> Result<(), ReplayFailure> {
+        let entries = self.journal.entries(id).await.map_err(|e| ReplayFailure {
+            entry: None,
+            error: journal_error(id, e),
+        })?;
+        for (index, entry) in entries.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let failed = |error| ReplayFailure {
+                entry: Some((index, entry.command.clone())),
+                error,
+            };
+            if left.is_zero() {
+                return Err(failed(Error::RequestTimeout {
+                    worker: lease.worker().name(),
+                    command: entry.command.clone(),
+                    timeout: self.config.rebuild_timeout,
+                }));
+            }
             lease
                 .worker()
-                .call(&entry.command, entry.args.clone(), timeout)
-                .await?;
+                .call(&entry.command, entry.args.clone(), left)
+                .await
+                .map_err(failed)?;
+        }
+        if entries.is_empty() {
+            return Ok(());
         }
         self.metrics.bump(Counter::SessionRebuild);
         tracing::info!(session = id, worker = %lease.worker().name(), replayed = entries.len(), "session rebuilt from its journal");
@@ -198,12 +223,13 @@ impl Shared {
         Ok(())
     }
 
-    /// One call in session `id`: on its worker, journaled if the command mutates
-    /// session state.
+    /// One call in session `id`, holding the session's `turn`: on its worker,
+    /// journaled if the command mutates session state.
     pub(crate) async fn session_call(
         self: &Arc<Self>,
-        id: &str,
+        id: &Arc<str>,
         epoch: u64,
+        turn: OwnedMutexGuard<()>,
         command: &str,
         mut args: Value,
         timeout: Duration,
@@ -214,33 +240,39 @@ impl Shared {
                 reason: "arguments must be a JSON object".into(),
             });
         };
-        map.insert("session_id".into(), json!(id));
-        let mut lease = self.session_lease(id, epoch, timeout).await?;
-        let worker = lease.worker();
-        let mutates = worker.manifest().mutates_session(command);
-        let original = mutates.then(|| args.clone());
-        let result = worker.call_with_hint(command, args, timeout).await;
-        drop(lease);
-        let (value, hint) = result?;
-        if let Some(args) = original {
-            let entry = match hint {
-                Some(JournalHint { command, mut args }) => {
-                    if let Some(map) = args.as_object_mut() {
-                        map.insert("session_id".into(), json!(id));
+        map.insert("session_id".into(), json!(&**id));
+        let lease = self.session_checkout(id, epoch).await?;
+        let shared = self.clone();
+        let id = id.clone();
+        let command = command.to_owned();
+        detached(async move {
+            let _turn = turn;
+            let mut lease = shared.rebuild_if_pending(&id, epoch, lease).await?;
+            let worker = lease.worker();
+            let mutates = worker.manifest().mutates_session(&command);
+            let original = mutates.then(|| args.clone());
+            let result = worker.call_with_hint(&command, args, timeout).await;
+            drop(lease);
+            let (value, hint) = result?;
+            if let Some(args) = original {
+                let entry = match hint {
+                    Some(JournalHint { command, mut args }) => {
+                        if let Some(map) = args.as_object_mut() {
+                            map.insert("session_id".into(), json!(&*id));
+                        }
+                        JournalEntry { command, args }
                     }
-                    JournalEntry { command, args }
-                }
-                None => JournalEntry {
-                    command: command.to_owned(),
-                    args,
-                },
-            };
-            self.journal
-                .append(id, entry)
-                .await
-                .map_err(|e| journal_error(id, e))?;
-        }
-        Ok(value)
+                    None => JournalEntry { command, args },
+                };
+                shared
+                    .journal
+                    .append(&id, entry)
+                    .await
+                    .map_err(|e| journal_error(&id, e))?;
+            }
+            Ok(value)
+        })
+        .await
     }
 
     /// Closes session `id` (only the given epoch, if any): frees its state on its
@@ -252,18 +284,12 @@ impl Shared {
     ) -> Result<(), Error> {
         let worker = {
             let mut st = self.lock();
-            let matches = st
-                .sessions
-                .get(id)
-                .is_some_and(|e| epoch.is_none_or(|ep| ep == e.epoch));
-            if !matches {
+            let Some(entry) = st.sessions.remove(id, epoch) else {
                 return Ok(());
-            }
-            let entry = st.sessions.remove(id).expect("checked above");
-
+            };
             entry.worker.filter(|w| {
                 st.slots.get_mut(w).is_some_and(|slot| {
-                    slot.sessions = slot.sessions.saturating_sub(1);
+                    slot.pinned.remove(id);
                     slot.manifest.has_command("cleanup_session")
                 })
             })
@@ -286,12 +312,17 @@ impl Shared {
 
     /// Sessions idle past the TTL and not in a call: `(id, epoch)`.
     pub(crate) fn expired_sessions(&self, ttl: Duration) -> Vec<(Arc<str>, u64)> {
-        let now = Instant::now();
-        self.lock()
-            .sessions
-            .iter()
-            .filter(|(_, e)| now.duration_since(e.last_used) >= ttl && e.order.try_lock().is_ok())
-            .map(|(id, e)| (id.clone(), e.epoch))
-            .collect()
+        self.lock().sessions.expired(ttl)
+    }
+}
+
+/// Pins session `id` (of `epoch`) to `worker`.
+fn pin(st: &mut State, id: &str, epoch: u64, worker: &Arc<str>) {
+    let Some(entry) = st.sessions.get_mut(id, epoch) else {
+        return;
+    };
+    entry.worker = Some(worker.clone());
+    if let Some(slot) = st.slots.get_mut(worker) {
+        slot.pinned.insert(Arc::from(id));
     }
 }

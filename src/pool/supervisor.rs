@@ -37,7 +37,6 @@ struct Supervisor {
     shared: Arc<Shared>,
     failures: u32,
     retry_at: Option<tokio::time::Instant>,
-    gave_up: bool,
 }
 
 /// Runs the supervisor until [`Event::Stop`] or until every sender is gone.
@@ -48,7 +47,6 @@ pub(crate) async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver
         shared,
         failures: 0,
         retry_at: None,
-        gave_up: false,
     };
     loop {
         let retry_at = sup.retry_at;
@@ -99,7 +97,7 @@ impl Supervisor {
     }
 
     fn ensure_capacity(&mut self) {
-        if self.gave_up || self.retry_at.is_some() {
+        if self.retry_at.is_some() {
             return;
         }
         let ids: Vec<Arc<str>> = {
@@ -117,7 +115,7 @@ impl Supervisor {
     }
 
     fn start_replacement(&mut self, old: Arc<str>) {
-        if self.gave_up || self.retry_at.is_some() {
+        if self.retry_at.is_some() {
             return;
         }
         let id = {
@@ -168,20 +166,15 @@ impl Supervisor {
                 if let Some(slot) = replacing.and_then(|old| st.slots.get_mut(&old)) {
                     slot.recycling = false;
                 }
-                if self.failures >= self.shared.config.max_start_attempts {
-                    self.gave_up = true;
-                    tracing::error!(
-                        attempts = self.failures,
-                        "giving up starting workers; the pool keeps the workers it has"
-                    );
-                    if st.slots.is_empty() && st.starting == 0 {
-                        st.fail_waiters(&error);
-                        st.fatal = Some(error);
-                    }
-                } else {
-                    let delay = self.shared.config.backoff(self.failures);
-                    self.retry_at = Some(tokio::time::Instant::now() + delay);
+                // Never give up: retry at the back-off's pace, forever. While no worker
+                // runs, callers are told at once why none can start.
+                if st.slots.is_empty() {
+                    st.fail_waiters(&error);
+                    st.fatal = Some(error);
                 }
+                drop(st);
+                let delay = self.shared.config.backoff(self.failures);
+                self.retry_at = Some(tokio::time::Instant::now() + delay);
             }
         }
         self.shared.changed.notify_waiters();

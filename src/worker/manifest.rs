@@ -11,6 +11,9 @@ pub struct CommandInfo {
     /// Whether the command changes session state, so the session journal records it.
     #[serde(default)]
     pub mutates_session: bool,
+    /// Only the pool sends it (e.g. `shutdown`); callers are refused.
+    #[serde(default)]
+    pub internal: bool,
     /// The first line of the handler's documentation.
     #[serde(default)]
     pub doc: String,
@@ -56,6 +59,15 @@ impl Manifest {
             .is_some_and(|info| info.mutates_session)
     }
 
+    /// The commands flagged as internal: only the pool may send them.
+    pub fn internal_commands(&self) -> std::collections::BTreeSet<String> {
+        self.commands
+            .iter()
+            .filter(|(_, info)| info.internal)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Whether the worker declared `command`.
     pub fn has_command(&self, command: &str) -> bool {
         self.commands.contains_key(command)
@@ -72,12 +84,17 @@ mod tests {
         let manifest = Manifest::from_handshake(&json!({
             "status": "ok",
             "manifest": {"runtime": "snakepool_worker", "protocol_version": 1, "pid": 42,
-                          "commands": {"set": {"mutates_session": true}, "get": {}}}
+                          "commands": {"set": {"mutates_session": true}, "get": {},
+                                       "shutdown": {"internal": true}}}
         }));
         assert!(manifest.mutates_session("set"));
         assert!(!manifest.mutates_session("get"));
         assert!(!manifest.mutates_session("missing"));
         assert_eq!(manifest.pid, Some(42));
+        assert_eq!(
+            manifest.internal_commands().into_iter().collect::<Vec<_>>(),
+            ["shutdown"]
+        );
         assert_eq!(
             Manifest::from_handshake(&json!("pong")),
             Manifest::default()

@@ -32,6 +32,10 @@ pub const DEFAULT_ENV: &[(&str, &str)] = &[
     ("LITELLM_LOCAL_MODEL_COST_MAP", "True"),
 ];
 
+/// The host's variable holding the HTTP server's token; removed from every worker's
+/// environment.
+pub const SERVER_TOKEN_ENV: &str = "SNAKEPOOL_TOKEN";
+
 /// The directory holding the `snakepool_worker` package in this source tree.
 pub fn bundled_python_path() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
@@ -176,6 +180,8 @@ impl WorkerSpec {
             }
         }
         command.env("SNAKEPOOL_HOST_PID", std::process::id().to_string());
+        // The server's token is the host's secret; no worker needs it.
+        command.env_remove(SERVER_TOKEN_ENV);
         if let WorkerProgram::Runtime { python_path, .. } = &self.program {
             let mut paths: Vec<PathBuf> = python_path.clone();
             if let Some(existing) = std::env::var_os("PYTHONPATH") {

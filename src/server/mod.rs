@@ -1,38 +1,57 @@
 //! The HTTP API over one pool (axum).
 //!
 //! - `POST /v1/call` `{command, args?, session_id?, timeout_ms?}` → `200 {"result"}`
-//!   or `{"error": {"kind", "message", ...}}` with a status that fits the kind.
-//! - `DELETE /v1/sessions/{id}`, `GET /v1/sessions`, `GET /v1/pool`,
-//!   `GET /health` (200 ready, 503 starting or shutting down), `GET /metrics`.
+//!   or `{"error": {"kind", "message", "request_id", ...}}` with a status that fits
+//!   the kind.
+//! - `DELETE /v1/sessions/{id}`, `GET /v1/sessions?limit=&after=`, `GET /v1/pool`,
+//!   `GET /health` (200 ready; 503 starting, degraded or shutting down),
+//!   `GET /metrics`.
 //!
 //! With a token, every route but `/health` needs `Authorization: Bearer <token>`.
-//! A session closed by `DELETE` or by its TTL answers `410 Gone` for ten minutes,
-//! rather than a later call silently opening a new, empty session under its id.
+//! Every answer carries an `X-Request-Id`; failures are logged under it with what the
+//! client is not shown (a worker's stderr). A caller's `timeout_ms` is clamped to the
+//! pool's range, and a client that disconnects mid-call does not cut the call short
+//! (see [`Pool::call`]). A session closed by `DELETE` or by its TTL answers `410 Gone`
+//! for ten minutes, rather than a later call silently opening a new, empty session
+//! under its id.
+
+mod errors;
+mod listen;
+mod tombstones;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-
 use tokio::sync::broadcast;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+pub use errors::{error_body, public_message, status_for};
+pub use listen::{ConnectionLimits, serve};
 
 use crate::error::Error;
 use crate::pool::{Pool, PoolEvent};
+use errors::{error_response, refusal};
+use tombstones::Tombstones;
 
 const STARTING: u8 = 0;
 const READY: u8 = 1;
 const DRAINING: u8 = 2;
 const FAILED: u8 = 3;
+
+/// Most sessions `GET /v1/sessions` returns at once, and how many without `limit`.
+pub const MAX_SESSIONS_PAGE: usize = 1000;
+const DEFAULT_SESSIONS_PAGE: usize = 100;
 
 /// How the server treats requests.
 #[derive(Clone, Debug)]
@@ -41,11 +60,23 @@ pub struct ServerOptions {
     pub token: Option<String>,
     /// Largest request body in bytes.
     pub body_limit: usize,
+    /// Longest time a client may take to send a request body.
+    pub body_read_timeout: Duration,
 }
 
-/// How long a closed session's id keeps answering `410 Gone` before it can be
-/// opened again.
-const TOMBSTONE_LIFETIME: Duration = Duration::from_secs(600);
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            token: None,
+            body_limit: crate::config::DEFAULT_BODY_LIMIT,
+            body_read_timeout: crate::config::DEFAULT_BODY_READ_TIMEOUT,
+        }
+    }
+}
+
+/// The request id of the request being served, also sent as `X-Request-Id`.
+#[derive(Clone, Debug)]
+pub struct RequestId(Arc<str>);
 
 /// The server's view of its pool: starting, ready, draining or failed.
 #[derive(Debug, Default)]
@@ -55,13 +86,18 @@ pub struct ServerState {
     failure: OnceLock<String>,
     /// Recently closed (or expired) session ids: a call naming one is refused rather
     /// than silently opening a new, empty session.
-    closed: Mutex<HashMap<String, Instant>>,
+    closed: Mutex<Tombstones>,
+    /// Numbers the requests (with `instance`, their ids).
+    requests: AtomicU64,
+    instance: OnceLock<String>,
 }
 
 impl ServerState {
     /// A server whose pool is still starting.
     pub fn starting() -> Arc<ServerState> {
-        Arc::new(ServerState::default())
+        let state = ServerState::default();
+        let _ = state.instance.set(format!("{:08x}", rand::random::<u32>()));
+        Arc::new(state)
     }
 
     /// The pool is ready: start serving calls.
@@ -98,18 +134,14 @@ impl ServerState {
     }
 
     fn tombstone(&self, id: &str) {
-        let now = Instant::now();
-        let mut closed = self.closed.lock().expect("tombstones poisoned");
-        closed.retain(|_, at| now.duration_since(*at) < TOMBSTONE_LIFETIME);
-        closed.insert(id.to_owned(), now);
+        self.closed.lock().expect("tombstones poisoned").insert(id);
     }
 
     fn is_tombstoned(&self, id: &str) -> bool {
         self.closed
             .lock()
             .expect("tombstones poisoned")
-            .get(id)
-            .is_some_and(|at| at.elapsed() < TOMBSTONE_LIFETIME)
+            .contains(id)
     }
 
     /// Why the pool could not start, if it could not.
@@ -120,6 +152,12 @@ impl ServerState {
     /// The pool, once ready.
     pub fn pool(&self) -> Option<&Pool> {
         self.pool.get()
+    }
+
+    fn next_request_id(&self) -> RequestId {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let instance = self.instance.get().map_or("0", String::as_str);
+        RequestId(Arc::from(format!("{instance}-{n}")))
     }
 
     fn serving_pool(&self) -> Result<&Pool, Unavailable> {
@@ -147,107 +185,12 @@ struct Unavailable {
 
 impl IntoResponse for Unavailable {
     fn into_response(self) -> Response {
-        let mut response = (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"error": {"kind": self.kind, "message": self.message}})),
-        )
-            .into_response();
+        let mut response = refusal(self.kind, StatusCode::SERVICE_UNAVAILABLE, self.message);
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         response
     }
-}
-
-/// The HTTP status that fits an error kind.
-pub fn status_for(error: &Error) -> StatusCode {
-    match error {
-        Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-        Error::UnknownCommand { .. } => StatusCode::NOT_FOUND,
-        Error::SessionClosed { .. } => StatusCode::GONE,
-        Error::WorkerError { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::WorkerCrashed { .. } | Error::Protocol { .. } => StatusCode::BAD_GATEWAY,
-        Error::SessionRebuildFailed { .. } => StatusCode::BAD_GATEWAY,
-        Error::Saturated { .. }
-        | Error::CheckoutTimeout { .. }
-        | Error::ShuttingDown
-        | Error::StartupFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        Error::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        Error::UnexpectedResult { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The JSON body of an error: kind, message and the details a caller can act on.
-pub fn error_body(error: &Error) -> Value {
-    let mut body = json!({"kind": error.kind(), "message": error.to_string()});
-    let details = match error {
-        Error::Saturated { queued } => json!({"queued": queued}),
-        Error::CheckoutTimeout { waited } => json!({"waited_ms": waited.as_millis()}),
-        Error::RequestTimeout {
-            worker,
-            command,
-            timeout,
-        } => json!({"worker": worker, "command": command, "timeout_ms": timeout.as_millis()}),
-        Error::WorkerCrashed {
-            worker,
-            command,
-            status,
-            stderr_tail,
-        } => json!({"worker": worker, "command": command, "status": status,
-                     "stderr_tail": stderr_tail}),
-        Error::WorkerError {
-            worker,
-            command,
-            kind,
-            message,
-            traceback,
-        } => json!({"worker": worker, "command": command, "python_type": kind,
-                     "python_message": message, "traceback": traceback}),
-        Error::UnknownCommand {
-            worker, command, ..
-        } => json!({"worker": worker, "command": command}),
-        Error::Protocol {
-            worker,
-            command,
-            detail,
-        } => json!({"worker": worker, "command": command, "detail": detail}),
-        Error::StartupFailed {
-            worker,
-            stderr_tail,
-            ..
-        } => json!({"worker": worker, "stderr_tail": stderr_tail}),
-        Error::SessionClosed { session_id } => json!({"session_id": session_id}),
-        Error::SessionRebuildFailed { session_id, source } => {
-            json!({"session_id": session_id, "cause": error_body(source)})
-        }
-        Error::InvalidRequest { command, .. } | Error::UnexpectedResult { command, .. } => {
-            json!({"command": command})
-        }
-        Error::ShuttingDown => json!({}),
-    };
-    if let (Value::Object(body), Value::Object(details)) = (&mut body, details) {
-        body.extend(details);
-    }
-    body
-}
-
-fn error_response(error: &Error) -> Response {
-    let mut response =
-        (status_for(error), Json(json!({"error": error_body(error)}))).into_response();
-    if status_for(error) == StatusCode::SERVICE_UNAVAILABLE {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
-}
-
-fn bad_request(kind: &str, status: StatusCode, message: String) -> Response {
-    (
-        status,
-        Json(json!({"error": {"kind": kind, "message": message}})),
-    )
-        .into_response()
 }
 
 /// The body of `POST /v1/call`.
@@ -269,19 +212,20 @@ fn empty_object() -> Value {
 
 async fn call(
     State(state): State<Arc<ServerState>>,
+    Extension(request_id): Extension<RequestId>,
     body: Result<Json<CallBody>, JsonRejection>,
 ) -> Response {
     let Json(body) = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return bad_request(
+            return refusal(
                 "body_too_large",
                 StatusCode::PAYLOAD_TOO_LARGE,
                 rejection.body_text(),
             );
         }
         Err(rejection) => {
-            return bad_request(
+            return refusal(
                 "bad_request",
                 StatusCode::BAD_REQUEST,
                 rejection.body_text(),
@@ -289,7 +233,7 @@ async fn call(
         }
     };
     if !body.args.is_object() {
-        return bad_request(
+        return refusal(
             "invalid_request",
             StatusCode::BAD_REQUEST,
             "`args` must be a JSON object".into(),
@@ -299,9 +243,7 @@ async fn call(
         Ok(pool) => pool,
         Err(unavailable) => return unavailable.into_response(),
     };
-    let timeout = body
-        .timeout_ms
-        .map_or_else(|| pool.request_timeout(), Duration::from_millis);
+    let timeout = pool.client_timeout(body.timeout_ms.map(Duration::from_millis));
     let result = match &body.session_id {
         Some(id) if state.is_tombstoned(id) => Err(Error::SessionClosed {
             session_id: id.clone(),
@@ -318,42 +260,78 @@ async fn call(
     };
     match result {
         Ok(result) => Json(json!({"result": result})).into_response(),
-        Err(error) => error_response(&error),
+        Err(error) => error_response(&error, &request_id.0),
     }
 }
 
-async fn close_session(State(state): State<Arc<ServerState>>, Path(id): Path<String>) -> Response {
+async fn close_session(
+    State(state): State<Arc<ServerState>>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
         Err(unavailable) => return unavailable.into_response(),
     };
-    if !pool.sessions().iter().any(|s| s.id == id) {
-        return bad_request(
+    if !pool.has_session(&id) {
+        return refusal(
             "session_not_found",
             StatusCode::NOT_FOUND,
-            format!("no open session `{id}`"),
+            format!("no open session `{}`", id.escape_debug()),
         );
     }
     state.tombstone(&id);
     match pool.close_session(&id).await {
         Ok(()) => Json(json!({"closed": id})).into_response(),
-        Err(error) => error_response(&error),
+        Err(error) => error_response(&error, &request_id.0),
     }
 }
 
-async fn list_sessions(State(state): State<Arc<ServerState>>) -> Response {
+/// Reads `GET /v1/sessions`'s `limit` and `after`.
+fn page_params(params: &HashMap<String, String>) -> Result<(usize, Option<&str>), String> {
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !["limit", "after"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "unknown query parameter `{unknown}`; use `limit` and `after`"
+        ));
+    }
+    let limit = match params.get("limit") {
+        None => DEFAULT_SESSIONS_PAGE,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_SESSIONS_PAGE).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "`limit` must be a whole number from 1 to {MAX_SESSIONS_PAGE}, got {text:?}"
+                ));
+            }
+        },
+    };
+    Ok((limit, params.get("after").map(String::as_str)))
+}
+
+async fn list_sessions(
+    State(state): State<Arc<ServerState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
         Err(unavailable) => return unavailable.into_response(),
     };
-    let mut sessions = Vec::new();
-    for info in pool.sessions() {
+    let (limit, after) = match page_params(&params) {
+        Ok(page) => page,
+        Err(message) => return refusal("invalid_request", StatusCode::BAD_REQUEST, message),
+    };
+    let page = pool.sessions_page(after, limit);
+    let mut sessions = Vec::with_capacity(page.sessions.len());
+    for info in page.sessions {
         let journal_length = pool.journal_len(&info.id).await.ok();
         let mut entry = json!(info);
         entry["journal_length"] = json!(journal_length);
         sessions.push(entry);
     }
-    Json(json!({"sessions": sessions})).into_response()
+    Json(json!({"sessions": sessions, "next_after": page.next_after})).into_response()
 }
 
 async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
@@ -375,10 +353,8 @@ async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
 }
 
 async fn health(State(state): State<Arc<ServerState>>) -> Response {
-    match state.serving_pool() {
-        Ok(pool) => {
-            Json(json!({"status": "ready", "workers": pool.status().workers.len()})).into_response()
-        }
+    let pool = match state.serving_pool() {
+        Ok(pool) => pool,
         Err(unavailable) => {
             let status = match unavailable.kind {
                 "startup_failed" => "failed",
@@ -386,9 +362,34 @@ async fn health(State(state): State<Arc<ServerState>>) -> Response {
             };
             let mut response = unavailable.into_response();
             *response.body_mut() = axum::body::Body::from(json!({"status": status}).to_string());
-            response
+            return response;
         }
+    };
+    let health = pool.health();
+    if health.is_ready() {
+        return Json(json!({"status": "ready", "workers": health.ready_workers})).into_response();
     }
+    let reason = match &health.start_error {
+        Some(error) => format!(
+            "no worker is ready; the last start failed: {}",
+            public_message(&Error::StartupFailed {
+                worker: "-".into(),
+                reason: error.clone(),
+                stderr_tail: String::new(),
+            })
+        ),
+        None => format!("no worker is ready ({} starting)", health.starting),
+    };
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "degraded", "reason": reason, "workers": 0,
+                    "starting": health.starting})),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
@@ -428,7 +429,7 @@ async fn require_token(State(token): State<Arc<str>>, request: Request, next: Ne
     if authorized(request.headers(), &token) {
         return next.run(request).await;
     }
-    let mut response = bad_request(
+    let mut response = refusal(
         "unauthorized",
         StatusCode::UNAUTHORIZED,
         "a valid bearer token is required".into(),
@@ -436,6 +437,21 @@ async fn require_token(State(token): State<Arc<str>>, request: Request, next: Ne
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Gives each request an id, for its handler and its answer's `X-Request-Id`.
+async fn assign_request_id(
+    State(state): State<Arc<ServerState>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let id = state.next_request_id();
+    request.extensions_mut().insert(id.clone());
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id.0) {
+        response.headers_mut().insert("x-request-id", value);
+    }
     response
 }
 
@@ -453,6 +469,11 @@ pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
     }
     api.route("/health", get(health))
         .layer(DefaultBodyLimit::max(options.body_limit))
+        .layer(RequestBodyTimeoutLayer::new(options.body_read_timeout))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            assign_request_id,
+        ))
         .with_state(state)
 }
 
@@ -474,26 +495,21 @@ mod tests {
     }
 
     #[test]
-    fn every_error_kind_has_a_fitting_status() {
-        let crashed = Error::WorkerCrashed {
-            worker: "w1".into(),
-            command: "c".into(),
-            status: "exit status 1".into(),
-            stderr_tail: "boom".into(),
+    fn session_pages_are_bounded() {
+        let params = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
-        assert_eq!(status_for(&crashed), StatusCode::BAD_GATEWAY);
-        let body = error_body(&crashed);
-        assert_eq!(body["kind"], "worker_crashed");
-        assert_eq!(body["stderr_tail"], "boom");
+        assert_eq!(page_params(&params(&[])).unwrap(), (100, None));
         assert_eq!(
-            status_for(&Error::SessionClosed {
-                session_id: "s".into()
-            }),
-            StatusCode::GONE
+            page_params(&params(&[("limit", "1000"), ("after", "b")])).unwrap(),
+            (1000, Some("b"))
         );
-        assert_eq!(
-            status_for(&Error::Saturated { queued: 3 }),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        for bad in ["0", "1001", "x", "-1"] {
+            assert!(page_params(&params(&[("limit", bad)])).is_err(), "{bad}");
+        }
+        assert!(page_params(&params(&[("offset", "3")])).is_err());
     }
 }

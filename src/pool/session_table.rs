@@ -1,0 +1,248 @@
+//! The pool's books of open sessions: which worker each is pinned to, when each was
+//! last used, and the limit on how many may be open.
+//!
+//! Sessions are kept ordered by id (for paging through them) and indexed by last use
+//! (so expiring idle ones looks only at those past their TTL). Every operation is
+//! logarithmic in the number of sessions or linear in what it returns; none scans the
+//! whole table. Runs under the pool's lock and never awaits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+
+/// The longest session id, in bytes.
+pub const MAX_SESSION_ID_BYTES: usize = 256;
+
+/// Checks a session id: 1 to [`MAX_SESSION_ID_BYTES`] bytes, no control characters.
+pub(crate) fn check_session_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("a session id must not be empty".into());
+    }
+    if id.len() > MAX_SESSION_ID_BYTES {
+        return Err(format!(
+            "a session id is at most {MAX_SESSION_ID_BYTES} bytes, this one has {}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "a session id must not contain control characters, found {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The pool's record of one open session.
+#[derive(Debug)]
+pub(crate) struct SessionEntry {
+    /// Distinguishes this session from an earlier one with the same id.
+    pub epoch: u64,
+    /// The worker the session is pinned to.
+    pub worker: Option<Arc<str>>,
+    /// The session lost its worker: replay the journal before the next call.
+    pub replay_pending: bool,
+    /// The session could not be rebuilt: its calls fail with this error until it is
+    /// closed.
+    pub broken: Option<Error>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Serialises the session's calls, in the order they were made.
+    pub order: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// All open sessions.
+#[derive(Debug, Default)]
+pub(crate) struct SessionTable {
+    entries: BTreeMap<Arc<str>, SessionEntry>,
+    /// `(last_used, epoch, id)` of every entry, oldest first.
+    by_last_use: BTreeSet<(Instant, u64, Arc<str>)>,
+    next_epoch: u64,
+}
+
+impl SessionTable {
+    /// Open sessions.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Opens session `id` unless open (then returns the open one), within `limit`.
+    pub fn open(
+        &mut self,
+        id: &str,
+        limit: usize,
+    ) -> Result<(u64, Arc<tokio::sync::Mutex<()>>), Error> {
+        if let Some(entry) = self.entries.get(id) {
+            return Ok((entry.epoch, entry.order.clone()));
+        }
+        check_session_id(id).map_err(|reason| Error::InvalidRequest {
+            command: "session".into(),
+            reason,
+        })?;
+        if self.entries.len() >= limit {
+            return Err(Error::TooManySessions { limit });
+        }
+        self.next_epoch += 1;
+        let epoch = self.next_epoch;
+        let order = Arc::new(tokio::sync::Mutex::new(()));
+        let now = Instant::now();
+        let id: Arc<str> = Arc::from(id);
+        self.by_last_use.insert((now, epoch, id.clone()));
+        self.entries.insert(
+            id,
+            SessionEntry {
+                epoch,
+                worker: None,
+                replay_pending: false,
+                broken: None,
+                created: now,
+                last_used: now,
+                order: order.clone(),
+            },
+        );
+        Ok((epoch, order))
+    }
+
+    /// The open session `id`, whatever its epoch.
+    pub fn get(&self, id: &str) -> Option<&SessionEntry> {
+        self.entries.get(id)
+    }
+
+    /// The open session `id` if it is still the one of `epoch`.
+    pub fn get_mut(&mut self, id: &str, epoch: u64) -> Option<&mut SessionEntry> {
+        self.entries.get_mut(id).filter(|e| e.epoch == epoch)
+    }
+
+    /// Marks session `id` (of `epoch`) as used now.
+    pub fn touch(&mut self, id: &str, epoch: u64) {
+        let Some((key, entry)) = self.entries.get_key_value(id) else {
+            return;
+        };
+        if entry.epoch != epoch {
+            return;
+        }
+        let key = key.clone();
+        let entry = self.entries.get_mut(id).expect("looked up above");
+        let now = Instant::now();
+        self.by_last_use
+            .remove(&(entry.last_used, entry.epoch, key.clone()));
+        entry.last_used = now;
+        self.by_last_use.insert((now, epoch, key));
+    }
+
+    /// Removes session `id` (only of `epoch`, if given).
+    pub fn remove(&mut self, id: &str, epoch: Option<u64>) -> Option<SessionEntry> {
+        let (key, entry) = self.entries.get_key_value(id)?;
+        if epoch.is_some_and(|e| e != entry.epoch) {
+            return None;
+        }
+        self.by_last_use
+            .remove(&(entry.last_used, entry.epoch, key.clone()));
+        self.entries.remove(id)
+    }
+
+    /// Sessions idle for at least `ttl` and not in a call: `(id, epoch)`, oldest first.
+    pub fn expired(&self, ttl: Duration) -> Vec<(Arc<str>, u64)> {
+        let Some(cutoff) = Instant::now().checked_sub(ttl) else {
+            return Vec::new();
+        };
+        self.by_last_use
+            .iter()
+            .take_while(|(used, _, _)| *used <= cutoff)
+            .filter(|(_, _, id)| {
+                self.entries
+                    .get(id)
+                    .is_some_and(|e| e.order.try_lock().is_ok())
+            })
+            .map(|(_, epoch, id)| (id.clone(), *epoch))
+            .collect()
+    }
+
+    /// Up to `limit` sessions with ids after `after`, in id order.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Iterator<Item = (&Arc<str>, &SessionEntry)> {
+        let start = match after {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        self.entries
+            .range::<str, _>((start, Bound::Unbounded))
+            .take(limit)
+    }
+
+    /// Unpins `sessions` from `worker`, which is gone: each is rebuilt from its
+    /// journal before its next call.
+    pub fn unpin(&mut self, worker: &str, sessions: impl IntoIterator<Item = Arc<str>>) {
+        for id in sessions {
+            if let Some(entry) = self.entries.get_mut(&id)
+                && entry.worker.as_deref() == Some(worker)
+            {
+                entry.worker = None;
+                entry.replay_pending = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_bounded_and_printable() {
+        assert!(check_session_id("user-42").is_ok());
+        assert!(check_session_id(&"x".repeat(MAX_SESSION_ID_BYTES)).is_ok());
+        assert!(check_session_id(&"x".repeat(MAX_SESSION_ID_BYTES + 1)).is_err());
+        assert!(check_session_id("").is_err());
+        assert!(check_session_id("a\nb").is_err());
+        assert!(check_session_id("a\u{7}b").is_err());
+        assert!(check_session_id("ünïcode ok").is_ok());
+    }
+
+    #[test]
+    fn the_limit_counts_open_sessions_and_reopening_is_free() {
+        let mut table = SessionTable::default();
+        table.open("a", 2).unwrap();
+        table.open("b", 2).unwrap();
+        table.open("a", 2).unwrap();
+        assert!(matches!(
+            table.open("c", 2),
+            Err(Error::TooManySessions { limit: 2 })
+        ));
+        table.remove("a", None).unwrap();
+        table.open("c", 2).unwrap();
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn pages_follow_id_order_and_expiry_follows_last_use() {
+        let mut table = SessionTable::default();
+        for id in ["d", "b", "a", "c"] {
+            table.open(id, 10).unwrap();
+        }
+        let first: Vec<_> = table.page(None, 2).map(|(id, _)| id.to_string()).collect();
+        assert_eq!(first, ["a", "b"]);
+        let next: Vec<_> = table
+            .page(Some("b"), 2)
+            .map(|(id, _)| id.to_string())
+            .collect();
+        assert_eq!(next, ["c", "d"]);
+        let epoch_b = table.get("b").unwrap().epoch;
+        table.touch("b", epoch_b);
+        let expired: Vec<_> = table
+            .expired(Duration::ZERO)
+            .into_iter()
+            .map(|(id, _)| id.to_string())
+            .collect();
+        assert_eq!(expired.last().map(String::as_str), Some("b"));
+        let epoch_a = table.get("a").unwrap().epoch;
+        assert!(table.remove("a", Some(epoch_a + 100)).is_none());
+        assert!(table.remove("a", Some(epoch_a)).is_some());
+        assert_eq!(table.expired(Duration::ZERO).len(), 3);
+    }
+}
