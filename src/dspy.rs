@@ -229,7 +229,19 @@ pub enum Lm {
         /// Answer from a matching demo when there is one.
         follow_examples: bool,
     },
-    /// A model behind an OpenAI-compatible (or any litellm-supported) endpoint.
+    /// One of the pool's LM profiles (see [`crate::PoolBuilder::lm_profile`]): the
+    /// operator chose its model, endpoint and key.
+    Profile {
+        /// The profile's name.
+        name: String,
+        /// Sampling temperature, instead of the profile's.
+        temperature: Option<f64>,
+        /// Most tokens per answer, instead of the profile's.
+        max_tokens: Option<u32>,
+    },
+    /// A model behind an OpenAI-compatible (or any litellm-supported) endpoint, named
+    /// by the caller. Workers accept it only when the pool allows callers' LM
+    /// settings ([`crate::PoolBuilder::allow_client_lm`]).
     Remote {
         /// The litellm model string, e.g. `openai/gpt-4o-mini`.
         model: String,
@@ -263,6 +275,15 @@ impl Lm {
         }
     }
 
+    /// The pool's LM profile `name`.
+    pub fn profile(name: impl Into<String>) -> Self {
+        Lm::Profile {
+            name: name.into(),
+            temperature: None,
+            max_tokens: None,
+        }
+    }
+
     /// A remote model at `api_base` (None: the provider's default endpoint).
     pub fn remote(model: impl Into<String>, api_base: Option<String>) -> Self {
         Lm::Remote {
@@ -290,6 +311,20 @@ impl Lm {
                 follow_examples,
             } => {
                 json!({"provider": "dummy", "answers": answers, "follow_examples": follow_examples})
+            }
+            Lm::Profile {
+                name,
+                temperature,
+                max_tokens,
+            } => {
+                let mut args = json!({"profile": name});
+                if let Some(t) = temperature {
+                    args["temperature"] = json!(t);
+                }
+                if let Some(n) = max_tokens {
+                    args["max_tokens"] = json!(n);
+                }
+                args
             }
             Lm::Remote {
                 model,
@@ -572,6 +607,7 @@ mod tests {
 
     #[test]
     fn lm_arguments_never_carry_a_key() {
+        assert_eq!(Lm::profile("fast").to_json(), json!({"profile": "fast"}));
         let lm = Lm::remote("openai/m", Some("http://127.0.0.1:1/v1".into())).api_key_env("K");
         assert_eq!(
             lm.to_json(),

@@ -14,6 +14,7 @@ use common::{builder, kill9, wait_for_event};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use snakepool::dspy::{Dspy, FieldType, Lm, Metric, Optimizer, ProgramKind, Signature};
+use snakepool::lm_policy::LmProfile;
 use snakepool::{Error, MemoryJournal, PoolEvent, SessionJournal};
 
 /// One request the fake model server received: its Authorization header and body.
@@ -79,17 +80,18 @@ struct Text {
 async fn a_program_runs_through_the_real_lm_client_against_a_local_server() {
     let (api_base, seen) = start_fake_llm().await;
     let pool = builder(1)
-        .env("SNAKEPOOL_TEST_API_KEY", "sk-local-test")
+        .env("SP_TEST_API_KEY", "sk-local-test")
+        .lm_profile(
+            "local",
+            LmProfile::new("openai/local-test-model")
+                .api_base(api_base)
+                .api_key_env("SP_TEST_API_KEY"),
+        )
         .start()
         .await
         .unwrap();
     let dspy = Dspy::new(pool.session("remote"));
-    dspy.configure_lm(
-        &Lm::remote("openai/local-test-model", Some(api_base))
-            .api_key_env("SNAKEPOOL_TEST_API_KEY"),
-    )
-    .await
-    .unwrap();
+    dspy.configure_lm(&Lm::profile("local")).await.unwrap();
     let signature = Signature::new()
         .instructions("Answer the arithmetic question.")
         .input("question", FieldType::Str, "a question")

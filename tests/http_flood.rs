@@ -22,7 +22,7 @@ use futures::StreamExt;
 use reqwest::{Client, Method, StatusCode};
 use serde_json::{Value, json};
 use snakepool::Pool;
-use snakepool::server::{ServerOptions, ServerState, router};
+use snakepool::server::{ConnectionLimits, ServerOptions, ServerState, router, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -454,12 +454,17 @@ async fn ten_thousand_malformed_requests_leave_the_server_serving() {
     let options = ServerOptions {
         token: None,
         body_limit: BODY_LIMIT,
+        ..ServerOptions::default()
     };
     let app = router(state, &options);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     assert!(addr.ip().is_loopback());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let limits = ConnectionLimits {
+        max_connections: 1024,
+        header_read_timeout: Duration::from_secs(10),
+    };
+    tokio::spawn(serve(listener, app, limits, std::future::pending()));
     let url = format!("http://{addr}");
     let client = Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)

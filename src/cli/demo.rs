@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use snakepool::dspy::{Dspy, FieldType, Lm, Prediction, Program, ProgramKind, Signature};
+use snakepool::lm_policy::LmProfile;
 use snakepool::{Error, Pool};
 use tokio::sync::Notify;
 
@@ -120,14 +121,19 @@ struct DemoSession {
 fn make_lm(args: &DemoArgs, session: usize) -> Lm {
     match &args.lm {
         None => dummy_lm(session, args.questions),
-        Some(model) => {
-            let lm = Lm::remote(model.clone(), args.api_base.clone());
-            match &args.api_key_env {
-                Some(name) => lm.api_key_env(name.clone()),
-                None => lm,
-            }
-        }
+        Some(_) => Lm::profile(DEMO_PROFILE),
     }
+}
+
+/// The LM profile the demo defines from `--lm`, `--api-base` and `--api-key-env`.
+const DEMO_PROFILE: &str = "demo";
+
+fn demo_profile(args: &DemoArgs) -> Option<LmProfile> {
+    let model = args.lm.as_ref()?;
+    let mut profile = LmProfile::new(model.clone());
+    profile.api_base.clone_from(&args.api_base);
+    profile.api_key_env.clone_from(&args.api_key_env);
+    Some(profile)
 }
 
 /// Runs one call, retrying once if the worker died under it (the session is rebuilt
@@ -270,15 +276,16 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     }
 
     let started = Instant::now();
-    let pool = Pool::builder()
+    let mut builder = Pool::builder()
         .workers(args.workers)
         .python(&python)
         .module("snakepool_worker.dspy")
         .preload("dspy")
-        .request_timeout(Duration::from_secs(120))
-        .start()
-        .await
-        .map_err(|e| e.to_string())?;
+        .request_timeout(Duration::from_secs(120));
+    if let Some(profile) = demo_profile(&args) {
+        builder = builder.lm_profile(DEMO_PROFILE, profile);
+    }
+    let pool = builder.start().await.map_err(|e| e.to_string())?;
     println!(
         "{} workers ready in {:.2?}, each with DSPy imported",
         args.workers,

@@ -299,7 +299,11 @@ impl Shared {
         {
             let args = json!({"session_id": id});
             let timeout = self.config.request_timeout;
-            if let Err(error) = lease.worker().call("cleanup_session", args, timeout).await {
+            let cleanup =
+                detached(
+                    async move { lease.worker().call("cleanup_session", args, timeout).await },
+                );
+            if let Err(error) = cleanup.await {
                 tracing::warn!(session = id, %error, "cleanup_session failed");
             }
         }
