@@ -95,20 +95,30 @@ impl LmPolicy {
     /// Checks the profiles; the error names the profile and what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         for (name, profile) in &self.profiles {
+            let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
             if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                || name.len() > 128
+                || name == "."
+                || name == ".."
+                || !name.chars().all(allowed)
             {
                 return Err(format!(
-                    "LM profile name {name:?} must be letters, digits, `_`, `-` or `.`"
+                    "LM profile name {name:?} must be 1 to 128 letters, digits, `_`, `-` or \
+                     `.` (and not `.` or `..`)"
+                ));
+            }
+            if let Some(url) = &profile.api_base
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(format!(
+                    "LM profile `{name}`: api_base must be an http:// or https:// URL, got {url:?}"
                 ));
             }
             if profile.model.trim().is_empty() {
                 return Err(format!("LM profile `{name}` has no model"));
             }
             if let Some(var) = &profile.api_key_env
-                && var.starts_with("SNAKEPOOL_")
+                && var.to_ascii_uppercase().starts_with("SNAKEPOOL_")
             {
                 return Err(format!(
                     "LM profile `{name}`: api_key_env `{var}` is one of the pool's own \

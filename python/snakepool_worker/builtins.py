@@ -1,4 +1,9 @@
-"""Built-in commands every worker serves: ping, get_stats, cleanup_session, shutdown."""
+"""Built-in commands every worker serves: ping, get_stats, cleanup_session, shutdown.
+
+``ping`` and ``get_stats`` are public. ``cleanup_session`` and ``shutdown`` are internal:
+the manifest flags them, only the host sends them, and the host refuses clients' calls
+to them.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +27,15 @@ def _runtime(ctx: Context) -> "Runtime":
 def ping(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     """Liveness check; with initialization/manifest set, also returns the manifest.
 
-    ``args.worker_id`` (a string), when given, becomes this worker's id.
+    ``args.worker_id`` (a non-empty string) names this worker, but only in the handshake:
+    the first request the worker serves, which the host sends as ``{"id": 0, "command":
+    "ping", "args": {"initialization": true, "worker_id": "w3"}}``. In any later ping the
+    argument is ignored (not checked, not an error), so a client's ping cannot rename a
+    worker; the reply always carries the worker's actual id.
     """
     runtime = _runtime(ctx)
     worker_id = args.get("worker_id")
-    if worker_id is not None:
+    if worker_id is not None and runtime.in_handshake:
         if not isinstance(worker_id, str) or not worker_id:
             raise BadRequest("args.worker_id must be a non-empty string")
         runtime.worker_id = worker_id
@@ -65,8 +74,11 @@ BUILTIN_COMMANDS = {
 }
 """Built-in command names and handlers; none of them mutates session state."""
 
+INTERNAL_BUILTINS = frozenset({"cleanup_session", "shutdown"})
+"""Built-ins only the host may send (registered with ``internal=True``)."""
+
 
 def register_builtins(registry: Registry) -> None:
     """Register the built-in commands into ``registry``."""
     for name, func in BUILTIN_COMMANDS.items():
-        registry.register(name, func, mutates_session=False)
+        registry.register(name, func, mutates_session=False, internal=name in INTERNAL_BUILTINS)

@@ -121,20 +121,35 @@ class Context:
 
 
 class CommandSpec:
-    """A registered command: its handler and the flags published in the manifest."""
+    """A registered command: its handler and the flags published in the manifest.
 
-    __slots__ = ("name", "func", "mutates_session", "doc", "log")
+    ``mutates_session`` tells the host to journal the command's calls; ``internal`` tells
+    it that only the host itself may send the command (the host refuses client calls to
+    it, and the worker serves it as usual).
+    """
 
-    def __init__(self, name: str, func: Handler, mutates_session: bool) -> None:
+    __slots__ = ("name", "func", "mutates_session", "internal", "doc", "log")
+
+    def __init__(
+        self, name: str, func: Handler, mutates_session: bool, internal: bool = False
+    ) -> None:
         self.name = name
         self.func = func
         self.mutates_session = mutates_session
+        self.internal = internal
         self.doc = first_doc_line(func)
         self.log = logging.getLogger(getattr(func, "__module__", None) or "snakepool_worker")
 
     def describe(self) -> Dict[str, Any]:
-        """The manifest entry for this command."""
-        return {"mutates_session": self.mutates_session, "doc": self.doc}
+        """The manifest entry for this command.
+
+        ``{"mutates_session": bool, "doc": str}``, plus ``"internal": true`` for an
+        internal command (absent means public).
+        """
+        entry: Dict[str, Any] = {"mutates_session": self.mutates_session, "doc": self.doc}
+        if self.internal:
+            entry["internal"] = True
+        return entry
 
 
 def first_doc_line(func: Callable[..., Any]) -> str:
@@ -167,8 +182,18 @@ class Registry:
         self._cleanup_hooks: List[CleanupHook] = []
         self.version = 0
 
-    def register(self, name: str, func: Handler, *, mutates_session: bool = False) -> CommandSpec:
-        """Register ``func`` under ``name``; raise ``ValueError`` if the name is taken."""
+    def register(
+        self,
+        name: str,
+        func: Handler,
+        *,
+        mutates_session: bool = False,
+        internal: bool = False,
+    ) -> CommandSpec:
+        """Register ``func`` under ``name``; raise ``ValueError`` if the name is taken.
+
+        ``internal=True`` marks a command only the host may send (see ``CommandSpec``).
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"command name must be a non-empty string, got {name!r}")
         if not callable(func):
@@ -179,28 +204,36 @@ class Registry:
                 f"command {name!r} is already registered by {_qualified_name(existing.func)}; "
                 f"cannot register it again for {_qualified_name(func)}"
             )
-        spec = CommandSpec(name, func, bool(mutates_session))
+        spec = CommandSpec(name, func, bool(mutates_session), bool(internal))
         self._commands[name] = spec
         self.version += 1
         return spec
 
     @overload
-    def command(self, name: F, *, mutates_session: bool = False) -> F: ...
+    def command(
+        self, name: F, *, mutates_session: bool = False, internal: bool = False
+    ) -> F: ...
 
     @overload
     def command(
-        self, name: Optional[str] = None, *, mutates_session: bool = False
+        self, name: Optional[str] = None, *, mutates_session: bool = False, internal: bool = False
     ) -> Callable[[F], F]: ...
 
-    def command(self, name: Any = None, *, mutates_session: bool = False) -> Any:
+    def command(
+        self, name: Any = None, *, mutates_session: bool = False, internal: bool = False
+    ) -> Any:
         """Decorator registering a handler; see the module-level ``command``."""
         if callable(name):
             func = name
-            self.register(func.__name__, func, mutates_session=mutates_session)
+            self.register(
+                func.__name__, func, mutates_session=mutates_session, internal=internal
+            )
             return func
 
         def decorator(func: F) -> F:
-            self.register(name or func.__name__, func, mutates_session=mutates_session)
+            self.register(
+                name or func.__name__, func, mutates_session=mutates_session, internal=internal
+            )
             return func
 
         return decorator
@@ -252,23 +285,27 @@ default_registry = Registry()
 
 
 @overload
-def command(name: F, *, mutates_session: bool = False) -> F: ...
+def command(name: F, *, mutates_session: bool = False, internal: bool = False) -> F: ...
 
 
 @overload
-def command(name: Optional[str] = None, *, mutates_session: bool = False) -> Callable[[F], F]: ...
+def command(
+    name: Optional[str] = None, *, mutates_session: bool = False, internal: bool = False
+) -> Callable[[F], F]: ...
 
 
-def command(name: Any = None, *, mutates_session: bool = False) -> Any:
+def command(name: Any = None, *, mutates_session: bool = False, internal: bool = False) -> Any:
     """Register a command handler with the default registry.
 
     Usable as ``@command("add")``, ``@command()`` or bare ``@command``; the name defaults
     to the function's name. The handler is called as ``fn(args, ctx)`` and must return
     a JSON-serialisable value. ``mutates_session=True`` tells the host that the command
     changes session state (the host journals such calls to rebuild a session on another
-    worker). Registering a name twice raises ``ValueError``.
+    worker). ``internal=True`` marks a command that only the host may send: the manifest
+    flags it and the host refuses clients' calls to it. Registering a name twice raises
+    ``ValueError``.
     """
-    return default_registry.command(name, mutates_session=mutates_session)
+    return default_registry.command(name, mutates_session=mutates_session, internal=internal)
 
 
 def on_session_cleanup(func: CleanupHook) -> CleanupHook:

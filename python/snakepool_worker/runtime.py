@@ -130,7 +130,11 @@ def _rss_bytes() -> Optional[int]:
 
 
 class Runtime:
-    """State of one worker: registry, sessions and counters, and the request dispatcher."""
+    """State of one worker: registry, sessions and counters, and the request dispatcher.
+
+    ``in_handshake`` is true only while the first request with a usable id is served:
+    the host's handshake ping, the one request that may name the worker.
+    """
 
     def __init__(
         self,
@@ -154,6 +158,8 @@ class Runtime:
         self.command_counts: Dict[str, int] = {}
         self.started = time.monotonic()
         self.stopping = False
+        self.in_handshake = False
+        self._handshake_done = False
         self._manifest_key: Optional[Tuple[Any, ...]] = None
         self._manifest: Dict[str, Any] = {}
 
@@ -253,6 +259,8 @@ class Runtime:
             self._drop(payload, reason)
             return None
         self.requests += 1
+        self.in_handshake = False
+        self._handshake_done = True
         _log.warning("request %d: %s", request_id, reason)
         return self._failure(request_id, "ProtocolError", reason)
 
@@ -274,6 +282,8 @@ class Runtime:
             self._drop(payload, reason)
             return None
         self.requests += 1
+        self.in_handshake = not self._handshake_done
+        self._handshake_done = True
 
         name = message.get("command")
         if type(name) is not str:

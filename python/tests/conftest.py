@@ -305,3 +305,40 @@ def worker(spawn_worker: SpawnWorker) -> WorkerProcess:
     process = spawn_worker()
     process.handshake()
     return process
+
+
+LM_POLICY_VARIABLES = (
+    "SNAKEPOOL_LM_PROFILES",
+    "SNAKEPOOL_LM_CLIENT_SETTINGS",
+    "SNAKEPOOL_LM_CACHE_DIR",
+)
+
+
+class LMEnv:
+    """Sets the LM policy variables of this process (a worker's environment, in-process)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._monkeypatch = monkeypatch
+
+    def profiles(self, profiles: Any) -> None:
+        """``SNAKEPOOL_LM_PROFILES``: a dict (encoded as JSON) or raw text."""
+        text = profiles if isinstance(profiles, str) else json.dumps(profiles)
+        self._monkeypatch.setenv("SNAKEPOOL_LM_PROFILES", text)
+
+    def client_settings(self, value: str = "allow") -> None:
+        self._monkeypatch.setenv("SNAKEPOOL_LM_CLIENT_SETTINGS", value)
+
+    def cache_dir(self, path: Any) -> None:
+        self._monkeypatch.setenv("SNAKEPOOL_LM_CACHE_DIR", str(path))
+
+    def set(self, name: str, value: str) -> None:
+        self._monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def lm_env(monkeypatch: pytest.MonkeyPatch) -> LMEnv:
+    """The LM policy variables cleared (no profiles, client settings denied, no cache dir)."""
+    for name in LM_POLICY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return LMEnv(monkeypatch)
+

@@ -177,6 +177,40 @@ def test_manifest_is_cached_until_the_registry_changes(runtime: Runtime) -> None
     assert runtime.manifest()["worker_id"] == "renamed"
 
 
+def test_manifest_marks_shutdown_and_cleanup_session_internal(runtime: Runtime) -> None:
+    commands = runtime.manifest()["commands"]
+    assert commands["shutdown"]["internal"] is True
+    assert commands["cleanup_session"]["internal"] is True
+    for public in ("ping", "get_stats", "echo", "remember"):
+        assert "internal" not in commands[public], public
+    # The worker itself still serves them: only the host sends them.
+    reply = handle(runtime, {"id": 1, "command": "cleanup_session", "args": {"session_id": "s"}})
+    assert reply["result"] == {"session_id": "s", "existed": False}
+
+
+def test_ping_names_the_worker_only_in_the_handshake(runtime: Runtime) -> None:
+    hello = {"initialization": True, "worker_id": "w3"}
+    reply = handle(runtime, {"id": 0, "command": "ping", "args": hello})
+    assert reply["result"]["worker_id"] == "w3"
+    assert reply["result"]["manifest"]["worker_id"] == "w3"
+    assert runtime.worker_id == "w3"
+    for request_id, worker_id in enumerate(["evil", 7, ""], start=1):
+        args = {"worker_id": worker_id, "initialization": True}
+        reply = handle(runtime, {"id": request_id, "command": "ping", "args": args})
+        # Ignored after the handshake: not applied, not even checked.
+        assert reply["success"] is True, reply
+        assert reply["result"]["worker_id"] == "w3"
+        assert reply["result"]["manifest"]["worker_id"] == "w3"
+    assert runtime.worker_id == "w3"
+    assert handle(runtime, {"id": 9, "command": "get_stats"})["result"]["worker_id"] == "w3"
+
+
+def test_a_first_request_that_is_not_a_ping_ends_the_handshake(runtime: Runtime) -> None:
+    assert handle(runtime, {"id": 1, "command": "echo"})["success"] is True
+    reply = handle(runtime, {"id": 2, "command": "ping", "args": {"worker_id": "late"}})
+    assert reply["result"]["worker_id"] == "unit" and runtime.worker_id == "unit"
+
+
 def test_serve_loop_over_pipes_until_end_of_input(runtime: Runtime) -> None:
     in_read, in_write = os.pipe()
     out_read, out_write = os.pipe()

@@ -5,23 +5,16 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import pytest
 
 dspy = pytest.importorskip("dspy")
 
-from snakepool_worker.builtins import register_builtins  # noqa: E402
-from snakepool_worker.dspy import (  # noqa: E402
-    ALLOWED_TYPES,
-    COMMAND_NAMES,
-    DEFAULT_NUM_RETRIES,
-    STATE_KEY,
-    SessionState,
-    register_commands,
-)
-from snakepool_worker.registry import Registry  # noqa: E402
-from snakepool_worker.runtime import Runtime  # noqa: E402
+from bridge_for_tests import Bridge  # noqa: E402
+from conftest import LMEnv  # noqa: E402
+
+from snakepool_worker.dspy import ALLOWED_TYPES, COMMAND_NAMES, DEFAULT_NUM_RETRIES  # noqa: E402
 
 MUTATING = {
     "configure_lm",
@@ -33,47 +26,16 @@ MUTATING = {
 }
 
 
-class Bridge:
-    """A fresh worker runtime with the DSPy commands, driven frame by frame."""
-
-    def __init__(self) -> None:
-        registry = Registry()
-        register_builtins(registry)
-        register_commands(registry)
-        self.runtime = Runtime(registry, worker_id="unit")
-        self._next_id = 0
-
-    def raw(self, command: str, session: Optional[str] = "s1", **args: Any) -> bytes:
-        self._next_id += 1
-        if session is not None:
-            args["session_id"] = session
-        request = {"id": self._next_id, "command": command, "args": args}
-        reply = self.runtime.handle_frame(json.dumps(request).encode())
-        assert reply is not None
-        return reply
-
-    def reply(self, command: str, session: Optional[str] = "s1", **args: Any) -> Dict[str, Any]:
-        reply: Dict[str, Any] = json.loads(self.raw(command, session, **args))
-        return reply
-
-    def ok(self, command: str, session: Optional[str] = "s1", **args: Any) -> Any:
-        reply = self.reply(command, session, **args)
-        assert reply["success"] is True, reply["error"]
-        return reply["result"]
-
-    def fail(self, command: str, session: Optional[str] = "s1", **args: Any) -> Tuple[str, str]:
-        reply = self.reply(command, session, **args)
-        assert reply["success"] is False, reply
-        return reply["error"]["type"], reply["error"]["message"]
-
-    def state(self, session: str = "s1") -> SessionState:
-        state: SessionState = self.runtime.sessions[session][STATE_KEY]
-        return state
+@pytest.fixture
+def bridge(lm_env: LMEnv) -> Bridge:
+    """A fresh runtime; the LM policy variables are cleared (the default policy)."""
+    return Bridge()
 
 
 @pytest.fixture
-def bridge() -> Bridge:
-    return Bridge()
+def allow_client_settings(lm_env: LMEnv) -> None:
+    """``SNAKEPOOL_LM_CLIENT_SETTINGS=allow``: clients may pass model, api_base, api_key_env."""
+    lm_env.client_settings("allow")
 
 
 def dummy(bridge: Bridge, answers: Any = None, session: str = "s1", **extra: Any) -> Any:
@@ -104,7 +66,7 @@ def test_configure_dummy_lm(bridge: Bridge) -> None:
 
 
 def test_configure_real_lm_reads_the_key_from_the_worker_environment(
-    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch, allow_client_settings: None
 ) -> None:
     monkeypatch.setenv("SP_TEST_KEY", "sk-secret-value")
     raw = bridge.raw(
@@ -135,16 +97,19 @@ def test_configure_real_lm_reads_the_key_from_the_worker_environment(
     assert lm.kwargs["temperature"] == 0.5 and lm.kwargs["max_tokens"] == 300
     assert lm.cache is False and lm.num_retries == DEFAULT_NUM_RETRIES
 
-    bridge.ok("configure_lm", "s2", model="openai/gpt-4o-mini", num_retries=0, cache=True)
+    bridge.ok("configure_lm", "s2", model="openai/gpt-4o-mini", num_retries=0, cache=False)
     other = bridge.state("s2").lm
     assert other is not lm, "each session gets its own LM object"
-    assert other.num_retries == 0 and other.cache is True
+    assert other.num_retries == 0 and other.cache is False
     assert dspy.settings.lm is None, "the global DSPy configuration is never touched"
 
 
 @pytest.mark.parametrize("value", [None, ""])
 def test_missing_api_key_env_var(
-    bridge: Bridge, monkeypatch: pytest.MonkeyPatch, value: Optional[str]
+    bridge: Bridge,
+    monkeypatch: pytest.MonkeyPatch,
+    value: Optional[str],
+    allow_client_settings: None,
 ) -> None:
     if value is None:
         monkeypatch.delenv("SP_TEST_NO_KEY", raising=False)
@@ -169,7 +134,12 @@ def test_missing_api_key_env_var(
         ({"model": "openai/gpt-4o-mini", "temprature": 1}, "unknown argument(s) 'temprature'"),
         ({"provider": "dummy", "temperature": 0.2}, "unknown argument(s) 'temperature'"),
         ({"provider": "dummy", "model": "gpt"}, "provider 'dummy' takes no model"),
-        ({}, "args.model is required"),
+        ({}, "args.profile is required (profiles: none defined"),
+        ({"provider": "litellm"}, "or args.model; or provider \"dummy\""),
+        ({"profile": ""}, "args.profile must be a non-empty string"),
+        ({"profile": "p", "temperature": -1}, "temperature must not be negative"),
+        ({"profile": "p", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"profile": "p", "seed": 1}, "unknown argument(s) 'seed'"),
         ({"model": "openai/"}, "DSPy rejected the LM settings"),
         ({"model": "m", "num_retries": -1}, "num_retries must be an integer >= 0"),
         ({"model": "m", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
@@ -182,7 +152,7 @@ def test_missing_api_key_env_var(
     ],
 )
 def test_configure_lm_rejects_bad_arguments(
-    bridge: Bridge, args: Dict[str, Any], fragment: str
+    bridge: Bridge, args: Dict[str, Any], fragment: str, allow_client_settings: None
 ) -> None:
     kind, message = bridge.fail("configure_lm", **args)
     assert kind == "InvalidArgument"

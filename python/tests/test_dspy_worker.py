@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
 
 import pytest
 from conftest import HANDLERS_MODULE, SpawnWorker, WorkerProcess
+from fake_lm_server import FakeLMServer
 
 pytest.importorskip("dspy")
 
@@ -161,3 +164,112 @@ def test_sessions_on_one_worker_and_their_cleanup(spawn_worker: SpawnWorker) -> 
     )
     assert result["outputs"] == {"answer": "from two"}
     assert worker.result("get_stats")["sessions"] == 2  # "two", and the new empty "one"
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLMServer]:
+    fake = FakeLMServer()
+    yield fake
+    fake.close()
+
+
+def lm_worker_env(home: Path, server: FakeLMServer, **extra: str) -> Dict[str, str]:
+    """A worker environment with HOME (and the XDG directories) in an empty directory."""
+    home.mkdir()
+    profiles = {
+        "cached": {
+            "model": "openai/test-model",
+            "api_base": server.base("a"),
+            "api_key_env": "SP_TEST_PROFILE_KEY",
+            "num_retries": 0,
+            "cache": True,
+        },
+        "plain": {
+            "model": "openai/test-model",
+            "api_base": server.base("a"),
+            "api_key_env": "SP_TEST_PROFILE_KEY",
+            "num_retries": 0,
+        },
+    }
+    env = {
+        "HOME": str(home),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "SP_TEST_PROFILE_KEY": "sk-profile",
+        "SNAKEPOOL_LM_PROFILES": json.dumps(profiles),
+    }
+    env.update(extra)
+    return env
+
+
+def run_lm_calls(worker: WorkerProcess, server: FakeLMServer) -> None:
+    """A cached profile twice, an uncached one, a dummy, and an optimizer run."""
+    question = {"question": ATLANTIS}
+    session_result(worker, "configure_lm", profile="cached")
+    session_result(worker, "create_program", signature="question -> answer")
+    for _ in range(2):
+        result = session_result(worker, "execute_program", program_id="prog_1", inputs=question)
+        assert result["outputs"] == {"answer": "Poseidonia"}
+    assert server.count("a") == 1, "the second call was answered from the profile's cache"
+    session_result(worker, "configure_lm", profile="plain")
+    session_result(worker, "execute_program", program_id="prog_1", inputs=question)
+    assert server.count("a") == 2
+    session_result(worker, "configure_lm", provider="dummy", answers=[{"answer": "d"}] * 3)
+    session_result(worker, "execute_program", program_id="prog_1", inputs=question)
+    trainset = [{"question": ATLANTIS, "answer": "d"}]
+    session_result(worker, "optimize_program", program_id="prog_1", trainset=trainset)
+
+
+def test_workers_never_write_to_the_home_directory(
+    spawn_worker: SpawnWorker, server: FakeLMServer, tmp_path: Path
+) -> None:
+    server.answer("a", answer="Poseidonia")
+    home = tmp_path / "home"
+    env = lm_worker_env(home, server)
+    worker = spawn_worker("--preload", "dspy", default_modules=True, env=env)
+    worker.handshake()
+    run_lm_calls(worker, server)
+    worker.close_stdin()
+    assert worker.wait() == 0
+    assert sorted(path.name for path in home.rglob("*")) == []
+
+
+def test_a_cache_dir_takes_the_disk_caches_instead_of_home(
+    spawn_worker: SpawnWorker, server: FakeLMServer, tmp_path: Path
+) -> None:
+    server.answer("a", answer="Poseidonia")
+    home = tmp_path / "home"
+    caches = tmp_path / "caches"
+    env = lm_worker_env(home, server, SNAKEPOOL_LM_CACHE_DIR=str(caches))
+    worker = spawn_worker(default_modules=True, env=env)
+    worker.handshake()
+    run_lm_calls(worker, server)
+    worker.close_stdin()
+    assert worker.wait() == 0
+    assert sorted(path.name for path in home.rglob("*")) == []
+    assert sorted(path.name for path in caches.iterdir()) == ["cached"]
+
+    # A new worker finds the answer on disk: no request reaches the provider.
+    again = spawn_worker(default_modules=True, env=env)
+    again.handshake("t2")
+    session_result(again, "configure_lm", profile="cached")
+    session_result(again, "create_program", signature="question -> answer")
+    result = session_result(
+        again, "execute_program", program_id="prog_1", inputs={"question": ATLANTIS}
+    )
+    assert result["outputs"] == {"answer": "Poseidonia"}
+    assert server.count("a") == 2
+
+
+def test_malformed_profiles_do_not_stop_a_worker(spawn_worker: SpawnWorker) -> None:
+    env = {"SNAKEPOOL_LM_PROFILES": '{"fast": {"model": 5}}'}
+    worker = spawn_worker(default_modules=True, env=env)
+    worker.handshake()
+    error = session_call(worker, "configure_lm", profile="fast")["error"]
+    assert error["type"] == "LMProfileInvalid"
+    assert error["message"] == (
+        "SNAKEPOOL_LM_PROFILES: profile 'fast': 'model' must be a non-empty string, got 5 (int)"
+    )
+    assert session_result(worker, "configure_lm", provider="dummy")["provider"] == "dummy"
+

@@ -110,6 +110,55 @@ def test_manifest_description_uses_first_docstring_line() -> None:
     }
 
 
+def test_internal_commands_are_flagged_in_the_manifest_entry() -> None:
+    registry = Registry()
+
+    def handler(args: Dict[str, Any], ctx: Context) -> None:
+        """Host only."""
+
+    registry.register("host_only", handler, internal=True)
+
+    @registry.command("public")
+    def public(args: Dict[str, Any], ctx: Context) -> None:
+        pass
+
+    @registry.command("internal_journaled", mutates_session=True, internal=True)
+    def internal_journaled(args: Dict[str, Any], ctx: Context) -> None:
+        pass
+
+    @registry.command(internal=True)
+    def bare_internal(args: Dict[str, Any], ctx: Context) -> None:
+        pass
+
+    assert registry.get("host_only").describe() == {  # type: ignore[union-attr]
+        "mutates_session": False,
+        "doc": "Host only.",
+        "internal": True,
+    }
+    # Public commands keep the entry they always had: no "internal" key means public.
+    assert registry.get("public").describe() == {  # type: ignore[union-attr]
+        "mutates_session": False,
+        "doc": "",
+    }
+    assert registry.get("internal_journaled").describe() == {  # type: ignore[union-attr]
+        "mutates_session": True,
+        "doc": "",
+        "internal": True,
+    }
+    assert registry.get("bare_internal").internal is True  # type: ignore[union-attr]
+    assert registry.get("public").internal is False  # type: ignore[union-attr]
+
+
+def test_module_level_decorator_takes_the_internal_flag() -> None:
+    @command("registry_test_internal_command", internal=True)
+    def handler(args: Dict[str, Any], ctx: Context) -> str:
+        return "ok"
+
+    spec = default_registry.get("registry_test_internal_command")
+    assert spec is not None and spec.internal is True
+    assert spec.describe()["internal"] is True
+
+
 def test_module_level_decorator_uses_the_default_registry() -> None:
     @command("registry_test_default_command")
     def handler(args: Dict[str, Any], ctx: Context) -> str:

@@ -29,6 +29,9 @@ def test_handshake_returns_manifest(spawn_worker: SpawnWorker) -> None:
     commands = manifest["commands"]
     for builtin in ("ping", "get_stats", "cleanup_session", "shutdown"):
         assert commands[builtin]["mutates_session"] is False
+    assert commands["shutdown"]["internal"] is True
+    assert commands["cleanup_session"]["internal"] is True
+    assert "internal" not in commands["ping"] and "internal" not in commands["get_stats"]
     assert commands["set_value"] == {
         "mutates_session": True,
         "doc": "Store args.value under args.key in the session.",
@@ -39,6 +42,17 @@ def test_handshake_returns_manifest(spawn_worker: SpawnWorker) -> None:
     plain = process.result("ping")
     assert plain == {"status": "ok", "worker_id": "w1", "pid": process.pid}
     assert "manifest" in process.result("ping", {"manifest": True})
+
+
+def test_a_ping_after_the_handshake_does_not_rename_the_worker(worker: WorkerProcess) -> None:
+    reply = worker.result("ping", {"worker_id": "evil", "initialization": True})
+    assert reply["worker_id"] == "t1" and reply["manifest"]["worker_id"] == "t1"
+    assert worker.result("get_stats")["worker_id"] == "t1"
+    assert worker.result("context")["worker_id"] == "t1"
+    worker.result("log_message", {"text": "after-the-ping"})
+    text = worker.stderr.wait_for("handler says after-the-ping")
+    line = next(line for line in text.splitlines() if "after-the-ping" in line)
+    assert "WARNING [t1] handlers_for_tests: handler says after-the-ping" in line
 
 
 def test_worker_id_reaches_handlers_and_log_lines(worker: WorkerProcess) -> None:

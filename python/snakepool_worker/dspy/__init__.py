@@ -1,0 +1,226 @@
+"""DSPy commands: per-session language models and programs.
+
+Imported by default when DSPy is installed (see ``snakepool_worker.runtime``). Importing
+this package is cheap: ``dspy`` itself is imported on the first DSPy command, or at
+start-up with ``--preload dspy``. LiteLLM is never imported here; DSPy imports it only if
+a model needs it, on that model's first call.
+
+Every command works on the state of one session and needs a session call
+(``args.session_id``, set by the host); without one it fails with ``SessionRequired``.
+Sessions are isolated: each has its own language model and programs, and programs run
+under ``dspy.context(lm=<the session's LM>)``; nothing here calls ``dspy.configure``.
+
+The package: ``commands`` (the command table, program commands), ``configure``
+(``configure_lm``), ``optimize`` (``optimize_program``), ``policy`` (profiles and client
+settings from the environment), ``caches`` (response caches), ``failures`` (what a failed
+LM call reports), ``signatures``, ``programs``, ``state`` (a session's LM and programs),
+``dummy`` (the scripted test LM), ``loader`` (the lazy DSPy import) and ``errors``.
+Argument checks are the runtime's (``snakepool_worker.arguments``).
+
+LM policy (read from the worker's environment, which the host sets):
+
+``SNAKEPOOL_LM_PROFILES``
+    A JSON object of named LM profiles defined by the operator: ``{"NAME": {"model":
+    str, "api_base"?: str, "api_key_env"?: str, "temperature"?: number, "max_tokens"?:
+    int, "num_retries"?: int (default 2), "cache"?: bool (default false)}}``. Names are
+    1-128 letters, digits, ``_``, ``.`` or ``-``, other than ``.`` and ``..``. Parsed
+    and checked on first use (again only if the value changes); a malformed value makes
+    every profile use fail with ``LMProfileInvalid`` naming the profile and key, and the
+    worker keeps serving.
+    A profile without ``api_key_env`` leaves the key to DSPy, which reads the provider's
+    usual variable (``OPENAI_API_KEY`` ...).
+``SNAKEPOOL_LM_CLIENT_SETTINGS``
+    ``allow`` lets clients give ``model``, ``api_base``, ``api_key_env`` and
+    ``num_retries`` themselves. Unset or anything else: denied (the default), and
+    clients pick a profile by name. Allow it only for trusted clients: with it a client
+    chooses where the worker sends requests, with any key of the worker's environment.
+``SNAKEPOOL_LM_CACHE_DIR``
+    Where profiles with ``cache: true`` keep their disk cache, one subdirectory per
+    profile (``<dir>/<profile>``). Unset: those profiles cache in memory only.
+
+Whatever the policy, an ``api_key_env`` (a client's or a profile's) naming a variable that
+starts with ``SNAKEPOOL_`` is refused (``LMSettingsForbidden``): the pool's own settings
+and secrets are never sent as an LM key. A client's LM never caches responses.
+
+Response caches: DSPy's own cache is process-wide, keyed without the endpoint or the key,
+and kept on disk under ``~/.dspy_cache`` (or ``$DSPY_CACHEDIR``), built on the first read
+of ``dspy.cache``. Here, once DSPy is loaded, ``dspy.cache`` is a cache that stores nothing
+(unless something configured one first), and every program runs with its session's LM's
+own cache in ``dspy.cache``: the profile's (memory, at most ``PROFILE_CACHE_ENTRIES``
+entries, plus disk under ``SNAKEPOOL_LM_CACHE_DIR``), shared only by the sessions that use
+that profile on this worker, or none. So no answer crosses from one profile, endpoint or
+client LM to another, and no worker writes to the home directory.
+
+Commands (``*`` = ``mutates_session``, journaled by the host):
+
+``configure_lm``\\* ``{profile, temperature?, max_tokens?}`` or ``{provider: "dummy",
+answers?, follow_examples?}`` or, when client settings are allowed, ``{model, api_base?,
+api_key_env?, temperature?, max_tokens?, num_retries?=2, cache?=false}``
+    Creates the session's LM (replacing any previous one). With a profile, the client
+    may set ``temperature`` and ``max_tokens`` only (``max_tokens`` at most the
+    profile's, when it sets one); the result is ``{provider: "litellm", profile, model,
+    temperature, max_tokens, num_retries, cache}`` and never shows the profile's
+    ``api_base`` or ``api_key_env``. Replaying the call (a rebuilt session) resolves the
+    profile again. The direct form returns ``{provider: "litellm", model, api_base,
+    api_key_env, temperature, max_tokens, num_retries, cache: false}``; ``cache: true``
+    is refused. ``provider`` is ``"litellm"`` for ``dspy.LM`` models (DSPy picks the
+    client: its own HTTP client for OpenAI-compatible endpoints, LiteLLM for the rest)
+    and ``"dummy"`` for ``dspy.utils.dummies.DummyLM`` (also selected by ``model:
+    "dummy"``; always allowed: it makes no network call).
+    ``api_key_env`` names an environment variable of the worker holding the key; the
+    key never travels over the wire and is never returned. ``num_retries`` retries
+    transient provider errors (429, 5xx, network) with DSPy's back-off of 1 s, 2 s,
+    4 s ... or the provider's ``Retry-After``; keep the host's request timeout above
+    that. A dummy LM's ``answers`` are a list of ``{output field: value}`` objects, one
+    consumed per LM call (the JSON-adapter retry is off for it, so a reply that does
+    not fit fails at once), or an object mapping prompt text to such an answer. With
+    ``follow_examples`` it answers from a demo whose input matches the call, and when
+    none matches, from ``answers`` (DSPy's own DummyLM would fail the call instead). A
+    call after the list is used up fails with ``DummyAnswersExhausted`` (DSPy's DummyLM
+    would answer "No more responses").
+``create_program``\\* ``{signature, type?="predict", instructions?, demos?, state?,
+program_id?}``
+    ``signature`` is ``"question -> answer"`` / ``"question: str -> answer: int"`` or
+    ``{instructions?, inputs: [{name, type?, desc?}], outputs: [...]}``; types are
+    ``str, int, float, bool, list[str], dict``. Field names are identifiers and not
+    one of ``RESERVED_FIELD_NAMES`` (``config``, ``demos``, ``lm``, ``new_signature``,
+    ``prediction``, ``signature``, ``_trace``: DSPy takes inputs of those names as call
+    options), which fails with ``ReservedFieldName``. ``type`` is ``predict`` or
+    ``chain_of_thought``; ``instructions`` goes with a string signature. ``demos`` are
+    objects holding every input and output field; ``state`` comes from
+    ``dump_program_state`` (it cannot rename fields: they always come from the
+    signature). Ids default to ``prog_1``, ``prog_2`` ... from a per-session counter
+    (skipping ids taken explicitly), so replaying the same calls yields the same ids.
+    The DSPex spellings ``id`` and ``program_type`` are accepted. Returns
+    ``{program_id, type, signature: {instructions, inputs: [{name, type, desc}],
+    outputs}}``.
+``execute_program`` ``{program_id, inputs}``
+    Returns ``{outputs, reasoning, usage}``: outputs typed as declared, ``reasoning`` for
+    chain of thought (else null), ``usage`` as ``{model: {prompt_tokens, ...}}`` or null.
+    Inputs under reserved names fail with ``ReservedFieldName`` before DSPy sees them.
+``optimize_program``\\* ``{program_id, trainset, metric?="exact_match",
+optimizer?="bootstrap_few_shot", max_bootstrapped_demos?=4, max_labeled_demos?=16, k?=16}``
+    Compiles the program with ``dspy.BootstrapFewShot`` (needs an LM) or
+    ``dspy.LabeledFewShot`` (``k``) and replaces it. Returns ``{program_id, optimizer,
+    demos, state}`` and has the host journal ``load_program_state`` with that state
+    instead of this call, so a rebuilt session gets the same program without re-running
+    the optimizer. The program's previous demos are replaced. Metrics compare every
+    declared output field, case- and whitespace-insensitively: ``exact_match`` (equal)
+    or ``contains`` (expected text within the predicted text). A trainset example holds
+    every input and output field (and may hold ``reasoning`` for chain of thought).
+``dump_program_state`` ``{program_id}`` -> ``{program_id, state}``
+``load_program_state``\\* ``{program_id, state}`` -> ``{program_id, demos}``
+``list_programs`` ``{}`` -> ``{programs: [{program_id, type, signature: "q -> a"}]}``
+``get_program_info`` ``{program_id}`` -> ``{program_id, type, signature, demos,
+instructions}``
+``delete_program``\\* ``{program_id}`` -> ``{deleted}``
+``reset_state``\\* ``{}`` -> ``{programs_deleted, lm_cleared}``
+
+Every command rejects arguments it does not know (``InvalidArgument``), so a misspelt
+setting fails instead of being ignored.
+
+Error types (the exception class names below): ``SessionRequired``, ``InvalidArgument``,
+``InvalidSignature``, ``ReservedFieldName`` (an ``InvalidSignature``), ``UnsupportedType``,
+``ProgramNotFound``, ``MissingInput``, ``UnknownInput``, ``LMNotConfigured``,
+``ApiKeyMissing``, ``LMSettingsForbidden`` (the LM policy refuses the settings),
+``LMProfileNotFound`` (the message lists the profiles), ``LMProfileInvalid``,
+``LMCallFailed``, ``UnknownMetric``, ``InvalidState``, ``DummyAnswersExhausted``.
+
+``LMCallFailed`` is what a failure at the provider or on the way to it becomes (an HTTP
+error, an unreachable endpoint, a reply that is not JSON), e.g. ``LM call failed (profile
+'x', model 'openai/m'): HTTP 404 from the provider (InvalidRequestError)``: the provider's
+message and body, which could hold anything the endpoint returns, and the endpoint's
+address stay out of the reply and its traceback; the worker logs them on stderr for the
+operator. Other failures inside DSPy keep DSPy's type names (for example
+``AdapterParseError`` when the LM's reply does not fit the signature).
+"""
+
+from __future__ import annotations
+
+from ..registry import default_registry
+from .caches import NO_STORE, PROFILE_CACHE_ENTRIES
+from .commands import COMMAND_NAMES, COMMANDS, register_commands
+from .configure import PROVIDERS
+from .errors import (
+    ApiKeyMissing,
+    DSPyBridgeError,
+    DummyAnswersExhausted,
+    InvalidArgument,
+    InvalidSignature,
+    InvalidState,
+    LMCallFailed,
+    LMNotConfigured,
+    LMProfileInvalid,
+    LMProfileNotFound,
+    LMSettingsForbidden,
+    MissingInput,
+    ProgramNotFound,
+    ReservedFieldName,
+    SessionRequired,
+    UnknownInput,
+    UnknownMetric,
+    UnsupportedType,
+)
+from .loader import load_dspy
+from .optimize import METRICS, OPTIMIZERS
+from .policy import (
+    CACHE_DIR_ENV,
+    CLIENT_SETTINGS_ENV,
+    DEFAULT_NUM_RETRIES,
+    PROFILES_ENV,
+    LMProfile,
+    client_settings_allowed,
+    lm_profiles,
+    parse_profiles,
+)
+from .programs import PROGRAM_TYPES, Program
+from .signatures import ALLOWED_TYPES, RESERVED_FIELD_NAMES, FieldSpec
+from .state import STATE_KEY, SessionState, cleanup_session_state
+
+__all__ = [
+    "ALLOWED_TYPES",
+    "ApiKeyMissing",
+    "CACHE_DIR_ENV",
+    "CLIENT_SETTINGS_ENV",
+    "COMMANDS",
+    "COMMAND_NAMES",
+    "DEFAULT_NUM_RETRIES",
+    "DSPyBridgeError",
+    "DummyAnswersExhausted",
+    "FieldSpec",
+    "InvalidArgument",
+    "InvalidSignature",
+    "InvalidState",
+    "LMCallFailed",
+    "LMNotConfigured",
+    "LMProfile",
+    "LMProfileInvalid",
+    "LMProfileNotFound",
+    "LMSettingsForbidden",
+    "METRICS",
+    "MissingInput",
+    "NO_STORE",
+    "OPTIMIZERS",
+    "PROFILES_ENV",
+    "PROFILE_CACHE_ENTRIES",
+    "PROGRAM_TYPES",
+    "PROVIDERS",
+    "Program",
+    "ProgramNotFound",
+    "RESERVED_FIELD_NAMES",
+    "ReservedFieldName",
+    "STATE_KEY",
+    "SessionRequired",
+    "SessionState",
+    "UnknownInput",
+    "UnknownMetric",
+    "UnsupportedType",
+    "cleanup_session_state",
+    "client_settings_allowed",
+    "load_dspy",
+    "lm_profiles",
+    "parse_profiles",
+    "register_commands",
+]
+
+register_commands(default_registry)

@@ -1,0 +1,254 @@
+"""The program commands, and the table of every DSPy command with its manifest flags.
+
+``create_program`` builds a ``dspy.Predict`` or ``dspy.ChainOfThought`` from a signature
+(see ``signatures``), optionally with demos or a state; ``execute_program`` runs one with
+the session's LM; the others list, describe, save, load and delete programs. Every
+command rejects arguments it does not know (``InvalidArgument``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+from ..arguments import InvalidArgument, check_known, describe, get_str, names, quoted
+from ..registry import Context, Handler, Registry
+from .configure import configure_lm
+from .errors import InvalidSignature, MissingInput, UnknownInput
+from .loader import load_dspy
+from .optimize import optimize_program
+from .programs import PROGRAM_TYPES, Program, dump_state, examples, jsonable, load_state
+from .signatures import (
+    RESERVED_FIELD_NAMES,
+    build_signature,
+    check_field_set,
+    parse_signature_dict,
+    parse_signature_text,
+    reserved_error,
+)
+from .state import cleanup_session_state, find_program, require_lm, run, session_state
+
+_MAX_PROGRAM_ID_CHARS = 200
+
+
+_CREATE_ARGS = (
+    "signature",
+    "type",
+    "program_type",
+    "instructions",
+    "demos",
+    "state",
+    "program_id",
+    "id",
+)
+
+
+def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Create a Predict or ChainOfThought program from a signature; returns its id."""
+    state = session_state(ctx)
+    command = ctx.command
+    check_known(command, args, _CREATE_ARGS)
+    for alias, name in (("id", "program_id"), ("program_type", "type")):
+        if alias in args:
+            if name in args and args[name] != args[alias]:
+                raise InvalidArgument(f"{command}: give args.{name} or args.{alias}, not both")
+            args = {**args, name: args[alias]}
+    program_type = get_str(command, args, "type", "predict")
+    if program_type not in PROGRAM_TYPES:
+        raise InvalidArgument(
+            f"{command}: unknown program type {program_type!r}; allowed: {names(PROGRAM_TYPES)}"
+        )
+    program_id = get_str(command, args, "program_id", None)
+    if program_id is not None:
+        if len(program_id) > _MAX_PROGRAM_ID_CHARS:
+            raise InvalidArgument(
+                f"{command}: args.program_id is longer than {_MAX_PROGRAM_ID_CHARS} characters"
+            )
+        if program_id in state.programs:
+            raise InvalidArgument(
+                f"{command}: program {program_id!r} already exists in session "
+                f"{ctx.session_id!r}; delete it first or choose another id"
+            )
+
+    signature = args.get("signature")
+    instructions = get_str(command, args, "instructions", None)
+    if isinstance(signature, str):
+        inputs, outputs = parse_signature_text(signature)
+    elif isinstance(signature, dict):
+        if instructions is not None:
+            raise InvalidArgument(
+                f"{command}: args.instructions goes with a string signature; put it in "
+                "signature.instructions"
+            )
+        inputs, outputs, instructions = parse_signature_dict(signature)
+    elif signature is None:
+        raise InvalidArgument(
+            f"{command}: args.signature is required: a string such as 'question -> answer' or "
+            "an object {instructions?, inputs: [{name, type?, desc?}], outputs: [...]}"
+        )
+    else:
+        raise InvalidSignature(
+            f"signature must be a string or an object, got {describe(signature)}"
+        )
+    demos = args.get("demos")
+    program_state = args.get("state")
+    if demos is not None and program_state is not None:
+        raise InvalidArgument(f"{command}: give args.demos or args.state, not both")
+
+    dspy = load_dspy()
+    check_field_set(inputs, outputs, program_type)
+    dspy_signature = build_signature(inputs, outputs, instructions)
+    if program_type == "predict":
+        module = dspy.Predict(dspy_signature)
+    else:
+        module = dspy.ChainOfThought(dspy_signature)
+    program = Program(program_id or "", program_type, inputs, outputs, module)
+    if demos is not None:
+        demo_examples = examples(command, demos, "demos", program)
+        for _, predictor in program.predictors():
+            predictor.demos = list(demo_examples)
+    if program_state is not None:
+        load_state(command, program, program_state)
+    program.program_id = program_id or state.next_program_id()
+    state.programs[program.program_id] = program
+    return {
+        "program_id": program.program_id,
+        "type": program.type,
+        "signature": program.describe_signature(),
+    }
+
+
+def execute_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Run a program on args.inputs with the session's LM; returns typed outputs."""
+    state = session_state(ctx)
+    command = ctx.command
+    check_known(command, args, ("program_id", "inputs"))
+    program = find_program(state, ctx, args)
+    inputs = args.get("inputs")
+    if inputs is None:
+        inputs = {}
+    if not isinstance(inputs, dict):
+        raise InvalidArgument(
+            f"{command}: args.inputs must be an object of input field -> value, got "
+            f"{describe(inputs)}"
+        )
+    reserved = [name for name in inputs if name in RESERVED_FIELD_NAMES]
+    if reserved:
+        raise reserved_error(reserved, f"program {program.program_id!r} inputs")
+    expected = [field.name for field in program.inputs]
+    missing = [name for name in expected if name not in inputs]
+    unknown = [name for name in inputs if name not in expected]
+    if unknown:
+        also = f"; missing: {quoted(missing)}" if missing else ""
+        raise UnknownInput(
+            f"program {program.program_id!r} got unknown input(s) {quoted(unknown)}; it "
+            f"expects: {names(expected)}{also}"
+        )
+    if missing:
+        raise MissingInput(
+            f"program {program.program_id!r} is missing input(s) {quoted(missing)}; it "
+            f"expects: {names(expected)}"
+        )
+    require_lm(state, ctx)
+    prediction = run(state, lambda: program.module(**inputs))
+    outputs = {field.name: jsonable(prediction.get(field.name)) for field in program.outputs}
+    reasoning = prediction.get("reasoning") if program.type == "chain_of_thought" else None
+    usage = None
+    get_usage = getattr(prediction, "get_lm_usage", None)
+    if callable(get_usage):
+        usage = get_usage() or None
+    return {
+        "outputs": outputs,
+        "reasoning": None if reasoning is None else str(reasoning),
+        "usage": jsonable(usage),
+    }
+
+
+def dump_program_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Return a program's state (demos, instructions) as JSON for load_program_state."""
+    state = session_state(ctx)
+    check_known(ctx.command, args, ("program_id",))
+    program = find_program(state, ctx, args)
+    return {"program_id": program.program_id, "state": dump_state(program)}
+
+
+def load_program_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Load a state from dump_program_state (or optimize_program) into a program."""
+    state = session_state(ctx)
+    check_known(ctx.command, args, ("program_id", "state"))
+    program = find_program(state, ctx, args)
+    if "state" not in args:
+        raise InvalidArgument(f"{ctx.command}: args.state is required")
+    load_state(ctx.command, program, args["state"])
+    return {"program_id": program.program_id, "demos": program.demo_count()}
+
+
+def list_programs(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """The session's programs, in creation order."""
+    state = session_state(ctx)
+    check_known(ctx.command, args, ())
+    return {
+        "programs": [
+            {
+                "program_id": program.program_id,
+                "type": program.type,
+                "signature": program.signature_text(),
+            }
+            for program in state.programs.values()
+        ]
+    }
+
+
+def get_program_info(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """A program's type, signature, instructions and number of demos."""
+    state = session_state(ctx)
+    check_known(ctx.command, args, ("program_id",))
+    program = find_program(state, ctx, args)
+    return {
+        "program_id": program.program_id,
+        "type": program.type,
+        "signature": program.describe_signature(),
+        "demos": program.demo_count(),
+        "instructions": program.instructions(),
+    }
+
+
+def delete_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Delete a program from the session."""
+    state = session_state(ctx)
+    check_known(ctx.command, args, ("program_id",))
+    program = find_program(state, ctx, args)
+    del state.programs[program.program_id]
+    return {"deleted": program.program_id}
+
+
+def reset_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Drop the session's programs and language model."""
+    state = session_state(ctx)
+    check_known(ctx.command, args, ())
+    count, had_lm = state.clear()
+    return {"programs_deleted": count, "lm_cleared": had_lm}
+
+
+COMMANDS: Tuple[Tuple[str, Handler, bool], ...] = (
+    ("configure_lm", configure_lm, True),
+    ("create_program", create_program, True),
+    ("execute_program", execute_program, False),
+    ("optimize_program", optimize_program, True),
+    ("dump_program_state", dump_program_state, False),
+    ("load_program_state", load_program_state, True),
+    ("list_programs", list_programs, False),
+    ("get_program_info", get_program_info, False),
+    ("delete_program", delete_program, True),
+    ("reset_state", reset_state, True),
+)
+"""``(name, handler, mutates_session)`` of every DSPy command."""
+
+COMMAND_NAMES: Tuple[str, ...] = tuple(name for name, _, _ in COMMANDS)
+"""Names of the DSPy commands."""
+
+
+def register_commands(registry: Registry) -> None:
+    """Register the DSPy commands and the session cleanup hook into ``registry``."""
+    for name, func, mutates_session in COMMANDS:
+        registry.register(name, func, mutates_session=mutates_session)
+    registry.on_session_cleanup(cleanup_session_state)

@@ -1,0 +1,102 @@
+"""The scripted test LM: DSPy's ``DummyLM`` with answers that run out loudly.
+
+A script is a list of ``{output field: value}`` answers, one consumed per LM call, or an
+object mapping prompt text to such an answer. A call after the list is used up fails with
+``DummyAnswersExhausted`` (DSPy's DummyLM would answer "No more responses"). With
+``follow_examples`` the LM answers from a demo whose input matches the call, and when
+none matches, from the script (DSPy's own DummyLM would fail the call instead).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List
+
+from ..arguments import InvalidArgument, describe
+from .errors import DummyAnswersExhausted
+from .loader import load_dspy
+
+_scripted_lm_class: Any = None
+
+
+class Script:
+    """The scripted answers of a dummy LM; raises when used up instead of stopping."""
+
+    def __init__(self, answers: List[Dict[str, Any]]) -> None:
+        self._answers = answers
+        self._next = 0
+
+    def __iter__(self) -> "Script":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        if self._next >= len(self._answers):
+            raise DummyAnswersExhausted(
+                f"the dummy LM has used all {len(self._answers)} of its scripted answers; "
+                "call configure_lm again with more answers"
+            )
+        answer = self._answers[self._next]
+        self._next += 1
+        return answer
+
+
+def scripted_lm_class() -> Any:
+    """``DummyLM`` with a script that fails when used up and a ``follow_examples`` fallback."""
+    global _scripted_lm_class
+    if _scripted_lm_class is None:
+        load_dspy()
+        from dspy.utils.dummies import DummyLM
+
+        class ScriptedLM(DummyLM):  # type: ignore[misc, valid-type]
+            """A DummyLM: scripted answers, or a matching demo's outputs with follow_examples.
+
+            With ``follow_examples`` and a non-empty script, a call whose input matches no
+            demo takes the next scripted answer instead of failing.
+            """
+
+            def __init__(self, answers: Any, follow_examples: bool = False) -> None:
+                super().__init__(answers, follow_examples=follow_examples)
+                if isinstance(answers, list):
+                    self.answers = Script(answers)
+                self.fallback = follow_examples and bool(answers)
+
+            def _use_example(self, messages: Any) -> Any:
+                found = super()._use_example(messages)
+                if found is not None or not self.fallback:
+                    return found
+                if isinstance(self.answers, dict):
+                    last = messages[-1]["content"]
+                    for key, answer in self.answers.items():
+                        if key in last:
+                            return self._format_answer_fields(answer)
+                    return "No more responses"
+                return self._format_answer_fields(next(self.answers))
+
+        _scripted_lm_class = ScriptedLM
+    return _scripted_lm_class
+
+
+def dummy_answers(command: str, answers: Any) -> Any:
+    """A copy of a script given as ``args.answers`` (``None``: an empty list)."""
+    if answers is None:
+        return []
+    if isinstance(answers, list):
+        for i, answer in enumerate(answers):
+            if not isinstance(answer, dict):
+                raise InvalidArgument(
+                    f"{command}: args.answers[{i}] must be an object of output field -> value, "
+                    f"got {describe(answer)}"
+                )
+        return copy.deepcopy(answers)
+    if isinstance(answers, dict):
+        for key, answer in answers.items():
+            if not isinstance(answer, dict):
+                raise InvalidArgument(
+                    f"{command}: args.answers[{key!r}] must be an object of output field -> "
+                    f"value, got {describe(answer)}"
+                )
+        return copy.deepcopy(answers)
+    raise InvalidArgument(
+        f"{command}: args.answers must be a list of objects (one per LM call) or an object "
+        f"mapping prompt text to an answer object, got {describe(answers)}"
+    )

@@ -1,0 +1,209 @@
+"""Programs: a DSPy module with its declared fields, plus the data that goes in and out.
+
+``examples`` turns demos and trainsets (objects holding every input and output field)
+into ``dspy.Example``; ``load_state`` checks a ``dump_program_state`` state against the
+program before loading it (a state never gives a program its own LM, and its fields
+always come from the program's signature); ``jsonable`` makes DSPy's values plain JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List, Mapping, Tuple
+
+from ..arguments import InvalidArgument, describe, names, quoted
+from .errors import InvalidState
+from .loader import load_dspy
+from .signatures import FieldSpec
+
+PROGRAM_TYPES: Tuple[str, ...] = ("predict", "chain_of_thought")
+
+PREDICTOR_STATE_KEYS = frozenset({"traces", "train", "demos", "signature", "lm", "fields"})
+"""The keys of one predictor's state in ``dump_program_state``."""
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data; non-finite floats become null, unknown objects text."""
+    if value is None or type(value) in (str, bool, int):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((jsonable(item) for item in value), key=repr)
+    for method, kwargs in (("toDict", {}), ("model_dump", {"mode": "json"}), ("item", {})):
+        convert = getattr(value, method, None)
+        if callable(convert):
+            try:
+                return jsonable(convert(**kwargs))
+            except Exception:
+                break
+    return str(value)
+
+
+class Program:
+    """One program of a session: its declared fields and the DSPy module."""
+
+    __slots__ = ("program_id", "type", "inputs", "outputs", "module")
+
+    def __init__(
+        self,
+        program_id: str,
+        program_type: str,
+        inputs: List[FieldSpec],
+        outputs: List[FieldSpec],
+        module: Any,
+    ) -> None:
+        self.program_id = program_id
+        self.type = program_type
+        self.inputs = inputs
+        self.outputs = outputs
+        self.module = module
+
+    def predictors(self) -> List[Tuple[str, Any]]:
+        return list(self.module.named_predictors())
+
+    def demo_count(self) -> int:
+        return sum(len(predictor.demos) for _, predictor in self.predictors())
+
+    def signature_text(self) -> str:
+        return (
+            ", ".join(field.text() for field in self.inputs)
+            + " -> "
+            + ", ".join(field.text() for field in self.outputs)
+        )
+
+    def instructions(self) -> str:
+        predictor = self.predictors()[0][1]
+        return str(predictor.signature.instructions)
+
+    def describe_signature(self) -> Dict[str, Any]:
+        """Fields as declared; instructions and descriptions as the program has them now."""
+        signature = self.predictors()[0][1].signature
+        live = signature.fields
+
+        def entry(field: FieldSpec) -> Dict[str, str]:
+            info = live.get(field.name)
+            extra = (getattr(info, "json_schema_extra", None) or {}) if info is not None else {}
+            desc = extra.get("desc", field.desc)
+            if not isinstance(desc, str) or desc == f"${{{field.name}}}":
+                desc = ""
+            return {"name": field.name, "type": field.type, "desc": desc}
+
+        return {
+            "instructions": str(signature.instructions),
+            "inputs": [entry(field) for field in self.inputs],
+            "outputs": [entry(field) for field in self.outputs],
+        }
+
+
+def _check_record(
+    command: str,
+    record: Any,
+    where: str,
+    program_inputs: List[FieldSpec],
+    program_outputs: List[FieldSpec],
+    extra_allowed: Tuple[str, ...],
+) -> Dict[str, Any]:
+    if not isinstance(record, dict):
+        raise InvalidArgument(
+            f"{command}: {where} must be an object of field -> value, got {describe(record)}"
+        )
+    declared = [field.name for field in program_inputs + program_outputs]
+    missing = [name for name in declared if name not in record]
+    unknown = [key for key in record if key not in declared and key not in extra_allowed]
+    if unknown:
+        raise InvalidArgument(
+            f"{command}: {where} has unknown field(s) {quoted(unknown)}; the signature's "
+            f"fields are: {names(declared)}"
+        )
+    if missing:
+        raise InvalidArgument(
+            f"{command}: {where} lacks field(s) {quoted(missing)}; it needs every input "
+            f"and output field: {names(declared)}"
+        )
+    return record
+
+
+def examples(command: str, records: Any, name: str, program: Program) -> List[Any]:
+    """``args.<name>`` (demos or a trainset) as ``dspy.Example`` objects for ``program``."""
+    dspy = load_dspy()
+    if not isinstance(records, list):
+        raise InvalidArgument(
+            f"{command}: args.{name} must be a list of objects holding the input and output "
+            f"fields, got {describe(records)}"
+        )
+    extra: Tuple[str, ...] = ("reasoning",) if program.type == "chain_of_thought" else ()
+    input_names = [field.name for field in program.inputs]
+    result = []
+    for i, record in enumerate(records):
+        record = _check_record(
+            command, record, f"args.{name}[{i}]", program.inputs, program.outputs, extra
+        )
+        result.append(dspy.Example(**copy.deepcopy(record)).with_inputs(*input_names))
+    return result
+
+
+def load_state(command: str, program: Program, state: Any) -> None:
+    """Load a ``dump_program_state`` state into ``program``; leave it untouched on failure."""
+    if not isinstance(state, dict):
+        raise InvalidState(
+            f"{command}: state must be an object from dump_program_state, got {describe(state)}"
+        )
+    state = copy.deepcopy(state)
+    for name, predictor in program.predictors():
+        part = state if name == "self" else state.get(name)
+        where = "state" if name == "self" else f"state[{name!r}]"
+        if not isinstance(part, dict):
+            raise InvalidState(
+                f"{command}: {where} is missing or not an object; program "
+                f"{program.program_id!r} is a {program.type} program ({program.signature_text()})"
+            )
+        unknown = [key for key in part if key not in PREDICTOR_STATE_KEYS]
+        if unknown:
+            raise InvalidState(
+                f"{command}: {where} has unknown key(s) {quoted(unknown)}; a predictor state "
+                f"has: {names(sorted(PREDICTOR_STATE_KEYS))}"
+            )
+        # A predictor's own LM would bypass the session's LM: programs always use the latter.
+        part["lm"] = None
+        demos = part.get("demos", [])
+        if not isinstance(demos, list) or not all(isinstance(demo, dict) for demo in demos):
+            raise InvalidState(f"{command}: {where}.demos must be a list of objects")
+        signature = part.get("signature")
+        fields = signature.get("fields") if isinstance(signature, dict) else None
+        expected = len(predictor.signature.fields)
+        if not isinstance(fields, list) or len(fields) != expected:
+            found = len(fields) if isinstance(fields, list) else "no"
+            raise InvalidState(
+                f"{command}: {where}.signature has {found} fields but program "
+                f"{program.program_id!r} ({program.signature_text()}, {program.type}) has "
+                f"{expected}; the state comes from a different signature"
+            )
+    if program.type == "chain_of_thought":
+        unknown = [key for key in state if key not in dict(program.predictors())]
+        if unknown:
+            raise InvalidState(f"{command}: state has unknown key(s) {quoted(unknown)}")
+    try:
+        program.module.load_state(state)
+    except Exception as exc:
+        raise InvalidState(
+            f"{command}: state does not fit program {program.program_id!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def dump_state(program: Program) -> Dict[str, Any]:
+    """The program's state (demos, instructions) as JSON data."""
+    state: Dict[str, Any] = jsonable(program.module.dump_state())
+    return state
