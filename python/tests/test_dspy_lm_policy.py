@@ -229,6 +229,18 @@ def test_direct_settings_work_when_allowed(
     assert kind == "LMSettingsForbidden" and "never uses the response cache" in message
 
 
+def test_a_client_endpoint_without_a_key_variable_gets_no_key_of_the_operator(
+    bridge: Bridge, env: LMEnv, server: FakeLMServer
+) -> None:
+    env.client_settings("allow")
+    env.set("OPENAI_API_KEY", "sk-operator-secret")
+    server.answer("c", answer="direct")
+    bridge.ok("configure_lm", model="openai/test-model", api_base=server.base("c"), num_retries=0)
+    assert ask(bridge, program(bridge))["outputs"] == {"answer": "direct"}
+    seen = server.wait_for(1)[0].authorization
+    assert "sk-operator-secret" not in (seen or ""), seen
+
+
 @pytest.mark.parametrize("policy", ["deny", "allow"])
 @pytest.mark.parametrize("variable", ["SNAKEPOOL_TOKEN", "snakepool_token", "SNAKEPOOL_LM_KEY"])
 def test_pool_variables_are_never_used_as_api_keys(

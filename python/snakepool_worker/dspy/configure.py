@@ -180,6 +180,10 @@ def _configure_profile(state: SessionState, ctx: Context, args: Dict[str, Any]) 
     return dict(info)
 
 
+NO_KEY = "no-key"
+"""The key sent to a client-named endpoint when the client named no key variable."""
+
+
 def _configure_direct(
     state: SessionState, ctx: Context, args: Dict[str, Any], model: str
 ) -> Dict[str, Any]:
@@ -211,6 +215,11 @@ def _configure_direct(
             )
         refuse_pool_variable(api_key_env, f"{command}: args.api_key_env")
         kwargs["api_key"] = api_key(api_key_env, ctx.worker_id, "args.api_key_env", name_it=True)
+    elif api_base is not None:
+        # Without a key of its own, litellm would fall back to the provider's usual
+        # variable (OPENAI_API_KEY, ...) and send the operator's key to the client's
+        # endpoint.
+        kwargs["api_key"] = NO_KEY
     lm = _make_lm(command, model, kwargs)
     info = {
         "provider": "litellm",
