@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{builder, pid_of};
+use common::{WAIT, any_busy, builder, pid_of, wait_until};
 use serde_json::json;
 use snakepool::Error;
 
@@ -175,10 +175,7 @@ async fn shutdown_finishes_calls_in_flight_and_stops_every_worker() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.call("sleep", json!({"seconds": 0.3})).await })
     };
-    // Wait until the slow call holds a worker.
-    while pool.status().workers.iter().all(|w| w.state != "busy") {
-        tokio::task::yield_now().await;
-    }
+    wait_until("the slow call to hold a worker", WAIT, || any_busy(&pool)).await;
     pool.shutdown().await;
     assert!(slow.await.unwrap().is_ok(), "the call in flight finished");
     assert!(matches!(

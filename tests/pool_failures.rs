@@ -4,7 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{builder, kill9, pid_of, rogue, wait_for_event};
+use common::{
+    WAIT, any_busy, builder, kill9, pid_of, rogue, wait_for_event, wait_for_handler_pid, wait_until,
+};
 use serde_json::json;
 use snakepool::{Error, PoolEvent};
 
@@ -64,14 +66,24 @@ async fn os_exit_in_a_handler_is_a_crash_with_status_and_stderr() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_call_is_a_crash_and_the_pool_recovers() {
     let pool = builder(1).start().await.unwrap();
-    let pid = pool.status().workers[0].pid;
+    // The handler names its own pid before it waits: only then has the call reached
+    // its worker. (A worker killed between checkout and sending is not a crash of the
+    // call: the pool sends the call to another worker instead.)
+    let dir = tempfile::tempdir().unwrap();
     let call = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.call("sleep", json!({"seconds": 30})).await })
+        let args = json!({"dir": dir.path(), "n": 2, "limit_s": 30});
+        tokio::spawn(async move { pool.call("rendezvous", args).await })
     };
-    while pool.status().workers.iter().all(|w| w.state != "busy") {
-        tokio::task::yield_now().await;
-    }
+    let pid = wait_for_handler_pid(dir.path()).await;
+    assert!(
+        pool.status()
+            .workers
+            .iter()
+            .any(|w| w.pid == pid && w.state == "busy"),
+        "the handler's pid {pid} is a busy worker of the pool: {:?}",
+        pool.status().workers
+    );
     kill9(pid);
     match call.await.unwrap() {
         Err(Error::WorkerCrashed { status, .. }) => {
@@ -165,16 +177,12 @@ async fn full_queue_says_saturated_at_once() {
         let args = json!({"dir": gate, "n": 2, "limit_s": 20});
         tokio::spawn(async move { pool.call("rendezvous", args).await })
     };
-    while pool.status().workers[0].state != "busy" {
-        tokio::task::yield_now().await;
-    }
+    wait_until("the worker to be busy", WAIT, || any_busy(&pool)).await;
     let queued = {
         let pool = pool.clone();
         tokio::spawn(async move { pool.call("echo", json!({"queued": true})).await })
     };
-    while pool.status().queued != 1 {
-        tokio::task::yield_now().await;
-    }
+    wait_until("one caller to queue", WAIT, || pool.status().queued == 1).await;
     match pool.call("echo", json!({})).await {
         Err(Error::Saturated { queued }) => assert_eq!(queued, 1),
         other => panic!("expected Saturated, got {other:?}"),
@@ -200,9 +208,7 @@ async fn checkout_timeout_leaves_nothing_queued() {
         let args = json!({"dir": dir.path(), "n": 2, "limit_s": 20});
         tokio::spawn(async move { pool.call("rendezvous", args).await })
     };
-    while pool.status().workers[0].state != "busy" {
-        tokio::task::yield_now().await;
-    }
+    wait_until("the worker to be busy", WAIT, || any_busy(&pool)).await;
     match pool.call("echo", json!({})).await {
         Err(Error::CheckoutTimeout { waited }) => assert!(waited >= Duration::from_millis(100)),
         other => panic!("expected CheckoutTimeout, got {other:?}"),
@@ -249,11 +255,11 @@ async fn a_missing_module_gives_a_startup_error_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_keeps_failing_to_start_surfaces_the_error() {
+async fn a_pool_that_cannot_start_workers_fails_calls_at_once_and_never_gives_up() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("broken");
     let pool = rogue(1, &format!("fail_if {}", marker.display()))
-        .max_start_attempts(3)
+        .checkout_timeout(Duration::from_secs(30))
         .start()
         .await
         .unwrap();
@@ -265,46 +271,60 @@ async fn a_worker_that_keeps_failing_to_start_surfaces_the_error() {
     std::fs::write(&marker, b"").unwrap();
     let mut events = pool.subscribe();
     kill9(pid);
-    for _ in 0..3 {
+    // Far more failures than any give-up threshold: the supervisor keeps trying.
+    for _ in 0..8 {
         wait_for_event(&mut events, |e| {
             matches!(e, PoolEvent::WorkerStartFailed { .. })
         })
         .await;
     }
-    match pool.call("echo", json!({})).await {
+    assert!(!pool.health().is_ready());
+    // Well under the 30 s checkout timeout: the caller is told at once.
+    let answer = tokio::time::timeout(Duration::from_secs(5), pool.call("echo", json!({})))
+        .await
+        .expect("a call while no worker can start fails at once");
+    match answer {
         Err(Error::StartupFailed { stderr_tail, .. }) => {
             assert!(stderr_tail.contains("broken on purpose"), "{stderr_tail}")
         }
         other => panic!("expected StartupFailed, got {other:?}"),
     }
-    assert_eq!(pool.metrics().worker_start_failures, 3);
+    assert!(pool.health().start_error.is_some());
+    std::fs::remove_file(&marker).unwrap();
+    wait_for_event(&mut events, |e| matches!(e, PoolEvent::WorkerReady { .. })).await;
+    assert!(pool.health().is_ready());
+    pool.call("echo", json!({})).await.unwrap();
+    assert!(pool.metrics().worker_start_failures >= 8);
     pool.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_that_gives_up_mid_call_does_not_leak_its_worker() {
+async fn a_caller_that_gives_up_mid_call_leaves_the_call_to_finish_on_its_worker() {
     let pool = builder(1).start().await.unwrap();
     let mut events = pool.subscribe();
     let pid = pool.status().workers[0].pid;
     let abandoned = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.call("sleep", json!({"seconds": 30})).await })
+        tokio::spawn(async move { pool.call("sleep", json!({"seconds": 0.5})).await })
     };
-    while pool.status().workers[0].state != "busy" {
-        tokio::task::yield_now().await;
-    }
+    wait_until("the worker to be busy", WAIT, || any_busy(&pool)).await;
     abandoned.abort();
-    wait_for_event(
-        &mut events,
-        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
-    )
+    wait_until("the abandoned call to finish", WAIT, || {
+        pool.status()
+            .workers
+            .iter()
+            .any(|w| w.calls_served == 1 && w.state == "idle")
+    })
     .await;
     let reply = pool.call("whoami", json!({})).await.unwrap();
-    assert_ne!(pid_of(&reply), pid, "the half-used worker was not reused");
-    assert!(
-        common::wait_gone(pid, Duration::from_secs(10)),
-        "the abandoned worker was killed"
-    );
+    assert_eq!(pid_of(&reply), pid, "the worker served on");
+    assert_eq!(pool.metrics().worker_crashes, 0);
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, PoolEvent::WorkerLost { .. }),
+            "no worker was lost: {event:?}"
+        );
+    }
     pool.shutdown().await;
 }
 
@@ -375,35 +395,53 @@ async fn a_hung_idle_worker_fails_its_health_ping_and_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_callers_are_served_first_come_first_served() {
+    // Every call holds the only worker until the test releases it, and marks its own
+    // folder while it runs: the order recorded is the worker's, not the order in which
+    // callers happen to wake up with their replies.
     let pool = builder(1).start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let gate = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        path
+    };
+    let held = gate("held");
     let busy = {
         let pool = pool.clone();
-        let args = json!({"dir": dir.path(), "n": 2, "limit_s": 20});
+        let args = json!({"dir": held, "n": 2, "limit_s": 20});
         tokio::spawn(async move { pool.call("rendezvous", args).await })
     };
-    while pool.status().workers[0].state != "busy" {
-        tokio::task::yield_now().await;
-    }
-    let served = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_for_handler_pid(&held).await;
+    let gates: Vec<_> = (0..6).map(|i| gate(&i.to_string())).collect();
     let mut waiting = Vec::new();
-    for i in 0..6 {
+    for (i, folder) in gates.iter().enumerate() {
         let caller = pool.clone();
-        let served = served.clone();
+        let args = json!({"dir": folder, "n": 2, "limit_s": 20});
         waiting.push(tokio::spawn(async move {
-            caller.call("echo", json!({"i": i})).await.unwrap();
-            served.lock().unwrap().push(i);
+            caller.call("rendezvous", args).await
         }));
-        while pool.status().queued != i + 1 {
-            tokio::task::yield_now().await;
-        }
+        let what = format!("caller {i} to queue");
+        wait_until(&what, WAIT, || pool.status().queued == i + 1).await;
     }
-    std::fs::write(dir.path().join("releaser"), b"").unwrap();
+    std::fs::write(held.join("releaser"), b"").unwrap();
     busy.await.unwrap().unwrap();
-    for task in waiting {
-        task.await.unwrap();
+    let mut served = Vec::new();
+    for _ in 0..gates.len() {
+        let mut next = None;
+        wait_until("the next waiting caller to reach the worker", WAIT, || {
+            next = (0..gates.len())
+                .find(|i| !served.contains(i) && common::handler_pid(&gates[*i]).is_some());
+            next.is_some()
+        })
+        .await;
+        let i = next.unwrap();
+        served.push(i);
+        std::fs::write(gates[i].join("releaser"), b"").unwrap();
     }
-    assert_eq!(*served.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    for task in waiting {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(served, vec![0, 1, 2, 3, 4, 5]);
     let metrics = pool.metrics();
     assert_eq!(metrics.calls, 7);
     assert_eq!(metrics.queue_wait.count, 7);

@@ -2,7 +2,8 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use snakepool::{Pool, PoolBuilder, PoolEvent};
@@ -76,6 +77,63 @@ pub async fn wait_for_event(
     tokio::time::timeout(Duration::from_secs(30), wait)
         .await
         .expect("expected pool event did not happen within 30 s")
+}
+
+/// How long a test waits for something that should happen almost at once (a call
+/// reaching its worker, a caller joining the queue) before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// How often `wait_until` and `wait_until_async` check their condition.
+const POLL: Duration = Duration::from_millis(2);
+
+/// Checks `cond` every 2 ms until it holds; panics with
+/// `timed out after {limit:?} waiting for {what}` if it still does not after `limit`.
+/// For conditions no pool event announces; prefer `wait_for_event` where one does.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    wait_until_async(what, limit, || std::future::ready(cond())).await;
+}
+
+/// `wait_until` for a condition that must itself be awaited (e.g. an HTTP request);
+/// the deadline covers the checks too, so a check that hangs fails the same way.
+pub async fn wait_until_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let poll = async {
+        while !cond().await {
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    if tokio::time::timeout(limit, poll).await.is_err() {
+        panic!("timed out after {limit:?} waiting for {what}");
+    }
+}
+
+/// Whether any of the pool's workers is checked out by a caller.
+pub fn any_busy(pool: &Pool) -> bool {
+    pool.status().workers.iter().any(|w| w.state == "busy")
+}
+
+/// The pid a handler that announces itself in `dir` wrote there, if it has yet:
+/// `rendezvous` creates a file named after its pid before it waits.
+pub fn handler_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .next()
+}
+
+/// Waits until a handler that announces itself in `dir` (see `handler_pid`) is
+/// running, and returns its pid.
+pub async fn wait_for_handler_pid(dir: &Path) -> u32 {
+    let mut pid = None;
+    wait_until("the handler to write its pid", WAIT, || {
+        pid = handler_pid(dir);
+        pid.is_some()
+    })
+    .await;
+    pid.unwrap()
 }
 
 /// Sends SIGKILL to one process.
