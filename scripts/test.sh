@@ -21,7 +21,7 @@ SNAKEPOOL_SPAWN=zygote cargo test --quiet
 
 echo "== The pool's behavioural tests again with fresh workers"
 SNAKEPOOL_SPAWN=fresh cargo test --quiet \
-  --test pool_basics --test pool_failures --test sessions --test dspy_bridge
+  --test pool_basics --test pool_failures --test pool_limits --test sessions --test dspy_bridge
 
 # The fuzz targets, bounded in time (SNAKEPOOL_FUZZ_SECONDS per target; 0 skips).
 fuzz_seconds=${SNAKEPOOL_FUZZ_SECONDS:-20}
