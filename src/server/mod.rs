@@ -449,10 +449,42 @@ async fn assign_request_id(
     let id = state.next_request_id();
     request.extensions_mut().insert(id.clone());
     let mut response = next.run(request).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        response = with_request_id(response, &id).await;
+    }
     if let Ok(value) = HeaderValue::from_str(&id.0) {
         response.headers_mut().insert("x-request-id", value);
     }
     response
+}
+
+/// Largest error body the server puts a request id into.
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// Adds `request_id` to an `{"error": {...}}` body that lacks one, whoever made it
+/// (a handler, an extractor's rejection, the token check).
+async fn with_request_id(response: Response, id: &RequestId) -> Response {
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, ERROR_BODY_LIMIT).await else {
+        return Response::from_parts(parts, axum::body::Body::empty());
+    };
+    let mut value: Value = match serde_json::from_slice(&bytes) {
+        Ok(value) => value,
+        Err(_) => return Response::from_parts(parts, axum::body::Body::from(bytes)),
+    };
+    if let Some(error) = value.get_mut("error").and_then(Value::as_object_mut) {
+        error.entry("request_id").or_insert_with(|| json!(&*id.0));
+    }
+    let bytes = serde_json::to_vec(&value).expect("a JSON value serialises");
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The API's routes over `state`.
