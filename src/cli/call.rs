@@ -40,13 +40,13 @@ pub struct CallArgs {
 pub fn exit_code(kind: &str) -> u8 {
     match kind {
         "bad_request" | "invalid_request" | "body_too_large" => 2,
-        "unknown_command" => 3,
+        "unknown_command" | "forbidden" => 3,
         "worker_error" => 4,
         "request_timeout" | "checkout_timeout" => 5,
         "worker_crashed" | "protocol" | "session_rebuild_failed" => 6,
-        "saturated" | "shutting_down" | "starting" => 7,
+        "saturated" | "shutting_down" | "starting" | "degraded" | "too_many_sessions" => 7,
         "session_closed" | "session_not_found" => 8,
-        "startup_failed" | "config" => 9,
+        "startup_failed" | "config" | "invalid_config" => 9,
         "connect" => 10,
         "unauthorized" => 11,
         _ => 1,

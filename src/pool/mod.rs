@@ -155,9 +155,11 @@ pub const INTERNAL_COMMANDS: &[&str] = &[
     "restore_session",
 ];
 
-/// Runs the I/O part of a call on a task of its own, so that a caller who goes away
-/// (a dropped future, a disconnected HTTP client) neither kills the worker nor loses
-/// a journal entry: the call finishes within its timeout and its reply is dropped.
+/// Runs the I/O part of a session call on a task of its own, so that a caller who
+/// goes away (a dropped future, a disconnected HTTP client) neither kills the worker
+/// nor loses a journal entry nor lets the session's next call overtake it: the call
+/// finishes within its timeout and its reply is dropped. (A plain call needs no task:
+/// its lease finishes an abandoned call by itself.)
 pub(crate) async fn detached<T: Send + 'static>(
     call: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
@@ -350,9 +352,9 @@ impl Pool {
                 // another.
                 continue;
             }
-            let command = command.to_owned();
-            return detached(async move { lease.worker().call(&command, args, timeout).await })
-                .await;
+            // If this future is dropped mid-call, the lease finishes the call in the
+            // background (see `Lease`): no task per call on the fast path.
+            return lease.worker().call(command, args, timeout).await;
         }
     }
 

@@ -214,9 +214,22 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            self.shared.release(worker);
+        let Some(mut worker) = self.worker.take() else {
+            return;
+        };
+        if worker.has_abandoned_call()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // The caller went away mid-call: the call runs to completion (within its
+            // timeout) and its reply is dropped; the worker stays busy until then.
+            let shared = self.shared.clone();
+            runtime.spawn(async move {
+                worker.finish_abandoned().await;
+                shared.release(worker);
+            });
+            return;
         }
+        self.shared.release(worker);
     }
 }
 

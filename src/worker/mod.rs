@@ -83,6 +83,13 @@ impl RawProcess {
     }
 }
 
+/// The request a worker is serving: what an abandoned call must wait for.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    deadline: tokio::time::Instant,
+}
+
 /// A started, handshaken worker process.
 pub struct Worker {
     id: Arc<str>,
@@ -96,9 +103,9 @@ pub struct Worker {
     calls_served: u64,
     started_at: Instant,
     lost: bool,
-    /// A request was sent and its reply not yet read: if the call is abandoned here,
-    /// the reply would reach the next caller, so the worker counts as lost.
-    in_flight: bool,
+    /// A request was sent and its reply not yet read: the worker cannot take another
+    /// call until [`Worker::finish_abandoned`] has read (and dropped) that reply.
+    in_flight: Option<InFlight>,
     stop_grace: Duration,
 }
 
@@ -162,7 +169,7 @@ impl Worker {
             calls_served: 0,
             started_at: Instant::now(),
             lost: false,
-            in_flight: false,
+            in_flight: None,
             stop_grace: spec.stop_grace,
         };
         let hello = Request {
@@ -228,7 +235,7 @@ impl Worker {
     /// True once the worker was killed, died, or broke the protocol: it must not be
     /// used again.
     pub fn is_lost(&self) -> bool {
-        self.lost || self.in_flight || self.exit.exited()
+        self.lost || self.in_flight.is_some() || self.exit.exited()
     }
 
     /// Checks, without waiting, that an idle worker is fit for a call: alive, and not
@@ -304,7 +311,8 @@ impl Worker {
         if self.is_lost() {
             return Err(self.crashed(command).await);
         }
-        match tokio::time::timeout(timeout, self.send_and_receive(request)).await {
+        let deadline = tokio::time::Instant::now() + timeout;
+        match tokio::time::timeout_at(deadline, self.send_and_receive(request, deadline)).await {
             Ok(result) => result,
             Err(_) => {
                 self.kill();
@@ -320,14 +328,26 @@ impl Worker {
     async fn send_and_receive(
         &mut self,
         request: &Request,
+        deadline: tokio::time::Instant,
     ) -> Result<(Value, Option<JournalHint>), Error> {
         let command = request.command.as_str();
         let input = self.input.as_mut().expect("input open while not lost");
-        self.in_flight = true;
-        match input.send(request).await {
+        // Once the frame is in the writer's buffer the request counts as sent: were
+        // the call abandoned from here on, its reply must still be read before anyone
+        // else uses the worker.
+        let sent = match input.feed(request).await {
+            Ok(()) => {
+                self.in_flight = Some(InFlight {
+                    id: request.id,
+                    deadline,
+                });
+                input.flush().await
+            }
+            Err(error) => Err(error),
+        };
+        match sent {
             Ok(()) => {}
             Err(FrameError::TooLarge { len, max }) => {
-                self.in_flight = false;
                 return Err(Error::InvalidRequest {
                     command: command.to_owned(),
                     reason: format!("request of {len} bytes exceeds the {max}-byte frame limit"),
@@ -335,7 +355,6 @@ impl Worker {
             }
             Err(FrameError::Io(_)) => return Err(self.crashed(command).await),
             Err(other) => {
-                self.in_flight = false;
                 return Err(Error::InvalidRequest {
                     command: command.to_owned(),
                     reason: other.to_string(),
@@ -356,7 +375,7 @@ impl Worker {
         };
         match frame {
             Some(Ok(reply)) if reply.id == request.id => {
-                self.in_flight = false;
+                self.in_flight = None;
                 let journal = reply.journal;
                 let outcome = reply.outcome.map(|result| (result, journal));
                 outcome.map_err(|remote| match remote.kind.as_str() {
@@ -384,6 +403,53 @@ impl Worker {
             Some(Err(FrameError::Io(_))) | None => Err(self.crashed(command).await),
             Some(Err(error)) => Err(self.violation(command, error.to_string())),
         }
+    }
+
+    /// Finishes a call whose caller went away after sending it: sends what is left of
+    /// the request, reads its reply within the call's deadline and drops it. Returns
+    /// whether the worker is fit for the next call; one that is not (no reply in time,
+    /// a wrong reply, a dead process) is killed.
+    pub async fn finish_abandoned(&mut self) -> bool {
+        let Some(pending) = self.in_flight.take() else {
+            return !self.is_lost();
+        };
+        let outcome = tokio::time::timeout_at(pending.deadline, async {
+            if let Some(input) = self.input.as_mut() {
+                input.flush().await.map_err(|e| e.to_string())?;
+            }
+            match self.output.next().await {
+                Some(Ok(reply)) if reply.id == pending.id => Ok(()),
+                Some(Ok(reply)) => Err(format!(
+                    "reply id {} does not match request id {}",
+                    reply.id, pending.id
+                )),
+                Some(Err(error)) => Err(error.to_string()),
+                None => Err("closed its output".to_owned()),
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => {
+                self.calls_served += 1;
+                true
+            }
+            Ok(Err(problem)) => {
+                tracing::warn!(worker = %self.name(), %problem, "abandoned call ended badly; worker killed");
+                self.kill();
+                false
+            }
+            Err(_) => {
+                tracing::warn!(worker = %self.name(), "abandoned call ran past its timeout; worker killed");
+                self.kill();
+                false
+            }
+        }
+    }
+
+    /// Whether a call was sent and abandoned before its reply was read (and the
+    /// worker is otherwise alive).
+    pub fn has_abandoned_call(&self) -> bool {
+        self.in_flight.is_some() && !self.lost && !self.exit.exited()
     }
 
     fn violation(&mut self, command: &str, detail: String) -> Error {
