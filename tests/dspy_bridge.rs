@@ -38,20 +38,7 @@ async fn chat_completions(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     seen.requests.lock().unwrap().push((auth, body.clone()));
-    let content = "[[ ## reasoning ## ]]\nForty plus two is forty-two.\n\n\
-                   [[ ## answer ## ]]\n42\n\n[[ ## completed ## ]]";
-    let reply = json!({
-        "id": "chatcmpl-test",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": body["model"],
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop"
-        }],
-        "usage": {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}
-    });
+    let reply = common::chat_completion_reply(&body["model"]);
     (StatusCode::OK, Json(reply))
 }
 

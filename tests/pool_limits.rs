@@ -58,7 +58,10 @@ async fn the_pool_owns_session_ids_and_its_own_commands() {
 async fn session_ids_have_a_length_limit_and_no_control_characters() {
     let pool = builder(1).start().await.unwrap();
     let longest = "x".repeat(MAX_SESSION_ID_BYTES);
-    pool.session(&longest).call("ping", json!({})).await.unwrap();
+    pool.session(&longest)
+        .call("ping", json!({}))
+        .await
+        .unwrap();
     for bad in [
         "x".repeat(MAX_SESSION_ID_BYTES + 1),
         "a\nb".to_owned(),
@@ -187,7 +190,10 @@ async fn a_worker_over_its_memory_limit_never_serves_again() {
     let mut events = pool.subscribe();
     let first = pid_of(&pool.call("hold_memory", json!({"mb": 10})).await.unwrap());
     // Below the limit: the same worker serves on.
-    assert_eq!(pid_of(&pool.call("whoami", json!({})).await.unwrap()), first);
+    assert_eq!(
+        pid_of(&pool.call("whoami", json!({})).await.unwrap()),
+        first
+    );
     // This call crosses the limit: the worker is retired before it serves again.
     let crossing = pool.call("hold_memory", json!({"mb": 60})).await.unwrap();
     assert_eq!(pid_of(&crossing), first);
@@ -223,7 +229,9 @@ async fn a_rebuild_that_kills_its_workers_is_given_up_after_the_attempts() {
     let lost_before = pool.metrics().worker_crashes;
     match session.call("get_value", json!({"key": "k"})).await {
         Err(Error::SessionRebuildFailed {
-            entry, entry_command, ..
+            entry,
+            entry_command,
+            ..
         }) => {
             assert_eq!(entry, Some(1));
             assert_eq!(entry_command.as_deref(), Some("crash_on_replay"));
@@ -244,6 +252,9 @@ async fn a_rebuild_that_kills_its_workers_is_given_up_after_the_attempts() {
     pool.call("whoami", json!({})).await.unwrap();
     pool.session("other").call("ping", json!({})).await.unwrap();
     session.close().await.unwrap();
-    pool.session("doomed").call("ping", json!({})).await.unwrap();
+    pool.session("doomed")
+        .call("ping", json!({}))
+        .await
+        .unwrap();
     pool.shutdown().await;
 }

@@ -9,6 +9,8 @@
 //! slow headers, listing pages, drain on SIGTERM, crash bodies) and a pool that never
 //! dies quietly (failing starts, bounded session rebuilds).
 
+mod common;
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -865,20 +867,7 @@ async fn fake_lm_handler(State(fake): State<FakeLm>, request: Request) -> Respon
     match path.as_str() {
         "/v1/chat/completions" => {
             let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let content = "[[ ## reasoning ## ]]\nForty plus two is forty-two.\n\n\
-                           [[ ## answer ## ]]\n42\n\n[[ ## completed ## ]]";
-            let reply = json!({
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "created": 1_700_000_000,
-                "model": request["model"],
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop"
-                }],
-                "usage": {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}
-            });
+            let reply = common::chat_completion_reply(&request["model"]);
             (AxumStatus::OK, axum::Json(reply)).into_response()
         }
         "/e404/v1/chat/completions" => failure(AxumStatus::NOT_FOUND),

@@ -227,3 +227,22 @@ pub async fn server_pids(client: &reqwest::Client, url: &str) -> Vec<u32> {
     pids.extend(pool["spawn"]["pid"].as_u64().map(|p| p as u32));
     pids
 }
+
+/// An OpenAI-compatible chat completion answering a DSPy chain of thought ("what is
+/// forty plus two") for `model`: what the fake LM servers of the tests send back.
+pub fn chat_completion_reply(model: &serde_json::Value) -> serde_json::Value {
+    let content = "[[ ## reasoning ## ]]\nForty plus two is forty-two.\n\n\
+                   [[ ## answer ## ]]\n42\n\n[[ ## completed ## ]]";
+    serde_json::json!({
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}
+    })
+}

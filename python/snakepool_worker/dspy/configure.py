@@ -36,6 +36,7 @@ from .policy import (
     CLIENT_SETTINGS_ENV,
     DEFAULT_NUM_RETRIES,
     ENV_NAME,
+    PROFILE_KEYS,
     api_key,
     client_settings_allowed,
     lm_profiles,
@@ -46,16 +47,9 @@ from .state import SessionState, session_state
 
 PROVIDERS: Tuple[str, ...] = ("litellm", "dummy")
 
-_DIRECT_ARGS = (
-    "provider",
-    "model",
-    "api_base",
-    "api_key_env",
-    "temperature",
-    "max_tokens",
-    "num_retries",
-    "cache",
-)
+_DIRECT_ARGS = ("provider",) + PROFILE_KEYS
+"""What a client may give ``configure_lm`` when client LM settings are allowed: what a
+profile holds."""
 _DUMMY_ARGS = ("provider", "model", "answers", "follow_examples")
 _PROFILE_ARGS = ("profile", "temperature", "max_tokens")
 _PROFILE_FIXED = ("model", "api_base", "api_key_env", "num_retries", "cache")

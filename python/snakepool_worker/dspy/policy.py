@@ -39,7 +39,7 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 """What an environment variable name looks like."""
 
 _PROFILE_NAME = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9_.-]{1,128}\Z")
-_PROFILE_KEYS = (
+PROFILE_KEYS: Tuple[str, ...] = (
     "model",
     "api_base",
     "api_key_env",
@@ -48,6 +48,7 @@ _PROFILE_KEYS = (
     "num_retries",
     "cache",
 )
+"""The settings an LM profile holds."""
 
 _log = logging.getLogger(__package__)
 
@@ -55,16 +56,7 @@ _log = logging.getLogger(__package__)
 class LMProfile:
     """A named LM configuration defined by the operator in ``SNAKEPOOL_LM_PROFILES``."""
 
-    __slots__ = (
-        "name",
-        "model",
-        "api_base",
-        "api_key_env",
-        "temperature",
-        "max_tokens",
-        "num_retries",
-        "cache",
-    )
+    __slots__ = ("name",) + PROFILE_KEYS
 
     def __init__(
         self,
@@ -108,11 +100,11 @@ def _parse_profile(name: Any, entry: Any) -> LMProfile:
             f"{PROFILES_ENV}: profile {name!r} must be an object {{model, api_base?, "
             f"api_key_env?, ...}}, got {describe(entry)}"
         )
-    unknown = [key for key in entry if key not in _PROFILE_KEYS]
+    unknown = [key for key in entry if key not in PROFILE_KEYS]
     if unknown:
         raise LMProfileInvalid(
             f"{PROFILES_ENV}: profile {name!r} has unknown key(s) {quoted(unknown)}; "
-            f"allowed: {names(_PROFILE_KEYS)}"
+            f"allowed: {names(PROFILE_KEYS)}"
         )
     values: Dict[str, Any] = {}
     for key in ("model", "api_base", "api_key_env"):
