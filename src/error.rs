@@ -21,15 +21,18 @@ pub enum Error {
         /// How long the caller waited.
         waited: Duration,
     },
-    /// The worker did not answer in time; it was killed and is being replaced.
-    #[error("worker {worker} did not answer `{command}` within {timeout:?}; it was killed")]
+    /// The worker did not answer in time. A concurrent command was cancelled and the
+    /// worker serves on; otherwise the worker was killed and is being replaced.
+    #[error("worker {worker} did not answer `{command}` within {timeout:?}; {}", if *.killed { "it was killed" } else { "the call was cancelled" })]
     RequestTimeout {
-        /// The worker that was killed.
+        /// The worker that served the call.
         worker: WorkerName,
         /// The command that timed out.
         command: String,
         /// The timeout that expired.
         timeout: Duration,
+        /// Whether the worker was killed (else only the call was cancelled).
+        killed: bool,
     },
     /// The worker process died while serving the call.
     #[error("worker {worker} died during `{command}` ({status}); stderr tail:\n{stderr_tail}")]
@@ -176,7 +179,9 @@ impl Error {
     pub fn lost_worker(&self) -> bool {
         matches!(
             self,
-            Error::RequestTimeout { .. } | Error::WorkerCrashed { .. } | Error::Protocol { .. }
+            Error::RequestTimeout { killed: true, .. }
+                | Error::WorkerCrashed { .. }
+                | Error::Protocol { .. }
         )
     }
 }

@@ -38,6 +38,22 @@ pub struct Request {
     pub args: Value,
 }
 
+/// Asks a worker to cancel call `id` (protocol addition, for workers that announce
+/// concurrency): `{"id": N, "cancel": true}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Cancel {
+    /// The call to cancel.
+    pub id: u64,
+    cancel: bool,
+}
+
+impl Cancel {
+    /// The cancel frame for call `id`.
+    pub fn of(id: u64) -> Cancel {
+        Cancel { id, cancel: true }
+    }
+}
+
 /// A worker's structured report of a failed command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteError {
@@ -259,11 +275,13 @@ impl Decoder for HostCodec {
     }
 }
 
-impl Encoder<&Request> for HostCodec {
-    type Error = FrameError;
-
-    fn encode(&mut self, request: &Request, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let body = serde_json::to_vec(request)
+impl HostCodec {
+    fn encode_json(
+        &mut self,
+        frame: &impl Serialize,
+        dst: &mut BytesMut,
+    ) -> Result<(), FrameError> {
+        let body = serde_json::to_vec(frame)
             .map_err(|e| FrameError::BadShape(format!("request is not serialisable: {e}")))?;
         if body.len() > self.max_frame_bytes {
             return Err(FrameError::TooLarge {
@@ -273,6 +291,22 @@ impl Encoder<&Request> for HostCodec {
         }
         self.frames.encode(bytes::Bytes::from(body), dst)?;
         Ok(())
+    }
+}
+
+impl Encoder<&Request> for HostCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, request: &Request, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode_json(request, dst)
+    }
+}
+
+impl Encoder<&Cancel> for HostCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, cancel: &Cancel, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode_json(cancel, dst)
     }
 }
 

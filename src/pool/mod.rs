@@ -95,6 +95,8 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// `idle`, `busy`, `recycling` or `retiring`.
     pub state: &'static str,
+    /// Calls running on it now.
+    pub in_flight: usize,
     /// Calls served.
     pub calls_served: u64,
     /// Sessions pinned to it.
@@ -200,6 +202,9 @@ pub(crate) struct Shared {
     /// Commands the workers' manifest flags as internal (known after the first
     /// worker is admitted).
     pub internal_commands: OnceLock<BTreeSet<String>>,
+    /// The manifest of the first worker admitted (every worker runs the same
+    /// program): which commands may overlap.
+    pub manifest: OnceLock<Arc<crate::worker::Manifest>>,
 }
 
 impl Shared {
@@ -278,6 +283,7 @@ impl Pool {
             changed: Notify::new(),
             spawner,
             internal_commands: OnceLock::new(),
+            manifest: OnceLock::new(),
         });
         shared.spawner.start_zygote(&shared).await;
         let started = futures::future::join_all(
@@ -341,10 +347,11 @@ impl Pool {
     }
 
     async fn plain_call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
+        let mode = self.shared().mode_of(command);
         loop {
-            let mut lease = self
+            let lease = self
                 .shared()
-                .checkout(None)
+                .checkout(None, mode)
                 .await?
                 .expect("plain checkouts are never rerouted");
             if !lease.worker().is_usable() {
@@ -352,9 +359,14 @@ impl Pool {
                 // another.
                 continue;
             }
-            // If this future is dropped mid-call, the lease finishes the call in the
-            // background (see `Lease`): no task per call on the fast path.
-            return lease.worker().call(command, args, timeout).await;
+            // The lease travels with the call: if this future is dropped mid-call, the
+            // worker finishes (or cancels) the call in the background and the
+            // capacity comes back when it settles. No task per call on the fast path.
+            let worker = lease.worker().clone();
+            return worker
+                .call_holding(command, args, timeout, lease.into_hold())
+                .await
+                .map(|(result, _)| result);
         }
     }
 
@@ -557,12 +569,13 @@ impl Pool {
             .map(|(id, s)| WorkerInfo {
                 id: id.to_string(),
                 pid: s.pid,
-                state: match (s.retire, s.recycling, s.busy) {
+                state: match (s.retire, s.recycling, s.in_flight > 0) {
                     (true, _, _) => "retiring",
                     (_, true, _) => "recycling",
                     (_, _, true) => "busy",
                     _ => "idle",
                 },
+                in_flight: s.in_flight,
                 calls_served: s.calls,
                 sessions: s.pinned.len(),
                 rss_bytes: s.rss_bytes,
@@ -640,12 +653,20 @@ impl Pool {
             let mut st = shared.lock();
             st.shutting_down = true;
             st.fail_waiters(&Error::ShuttingDown);
-            let idle = std::mem::take(&mut st.idle);
-            for worker in &idle {
-                st.slots.remove(worker.id());
-                st.stopping.push(worker.exit_watch());
+            let idle: Vec<Arc<str>> = st
+                .slots
+                .iter()
+                .filter(|(_, s)| s.is_idle())
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut workers = Vec::with_capacity(idle.len());
+            for id in idle {
+                if let Some(slot) = st.remove_worker(&id) {
+                    st.stopping.push(slot.worker.exit_watch());
+                    workers.push(slot.worker);
+                }
             }
-            idle
+            workers
         };
         futures::future::join_all(idle.into_iter().map(Worker::stop)).await;
         loop {

@@ -1,10 +1,17 @@
-//! The pool's books: which workers exist, which are idle, who waits for one.
+//! The pool's books: which workers exist, how many calls each runs, who waits.
 //!
-//! Everything here runs under the pool's lock and never awaits: checkout and release
-//! only move a [`Worker`] between the idle list, a waiter's channel and a caller's
-//! [`Lease`]. The caller does the pipe I/O after the lock is released.
+//! A worker runs either one call that has it to itself (an *exclusive* call: any
+//! command of a worker that does not announce concurrency, or a command not flagged
+//! concurrent) or up to its `max_concurrency` *shared* calls at once. A caller checks
+//! out capacity on a worker under the lock and gets a [`Lease`]; it does the pipe I/O
+//! with no lock held, and the capacity comes back when the call settles (the lease
+//! travels with the call, so a caller that goes away leaves it to the call).
+//! Waiters are served first come, first served; an exclusive waiter keeps later
+//! callers off the worker it waits for, so it cannot starve.
+//!
+//! Everything here runs under the pool's lock and never awaits.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,11 +23,26 @@ use crate::pool::supervisor::{Event, resident_bytes};
 use crate::pool::{PoolEvent, Shared};
 use crate::worker::{ExitWatch, Manifest, Worker};
 
+/// How a call uses its worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Alone: nothing else runs on the worker meanwhile.
+    Exclusive,
+    /// Beside other shared calls, up to the worker's `max_concurrency`.
+    Shared,
+}
+
 /// What the pool knows about one running worker.
 #[derive(Debug)]
 pub(crate) struct Slot {
+    pub worker: Worker,
     pub pid: u32,
-    pub busy: bool,
+    /// Calls checked out on it (sent or about to be).
+    pub in_flight: usize,
+    /// One of them has it to itself.
+    pub exclusive: bool,
+    /// Most shared calls at once.
+    pub limit: usize,
     pub calls: u64,
     /// The sessions pinned to it.
     pub pinned: HashSet<Arc<str>>,
@@ -31,25 +53,49 @@ pub(crate) struct Slot {
     pub recycle_at: Option<u64>,
     /// A replacement is being started for this worker.
     pub recycling: bool,
-    /// The replacement is ready: stop this worker when it is next free.
+    /// The replacement is ready: stop this worker when its calls are done.
     pub retire: bool,
     pub rss_bytes: Option<u64>,
 }
 
+impl Slot {
+    /// Whether a call in `mode` fits now.
+    fn has_room(&self, mode: Mode) -> bool {
+        if self.retire {
+            return false;
+        }
+        match mode {
+            Mode::Exclusive => self.in_flight == 0,
+            Mode::Shared => !self.exclusive && self.in_flight < self.limit,
+        }
+    }
+
+    fn take(&mut self, mode: Mode) {
+        self.in_flight += 1;
+        self.exclusive = mode == Mode::Exclusive;
+    }
+
+    /// Whether it has no call.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight == 0
+    }
+}
+
 /// What a waiting caller receives.
 pub(crate) enum Handoff {
-    /// A worker for the caller's exclusive use.
-    Worker(Box<Worker>),
+    /// Capacity on this worker, already counted.
+    Granted(Worker),
     /// The worker the caller waited for is gone: route the call again.
     Reroute,
     /// The caller's wait ends with this error.
     Fail(Error),
 }
 
-/// One caller waiting for a worker, any worker or a given one.
+/// One caller waiting for capacity, on any worker or a given one.
 pub(crate) struct Waiter {
     pub seq: u64,
     pub target: Option<Arc<str>>,
+    pub mode: Mode,
     pub tx: oneshot::Sender<Handoff>,
 }
 
@@ -57,7 +103,6 @@ pub(crate) struct Waiter {
 #[derive(Default)]
 pub(crate) struct State {
     pub slots: BTreeMap<Arc<str>, Slot>,
-    pub idle: Vec<Worker>,
     pub waiters: VecDeque<Waiter>,
     pub sessions: SessionTable,
     /// Workers being started.
@@ -82,16 +127,33 @@ impl State {
         Arc::from(format!("w{}", self.next_worker))
     }
 
-    fn take_idle(&mut self, id: &str) -> Option<Worker> {
-        let pos = self.idle.iter().position(|w| w.id() == id)?;
-        Some(self.idle.swap_remove(pos))
+    /// The worker with room for a call in `mode`: `target`, or the least busy one.
+    fn pick(
+        &self,
+        target: Option<&Arc<str>>,
+        mode: Mode,
+        blocked: &BTreeSet<Arc<str>>,
+    ) -> Option<Arc<str>> {
+        match target {
+            Some(id) => self
+                .slots
+                .get(id)
+                .filter(|s| s.has_room(mode) && !blocked.contains(id))
+                .map(|_| id.clone()),
+            None => self
+                .slots
+                .iter()
+                .filter(|(id, s)| s.has_room(mode) && !blocked.contains(*id))
+                .min_by_key(|(_, s)| (s.in_flight, s.recycling))
+                .map(|(id, _)| id.clone()),
+        }
     }
 
     /// Forgets worker `id`: unpins its sessions (their journal will be replayed) and
-    /// sends its waiters to route again. Returns the worker if it was idle.
-    pub fn remove_worker(&mut self, id: &str) -> Option<Worker> {
-        let slot = self.slots.remove(id)?;
-        self.sessions.unpin(id, slot.pinned);
+    /// sends its waiters to route again. Returns its slot if it was known.
+    pub fn remove_worker(&mut self, id: &str) -> Option<Slot> {
+        let mut slot = self.slots.remove(id)?;
+        self.sessions.unpin(id, std::mem::take(&mut slot.pinned));
         let mut kept = VecDeque::with_capacity(self.waiters.len());
         for waiter in self.waiters.drain(..) {
             if waiter.target.as_deref() == Some(id) {
@@ -101,36 +163,44 @@ impl State {
             }
         }
         self.waiters = kept;
-        self.take_idle(id)
+        Some(slot)
     }
 
-    /// Gives `worker` to the first waiter that can take it, else makes it idle.
-    pub fn hand_over(&mut self, mut worker: Worker) {
-        if let Some(slot) = self.slots.get_mut(worker.id()) {
-            slot.busy = true;
-        }
+    /// Hands free capacity to waiters, first come first served. A waiter that cannot
+    /// be served keeps the worker it waits for (or, waiting for any, the least busy
+    /// one) from later waiters in an exclusive wait, so exclusive calls do not starve.
+    pub fn grant_waiters(&mut self) {
+        let mut blocked = BTreeSet::new();
         let mut i = 0;
         while i < self.waiters.len() {
-            let fits = match &self.waiters[i].target {
-                None => true,
-                Some(target) => **target == *worker.id(),
-            };
-            if !fits {
+            let (target, mode) = (self.waiters[i].target.clone(), self.waiters[i].mode);
+            let Some(id) = self.pick(target.as_ref(), mode, &blocked) else {
+                if mode == Mode::Exclusive {
+                    let hold = target.or_else(|| {
+                        self.slots
+                            .iter()
+                            .filter(|(id, s)| !s.retire && !blocked.contains(*id))
+                            .min_by_key(|(_, s)| s.in_flight)
+                            .map(|(id, _)| id.clone())
+                    });
+                    blocked.extend(hold);
+                }
                 i += 1;
                 continue;
-            }
+            };
             let waiter = self.waiters.remove(i).expect("index in range");
-            match waiter.tx.send(Handoff::Worker(Box::new(worker))) {
-                Ok(()) => return,
-                // The waiter gave up; try the next one.
-                Err(Handoff::Worker(back)) => worker = *back,
-                Err(_) => unreachable!("only workers are sent here"),
+            let slot = self.slots.get_mut(&id).expect("picked from the slots");
+            slot.take(waiter.mode);
+            if waiter
+                .tx
+                .send(Handoff::Granted(slot.worker.clone()))
+                .is_err()
+            {
+                // The waiter gave up: give the capacity back and look again.
+                slot.in_flight -= 1;
+                slot.exclusive = false;
             }
         }
-        if let Some(slot) = self.slots.get_mut(worker.id()) {
-            slot.busy = false;
-        }
-        self.idle.push(worker);
     }
 
     /// Fails every waiter with `error`.
@@ -160,85 +230,40 @@ pub(crate) fn stop_in_background(mut st: std::sync::MutexGuard<'_, State>, worke
     tokio::spawn(worker.stop());
 }
 
-/// A caller's place in the queue. Dropping it (the caller gave up, or its future was
-/// dropped) takes the place out of the queue, and gives back a worker handed over in
-/// the meantime, so an abandoned wait never holds a queue slot or a worker.
-struct QueuedWait {
-    shared: Arc<Shared>,
-    seq: u64,
-    rx: Option<oneshot::Receiver<Handoff>>,
-}
-
-impl QueuedWait {
-    fn receiver(&mut self) -> &mut oneshot::Receiver<Handoff> {
-        self.rx.as_mut().expect("receiver kept until the wait ends")
-    }
-
-    /// Leaves the queue; returns what was handed over before leaving, if anything.
-    fn withdraw(&mut self) -> Option<Handoff> {
-        let mut rx = self.rx.take()?;
-        self.shared.lock().waiters.retain(|w| w.seq != self.seq);
-        rx.try_recv().ok()
-    }
-}
-
-impl Drop for QueuedWait {
-    fn drop(&mut self) {
-        if let Some(Handoff::Worker(worker)) = self.withdraw() {
-            self.shared.release(*worker);
-        }
-    }
-}
-
-/// A worker checked out for one caller. Dropping the lease returns the worker to the
-/// pool, or, if a call was cut short or the worker is lost, removes and kills it.
+/// Capacity for one call on one worker. Dropping the lease gives the capacity back
+/// (and removes the worker if it was lost). Pass it into the call
+/// ([`Lease::into_hold`]) so the capacity comes back when the call settles, even if
+/// its caller goes away.
 pub(crate) struct Lease {
     shared: Arc<Shared>,
-    worker: Option<Worker>,
+    worker: Worker,
+    mode: Mode,
 }
 
 impl Lease {
-    pub fn new(shared: Arc<Shared>, worker: Worker) -> Self {
-        Lease {
-            shared,
-            worker: Some(worker),
-        }
+    pub fn worker(&self) -> &Worker {
+        &self.worker
     }
 
-    pub fn worker(&mut self) -> &mut Worker {
-        self.worker
-            .as_mut()
-            .expect("lease holds its worker until dropped")
+    /// The lease as a value a call drops when it settles.
+    pub fn into_hold(self) -> Option<Box<dyn Send>> {
+        Some(Box::new(self))
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let Some(mut worker) = self.worker.take() else {
-            return;
-        };
-        if worker.has_abandoned_call()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            // The caller went away mid-call: the call runs to completion (within its
-            // timeout) and its reply is dropped; the worker stays busy until then.
-            let shared = self.shared.clone();
-            runtime.spawn(async move {
-                worker.finish_abandoned().await;
-                shared.release(worker);
-            });
-            return;
-        }
-        self.shared.release(worker);
+        self.shared.release(&self.worker, self.mode);
     }
 }
 
 impl Shared {
-    /// Waits for a worker: any worker (`target` None) or the given one. `Ok(None)`
-    /// means the target is gone and the caller must route again.
+    /// Waits for capacity for a call in `mode`: on any worker (`target` None) or the
+    /// given one. `Ok(None)` means the target is gone and the caller must route again.
     pub(crate) async fn checkout(
         self: &Arc<Self>,
         target: Option<&Arc<str>>,
+        mode: Mode,
     ) -> Result<Option<Lease>, Error> {
         let asked = Instant::now();
         let mut wait = {
@@ -251,18 +276,21 @@ impl Shared {
             {
                 return Err(fatal.clone());
             }
-            let taken = match target {
-                None => st.idle.pop(),
-                Some(id) if !st.slots.contains_key(id) => return Ok(None),
-                Some(id) => st.take_idle(id),
-            };
-            if let Some(worker) = taken {
-                if let Some(slot) = st.slots.get_mut(worker.id()) {
-                    slot.busy = true;
-                }
+            if let Some(id) = target
+                && !st.slots.contains_key(id)
+            {
+                return Ok(None);
+            }
+            // First come, first served: with callers waiting, join the queue.
+            if st.waiters.is_empty()
+                && let Some(id) = st.pick(target, mode, &BTreeSet::new())
+            {
+                let slot = st.slots.get_mut(&id).expect("picked from the slots");
+                slot.take(mode);
+                let worker = slot.worker.clone();
                 drop(st);
                 self.metrics.record_queue_wait(asked.elapsed());
-                return Ok(Some(Lease::new(self.clone(), worker)));
+                return Ok(Some(self.lease(worker, mode)));
             }
             if st.waiters.len() >= self.config.max_queue {
                 return Err(Error::Saturated {
@@ -275,11 +303,14 @@ impl Shared {
             st.waiters.push_back(Waiter {
                 seq,
                 target: target.cloned(),
+                mode,
                 tx,
             });
+            st.grant_waiters();
             QueuedWait {
                 shared: self.clone(),
                 seq,
+                mode,
                 rx: Some(rx),
             }
         };
@@ -288,8 +319,8 @@ impl Shared {
             Ok(Ok(handoff)) => handoff,
             Ok(Err(_)) => Handoff::Fail(Error::ShuttingDown),
             Err(_) => match wait.withdraw() {
-                // A worker was handed over just as the wait expired.
-                Some(handoff @ Handoff::Worker(_)) => handoff,
+                // Capacity was granted just as the wait expired.
+                Some(handoff @ Handoff::Granted(_)) => handoff,
                 _ => {
                     return Err(Error::CheckoutTimeout {
                         waited: asked.elapsed(),
@@ -299,61 +330,104 @@ impl Shared {
         };
         wait.rx = None;
         match handoff {
-            Handoff::Worker(worker) => {
+            Handoff::Granted(worker) => {
                 self.metrics.record_queue_wait(asked.elapsed());
-                Ok(Some(Lease::new(self.clone(), *worker)))
+                Ok(Some(self.lease(worker, mode)))
             }
             Handoff::Reroute => Ok(None),
             Handoff::Fail(error) => Err(error),
         }
     }
 
-    /// Takes back a worker after a call: idle again, to the next waiter, retired, or
-    /// (if lost) removed so the supervisor replaces it.
-    pub(crate) fn release(self: &Arc<Self>, worker: Worker) {
+    fn lease(self: &Arc<Self>, worker: Worker, mode: Mode) -> Lease {
+        Lease {
+            shared: self.clone(),
+            worker,
+            mode,
+        }
+    }
+
+    /// The mode a call of `command` needs on this pool's workers.
+    pub(crate) fn mode_of(&self, command: &str) -> Mode {
+        match self.manifest.get() {
+            Some(manifest) if manifest.is_concurrent(command) => Mode::Shared,
+            _ => Mode::Exclusive,
+        }
+    }
+
+    /// Gives back the capacity of a settled call: to the next waiters, retiring or
+    /// recycling the worker when its calls are done, or (if lost) removing it so the
+    /// supervisor replaces it.
+    pub(crate) fn release(self: &Arc<Self>, worker: &Worker, mode: Mode) {
         let id: Arc<str> = Arc::from(worker.id());
-        // Read outside the lock: it is a file read.
-        let over_limit = !worker.is_lost() && self.over_memory_limit(&worker);
         let mut st = self.lock();
         if worker.is_lost() {
             let pid = worker.pid();
             self.forget_lost(st, &id, pid);
             let _ = self.events.send(Event::Capacity);
-            drop(worker);
             return;
         }
-        let retire = st.shutting_down || st.slots.get(&id).is_none_or(|s| s.retire);
-        if retire {
-            st.remove_worker(&id);
-            stop_in_background(st, worker);
-            self.changed.notify_waiters();
+        let Some(slot) = st.slots.get_mut(&id) else {
             return;
+        };
+        slot.in_flight = slot.in_flight.saturating_sub(1);
+        if mode == Mode::Exclusive {
+            slot.exclusive = false;
         }
-        if over_limit {
-            tracing::info!(worker = %worker.name(), "worker above its memory limit after a call; retiring it");
-            st.remove_worker(&id);
-            stop_in_background(st, worker);
-            self.metrics.bump(crate::metrics::Counter::WorkerRecycle);
-            self.notify(PoolEvent::WorkerRecycled { worker: id });
-            let _ = self.events.send(Event::Capacity);
-            self.changed.notify_waiters();
-            return;
-        }
-        let slot = st.slots.get_mut(&id).expect("slot checked above");
         slot.calls = worker.calls_served();
         slot.last_used = Instant::now();
+        let idle = slot.in_flight == 0;
         let recycle = slot
             .recycle_at
             .is_some_and(|limit| slot.calls >= limit && !slot.recycling);
-        st.hand_over(worker);
+        let retire = slot.retire;
+        if idle && (st.shutting_down || retire) {
+            if let Some(slot) = st.remove_worker(&id) {
+                stop_in_background(st, slot.worker);
+            }
+            self.changed.notify_waiters();
+            return;
+        }
+        // Read with no call running (a file read, outside the lock).
+        if idle && self.config.max_rss_bytes.is_some() {
+            drop(st);
+            if self.over_memory_limit(worker) {
+                self.retire_over_memory(&id);
+                return;
+            }
+            st = self.lock();
+        }
+        st.grant_waiters();
         drop(st);
         if recycle {
             let _ = self.events.send(Event::Recycle { worker: id });
         }
     }
 
-    /// Whether `worker` is above the pool's resident memory limit, if it has one (read
-    /// after every call, so a worker over it never serves another).
+    /// Retires worker `id`, found above its memory limit after a call, before it
+    /// serves again; the supervisor starts its replacement.
+    fn retire_over_memory(self: &Arc<Self>, id: &Arc<str>) {
+        let mut st = self.lock();
+        let idle = st.slots.get(id).is_some_and(Slot::is_idle);
+        if !idle {
+            // A call took it meanwhile; the next release checks again.
+            st.grant_waiters();
+            return;
+        }
+        tracing::info!(worker = %id, "worker above its memory limit after a call; retiring it");
+        if let Some(slot) = st.remove_worker(id) {
+            stop_in_background(st, slot.worker);
+        } else {
+            drop(st);
+        }
+        self.metrics.bump(crate::metrics::Counter::WorkerRecycle);
+        self.notify(PoolEvent::WorkerRecycled { worker: id.clone() });
+        let _ = self.events.send(Event::Capacity);
+        self.changed.notify_waiters();
+        self.lock().grant_waiters();
+    }
+
+    /// Whether `worker` is above the pool's resident memory limit, if it has one.
     fn over_memory_limit(&self, worker: &Worker) -> bool {
         self.config
             .max_rss_bytes
@@ -361,7 +435,7 @@ impl Shared {
     }
 
     /// Forgets a worker that died, timed out or broke the protocol. It is counted and
-    /// announced once, whichever path notices it first (its caller, or the supervisor
+    /// announced once, whichever path notices it first (a caller, or the supervisor
     /// seeing its process exit); returns whether it was still known.
     pub(crate) fn forget_lost(
         &self,
@@ -369,10 +443,15 @@ impl Shared {
         id: &Arc<str>,
         pid: u32,
     ) -> bool {
-        let known = st.slots.contains_key(id);
-        let idle = st.remove_worker(id);
+        let removed = st.remove_worker(id);
+        let known = removed.is_some();
+        if let Some(slot) = &removed {
+            // Whatever it still runs fails now (it is dead or being killed).
+            slot.worker.kill();
+        }
+        st.grant_waiters();
         drop(st);
-        drop(idle);
+        drop(removed);
         if known {
             self.metrics.bump(crate::metrics::Counter::WorkerCrash);
             self.notify(PoolEvent::WorkerLost {
@@ -398,16 +477,21 @@ impl Shared {
             after + rand::random_range(0..=spread)
         });
         let now = Instant::now();
+        let manifest = worker.manifest().clone();
+        let limit = manifest.max_concurrency();
         st.slots.insert(
             id.clone(),
             Slot {
+                worker,
                 pid,
-                busy: true,
+                in_flight: 0,
+                exclusive: false,
+                limit,
                 calls: 0,
                 pinned: HashSet::new(),
                 started_at: now,
                 last_used: now,
-                manifest: worker.manifest().clone(),
+                manifest: manifest.clone(),
                 recycle_at,
                 recycling: false,
                 retire: false,
@@ -415,9 +499,10 @@ impl Shared {
             },
         );
         st.fatal = None;
+        let _ = self.manifest.set(manifest.clone());
         self.internal_commands
-            .get_or_init(|| worker.manifest().internal_commands());
-        st.hand_over(worker);
+            .get_or_init(|| manifest.internal_commands());
+        st.grant_waiters();
         drop(st);
         self.metrics.bump(crate::metrics::Counter::WorkerStart);
         self.notify(PoolEvent::WorkerReady { worker: id, pid });
@@ -426,24 +511,19 @@ impl Shared {
     /// Checks every idle worker, without waiting, for output nobody asked for (and for
     /// death); unfit ones are removed and replaced before any caller meets them.
     pub(crate) fn sweep_idle(self: &Arc<Self>) {
-        let idle = std::mem::take(&mut self.lock().idle);
+        let idle: Vec<Worker> = self
+            .lock()
+            .slots
+            .values()
+            .filter(|s| s.is_idle())
+            .map(|s| s.worker.clone())
+            .collect();
         // The checks read the pipes, so they run outside the lock.
-        let mut fit = Vec::new();
-        let mut unfit = Vec::new();
-        for mut worker in idle {
-            if worker.is_usable() {
-                fit.push(worker);
-            } else {
-                unfit.push(worker);
-            }
-        }
-        let mut st = self.lock();
-        for worker in fit {
-            st.hand_over(worker);
-        }
-        drop(st);
-        for worker in unfit {
-            self.release(worker);
+        for worker in idle.into_iter().filter(|w| !w.is_usable()) {
+            let id: Arc<str> = Arc::from(worker.id());
+            let st = self.lock();
+            self.forget_lost(st, &id, worker.pid());
+            let _ = self.events.send(Event::Capacity);
         }
     }
 
@@ -451,21 +531,51 @@ impl Shared {
     pub(crate) fn take_stale_idle(self: &Arc<Self>, idle_for: Duration) -> Vec<Lease> {
         let now = Instant::now();
         let mut st = self.lock();
-        let stale: Vec<Arc<str>> = st
-            .slots
-            .iter()
-            .filter(|(_, s)| !s.busy && now.duration_since(s.last_used) >= idle_for)
-            .map(|(id, _)| id.clone())
-            .collect();
+        if !st.waiters.is_empty() {
+            return Vec::new();
+        }
         let mut leases = Vec::new();
-        for id in stale {
-            if let Some(worker) = st.take_idle(&id) {
-                if let Some(slot) = st.slots.get_mut(&id) {
-                    slot.busy = true;
-                }
-                leases.push(Lease::new(self.clone(), worker));
+        for slot in st.slots.values_mut() {
+            if slot.is_idle() && !slot.retire && now.duration_since(slot.last_used) >= idle_for {
+                slot.take(Mode::Exclusive);
+                leases.push(slot.worker.clone());
             }
         }
+        drop(st);
         leases
+            .into_iter()
+            .map(|worker| self.lease(worker, Mode::Exclusive))
+            .collect()
+    }
+}
+
+/// A caller's place in the queue. Dropping it (the caller gave up, or its future was
+/// dropped) takes the place out of the queue, and gives back capacity granted in the
+/// meantime, so an abandoned wait never holds a queue slot or a worker.
+struct QueuedWait {
+    shared: Arc<Shared>,
+    seq: u64,
+    mode: Mode,
+    rx: Option<oneshot::Receiver<Handoff>>,
+}
+
+impl QueuedWait {
+    fn receiver(&mut self) -> &mut oneshot::Receiver<Handoff> {
+        self.rx.as_mut().expect("receiver kept until the wait ends")
+    }
+
+    /// Leaves the queue; returns what was handed over before leaving, if anything.
+    fn withdraw(&mut self) -> Option<Handoff> {
+        let mut rx = self.rx.take()?;
+        self.shared.lock().waiters.retain(|w| w.seq != self.seq);
+        rx.try_recv().ok()
+    }
+}
+
+impl Drop for QueuedWait {
+    fn drop(&mut self) {
+        if let Some(Handoff::Granted(worker)) = self.withdraw() {
+            self.shared.release(&worker, self.mode);
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::OwnedMutexGuard;
 use crate::error::Error;
 use crate::journal::JournalEntry;
 use crate::metrics::Counter;
-use crate::pool::scheduler::{Lease, State};
+use crate::pool::scheduler::{Lease, Mode, State};
 use crate::pool::{PoolEvent, Shared, detached};
 use crate::protocol::JournalHint;
 
@@ -82,7 +82,7 @@ impl Shared {
             .slots
             .iter()
             .filter(|(_, s)| !s.retire)
-            .min_by_key(|(_, s)| (s.recycling, s.pinned.len(), s.busy))
+            .min_by_key(|(_, s)| (s.recycling, s.pinned.len(), s.in_flight))
             .map(|(id, _)| id.clone());
         let Some(worker) = best else {
             return Ok(Route::AnyFree);
@@ -91,17 +91,23 @@ impl Shared {
         Ok(Route::Pinned(worker))
     }
 
-    /// Waits for the session's worker (pinning the session first if needed).
-    async fn session_checkout(self: &Arc<Self>, id: &str, epoch: u64) -> Result<Lease, Error> {
+    /// Waits for capacity in `mode` on the session's worker (pinning the session
+    /// first if needed).
+    async fn session_checkout(
+        self: &Arc<Self>,
+        id: &str,
+        epoch: u64,
+        mode: Mode,
+    ) -> Result<Lease, Error> {
         loop {
-            let mut lease = match self.route(id, epoch)? {
-                Route::Pinned(worker) => match self.checkout(Some(&worker)).await? {
+            let lease = match self.route(id, epoch)? {
+                Route::Pinned(worker) => match self.checkout(Some(&worker), mode).await? {
                     Some(lease) => lease,
                     None => continue,
                 },
                 Route::AnyFree => {
-                    let mut lease = self
-                        .checkout(None)
+                    let lease = self
+                        .checkout(None, mode)
                         .await?
                         .expect("plain checkouts are never rerouted");
                     let worker: Arc<str> = Arc::from(lease.worker().id());
@@ -160,7 +166,7 @@ impl Shared {
             if retry {
                 tracing::warn!(session = id, attempt = attempts, error = %failure.error, "session rebuild lost its worker; trying another");
                 drop(lease);
-                lease = self.session_checkout(id, epoch).await?;
+                lease = self.session_checkout(id, epoch, Mode::Exclusive).await?;
                 continue;
             }
             let (entry, entry_command) = failure.entry.unzip();
@@ -202,6 +208,7 @@ impl Shared {
                     worker: lease.worker().name(),
                     command: entry.command.clone(),
                     timeout: self.config.rebuild_timeout,
+                    killed: false,
                 }));
             }
             lease
@@ -241,13 +248,21 @@ impl Shared {
             });
         };
         map.insert("session_id".into(), json!(&**id));
-        let lease = self.session_checkout(id, epoch).await?;
+        // A rebuild replays on the worker alone; the call itself overlaps others if
+        // its command may.
+        let rebuild = self.replay_pending(id, epoch);
+        let mode = if rebuild {
+            Mode::Exclusive
+        } else {
+            self.mode_of(command)
+        };
+        let lease = self.session_checkout(id, epoch, mode).await?;
         let shared = self.clone();
         let id = id.clone();
         let command = command.to_owned();
         detached(async move {
             let _turn = turn;
-            let mut lease = shared.rebuild_if_pending(&id, epoch, lease).await?;
+            let lease = shared.rebuild_if_pending(&id, epoch, lease).await?;
             let worker = lease.worker();
             let mutates = worker.manifest().mutates_session(&command);
             let original = mutates.then(|| args.clone());
@@ -295,7 +310,7 @@ impl Shared {
             })
         };
         if let Some(worker) = worker
-            && let Ok(Some(mut lease)) = self.checkout(Some(&worker)).await
+            && let Ok(Some(lease)) = self.checkout(Some(&worker), Mode::Exclusive).await
         {
             let args = json!({"session_id": id});
             let timeout = self.config.request_timeout;

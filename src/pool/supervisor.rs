@@ -68,9 +68,10 @@ pub(crate) async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver
             _ = tick.tick() => sup.maintain(),
         }
     }
-    // Anything still idle goes with the supervisor (the handle was dropped).
-    let idle = std::mem::take(&mut sup.shared.lock().idle);
-    drop(idle);
+    // The workers go with the supervisor (the pool handle was dropped): the last
+    // handle on a worker kills it.
+    let slots = std::mem::take(&mut sup.shared.lock().slots);
+    drop(slots);
 }
 
 impl Supervisor {
@@ -87,7 +88,7 @@ impl Supervisor {
     /// An idle worker that died is removed at once; a busy one is left to its caller.
     fn on_exit(&mut self, worker: &Arc<str>, info: ExitInfo) {
         let st = self.shared.lock();
-        let Some(pid) = st.slots.get(worker).filter(|s| !s.busy).map(|s| s.pid) else {
+        let Some(pid) = st.slots.get(worker).filter(|s| s.is_idle()).map(|s| s.pid) else {
             return;
         };
         if self.shared.forget_lost(st, worker, pid) {
@@ -187,7 +188,7 @@ impl Supervisor {
             return;
         };
         slot.retire = true;
-        let busy = slot.busy;
+        let busy = !slot.is_idle();
         self.shared.metrics.bump(Counter::WorkerRecycle);
         self.shared.notify(PoolEvent::WorkerRecycled {
             worker: old.clone(),
@@ -195,8 +196,8 @@ impl Supervisor {
         if busy {
             return;
         }
-        if let Some(worker) = st.remove_worker(old) {
-            stop_in_background(st, worker);
+        if let Some(slot) = st.remove_worker(old) {
+            stop_in_background(st, slot.worker);
         }
     }
 
@@ -205,7 +206,7 @@ impl Supervisor {
         let config = &shared.config;
         shared.sweep_idle();
         if let Some(interval) = config.health_interval {
-            for mut lease in self.shared.take_stale_idle(interval) {
+            for lease in self.shared.take_stale_idle(interval) {
                 let timeout = config.health_timeout;
                 let shared = self.shared.clone();
                 tokio::spawn(async move {

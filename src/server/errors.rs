@@ -85,7 +85,9 @@ pub fn error_body(error: &Error) -> Value {
             worker,
             command,
             timeout,
-        } => json!({"worker": worker, "command": command, "timeout_ms": timeout.as_millis()}),
+            killed,
+        } => json!({"worker": worker, "command": command, "timeout_ms": timeout.as_millis(),
+                     "worker_killed": killed}),
         Error::WorkerCrashed {
             worker,
             command,

@@ -14,6 +14,10 @@ pub struct CommandInfo {
     /// Only the pool sends it (e.g. `shutdown`); callers are refused.
     #[serde(default)]
     pub internal: bool,
+    /// It may run while other concurrent calls run on the same worker (an `async`
+    /// handler); else it has the worker to itself.
+    #[serde(default)]
+    pub concurrent: bool,
     /// The first line of the handler's documentation.
     #[serde(default)]
     pub doc: String,
@@ -41,6 +45,19 @@ pub struct Manifest {
     /// Commands by name.
     #[serde(default)]
     pub commands: BTreeMap<String, CommandInfo>,
+    /// Present when the worker runs several calls at once (protocol addition).
+    #[serde(default)]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// What a worker that runs several calls at once announces.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Concurrency {
+    /// Most calls it runs at once.
+    pub max_concurrency: usize,
+    /// Chunks of one stream it sends before waiting for credit.
+    #[serde(default)]
+    pub stream_window: usize,
 }
 
 impl Manifest {
@@ -66,6 +83,34 @@ impl Manifest {
             .filter(|(_, info)| info.internal)
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Whether `command` may overlap other concurrent calls on this worker: the worker
+    /// announces concurrency and flags the command.
+    pub fn is_concurrent(&self, command: &str) -> bool {
+        self.concurrency
+            .as_ref()
+            .is_some_and(|c| c.max_concurrency > 1)
+            && self
+                .commands
+                .get(command)
+                .is_some_and(|info| info.concurrent)
+    }
+
+    /// Whether a call of `command` can be cancelled with a cancel frame.
+    pub fn cancellable(&self, command: &str) -> bool {
+        self.concurrency.is_some()
+            && self
+                .commands
+                .get(command)
+                .is_some_and(|info| info.concurrent)
+    }
+
+    /// How many calls the worker runs at once: its announced maximum, else 1.
+    pub fn max_concurrency(&self) -> usize {
+        self.concurrency
+            .as_ref()
+            .map_or(1, |c| c.max_concurrency.max(1))
     }
 
     /// Whether the worker declared `command`.

@@ -1,8 +1,15 @@
-//! One Python worker process: spawn, handshake, one call at a time, stderr, kill.
+//! One Python worker process: spawn, handshake, calls, stderr, kill.
 //!
-//! A [`Worker`] knows nothing about other workers. Whoever holds it `&mut` owns its
-//! channel; a call either returns the worker's answer or leaves the worker marked
-//! [`Worker::is_lost`] (killed, crashed or out of protocol), never half-used.
+//! A [`Worker`] knows nothing about other workers. It is a cheap handle: several
+//! calls may be in flight on one worker at once when its manifest announces
+//! concurrency (the pool decides how many). There is no reader task: whoever waits
+//! for a reply reads the worker's output and hands the replies of other calls to
+//! their callers, so a lone call costs no extra task switch. Every call ends with its
+//! worker's answer or a typed error; a worker that times out a call it cannot cancel,
+//! crashes or breaks the protocol is killed, and every call still in flight on it
+//! fails ([`Worker::is_lost`]). A call whose caller goes away after sending it is
+//! finished in the background within its timeout (or cancelled, for a concurrent
+//! command), so its reply never reaches anyone else.
 
 mod exit;
 mod manifest;
@@ -11,28 +18,35 @@ pub mod spawn;
 mod stderr;
 pub mod zygote;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio::time::Instant as Deadline;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 pub use exit::{ExitInfo, ExitReporter, ExitWatch};
-pub use manifest::{CommandInfo, Manifest};
+pub use manifest::{CommandInfo, Concurrency, Manifest};
 pub use pid::Pid;
 pub use spawn::{WorkerProgram, WorkerSpec};
 pub use stderr::StderrTail;
 
 use crate::error::Error;
-use crate::protocol::{FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Request};
+use crate::protocol::{Cancel, FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Reply, Request};
 
 /// How long to wait for a dead worker's exit status and last stderr lines.
 const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a reply may take to surface after its worker exited.
 const EXITED_REPLY_GRACE: Duration = Duration::from_millis(50);
+
+/// How long a worker has to confirm a cancelled call before it is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 /// The host's end of a worker's stdin.
 pub type WorkerInput = Box<dyn AsyncWrite + Send + Unpin>;
@@ -83,39 +97,66 @@ impl RawProcess {
     }
 }
 
-/// The request a worker is serving: what an abandoned call must wait for.
-#[derive(Debug)]
-struct InFlight {
-    id: u64,
-    deadline: tokio::time::Instant,
+type Input = FramedWrite<WorkerInput, HostCodec>;
+type Output = FramedRead<WorkerOutput, HostCodec>;
+
+/// How a call ended: its reply, or the error that ended it.
+enum Settled {
+    Reply(Reply),
+    Failed(Error),
 }
 
-/// A started, handshaken worker process.
-pub struct Worker {
+/// A call sent and not yet answered.
+struct Waiting {
+    command: String,
+    /// Where the outcome goes.
+    tx: oneshot::Sender<Settled>,
+    /// Dropped when the call settles, however it settles (the pool keeps the worker's
+    /// capacity for the call in it).
+    hold: Option<Box<dyn Send>>,
+}
+
+/// The state of one worker process shared by every handle on it.
+struct Conn {
     id: Arc<str>,
     pid: Pid,
-    input: Option<FramedWrite<WorkerInput, HostCodec>>,
-    output: FramedRead<WorkerOutput, HostCodec>,
+    manifest: std::sync::OnceLock<Arc<Manifest>>,
+    started_at: Instant,
+    stop_grace: Duration,
+    input: tokio::sync::Mutex<Option<Input>>,
+    /// Held by whoever reads replies at the moment.
+    output: tokio::sync::Mutex<Output>,
+    pending: Mutex<HashMap<u64, Waiting>>,
+    next_id: AtomicU64,
+    calls_served: AtomicU64,
+    lost: AtomicBool,
     exit: ExitWatch,
     stderr: StderrTail,
-    manifest: Arc<Manifest>,
-    next_id: u64,
-    calls_served: u64,
-    started_at: Instant,
-    lost: bool,
-    /// A request was sent and its reply not yet read: the worker cannot take another
-    /// call until [`Worker::finish_abandoned`] has read (and dropped) that reply.
-    in_flight: Option<InFlight>,
-    stop_grace: Duration,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // A worker nobody holds any more must not live on.
+        if !self.exit.exited() {
+            self.pid.signal_group(libc::SIGKILL);
+        }
+    }
+}
+
+/// A started, handshaken worker process. Cheap to clone: clones are handles on the
+/// same process.
+#[derive(Clone)]
+pub struct Worker {
+    conn: Arc<Conn>,
 }
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
-            .field("id", &self.id)
-            .field("pid", &self.pid)
-            .field("calls_served", &self.calls_served)
-            .field("lost", &self.lost)
+            .field("id", &self.conn.id)
+            .field("pid", &self.conn.pid)
+            .field("calls_served", &self.calls_served())
+            .field("lost", &self.is_lost())
             .finish()
     }
 }
@@ -141,11 +182,6 @@ impl Worker {
         id: &str,
         process: RawProcess,
     ) -> Result<Worker, Error> {
-        let startup_failed = |reason: String, stderr_tail: String| Error::StartupFailed {
-            worker: id.to_owned(),
-            reason,
-            stderr_tail,
-        };
         let RawProcess {
             pid,
             stdin,
@@ -154,37 +190,45 @@ impl Worker {
             exit,
         } = process;
         let stderr = StderrTail::drain(stderr, id.to_owned(), spec.stderr_lines);
-        let mut worker = Worker {
-            id: Arc::from(id),
-            pid,
-            input: Some(FramedWrite::new(
-                stdin,
-                HostCodec::new(spec.max_frame_bytes),
-            )),
-            output: FramedRead::new(stdout, HostCodec::new(spec.max_frame_bytes)),
-            exit,
-            stderr,
-            manifest: Arc::new(Manifest::default()),
-            next_id: HANDSHAKE_ID + 1,
-            calls_served: 0,
-            started_at: Instant::now(),
-            lost: false,
-            in_flight: None,
-            stop_grace: spec.stop_grace,
+        let worker = Worker {
+            conn: Arc::new(Conn {
+                id: Arc::from(id),
+                pid,
+                manifest: std::sync::OnceLock::new(),
+                started_at: Instant::now(),
+                stop_grace: spec.stop_grace,
+                input: tokio::sync::Mutex::new(Some(FramedWrite::new(
+                    stdin,
+                    HostCodec::new(spec.max_frame_bytes),
+                ))),
+                output: tokio::sync::Mutex::new(FramedRead::new(
+                    stdout,
+                    HostCodec::new(spec.max_frame_bytes),
+                )),
+                pending: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(HANDSHAKE_ID),
+                calls_served: AtomicU64::new(0),
+                lost: AtomicBool::new(false),
+                exit,
+                stderr,
+            }),
         };
-        let hello = Request {
-            id: HANDSHAKE_ID,
-            command: "ping".to_owned(),
-            args: json!({"initialization": true, "worker_id": id}),
-        };
-        match worker.exchange(&hello, spec.startup_timeout).await {
+        let hello = json!({"initialization": true, "worker_id": id});
+        match worker
+            .call_holding("ping", hello, spec.startup_timeout, None)
+            .await
+        {
             Ok((result, _)) => {
-                worker.manifest = Arc::new(Manifest::from_handshake(&result));
+                let _ = worker
+                    .conn
+                    .manifest
+                    .set(Arc::new(Manifest::from_handshake(&result)));
+                worker.conn.calls_served.store(0, Ordering::Relaxed);
                 Ok(worker)
             }
             Err(error) => {
                 worker.kill();
-                let stderr_tail = worker.stderr.settled_snapshot(POST_MORTEM_WAIT).await;
+                let stderr_tail = worker.conn.stderr.settled_snapshot(POST_MORTEM_WAIT).await;
                 let reason = match error {
                     Error::RequestTimeout { timeout, .. } => {
                         format!("no handshake reply within {timeout:?}")
@@ -197,58 +241,81 @@ impl Worker {
                     }
                     other => format!("handshake failed: {other}"),
                 };
-                Err(startup_failed(reason, stderr_tail))
+                Err(Error::StartupFailed {
+                    worker: id.to_owned(),
+                    reason,
+                    stderr_tail,
+                })
             }
         }
     }
 
     /// The pool-assigned id, e.g. `w3`.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.conn.id
     }
 
     /// The OS process id (also the id of its process group).
     pub fn pid(&self) -> u32 {
-        self.pid.get()
+        self.conn.pid.get()
     }
 
     /// What the worker said about itself in the handshake.
     pub fn manifest(&self) -> &Arc<Manifest> {
-        &self.manifest
+        self.conn
+            .manifest
+            .get()
+            .expect("the manifest is set by the handshake")
     }
 
     /// Calls answered by this worker so far (handshake excluded).
     pub fn calls_served(&self) -> u64 {
-        self.calls_served
+        self.conn.calls_served.load(Ordering::Relaxed)
+    }
+
+    /// Calls sent to the worker and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .len()
     }
 
     /// When the worker became ready.
     pub fn started_at(&self) -> Instant {
-        self.started_at
+        self.conn.started_at
     }
 
     /// The worker's recent stderr lines.
     pub fn stderr_tail(&self) -> String {
-        self.stderr.snapshot()
+        self.conn.stderr.snapshot()
     }
 
     /// True once the worker was killed, died, or broke the protocol: it must not be
     /// used again.
     pub fn is_lost(&self) -> bool {
-        self.lost || self.in_flight.is_some() || self.exit.exited()
+        self.conn.lost.load(Ordering::Acquire) || self.conn.exit.exited()
     }
 
-    /// Checks, without waiting, that an idle worker is fit for a call: alive, and not
-    /// having written anything nobody asked for (a second reply, stray bytes, end of
-    /// output). An unfit worker is killed, so the caller can take another one before
-    /// sending anything to this one.
-    pub fn is_usable(&mut self) -> bool {
+    /// Checks, without waiting, that a worker with no call in flight is fit for one:
+    /// alive, and not having written anything nobody asked for (a second reply, stray
+    /// bytes, end of output). An unfit worker is killed, so the caller can take
+    /// another one before sending anything to this one.
+    pub fn is_usable(&self) -> bool {
         if self.is_lost() {
             return false;
         }
-        let problem = match self.output.next().now_or_never() {
+        if self.in_flight() > 0 {
+            // Whoever waits for those calls reads the output and checks it.
+            return true;
+        }
+        let Ok(mut output) = self.conn.output.try_lock() else {
+            return true;
+        };
+        let problem = match output.next().now_or_never() {
             // Nothing whole arrived; but part of a frame is no better.
-            None if self.output.read_buffer().is_empty() && !self.output.decoder().mid_frame() => {
+            None if output.read_buffer().is_empty() && !output.decoder().mid_frame() => {
                 return true;
             }
             None => "wrote part of a frame while idle".to_owned(),
@@ -263,9 +330,11 @@ impl Worker {
 
     /// Sends one request and waits up to `timeout` for its reply.
     ///
-    /// On timeout the worker is killed, so a late reply can never reach another caller.
+    /// On timeout a concurrent command is cancelled; anything else (or a cancel the
+    /// worker does not confirm) has the worker killed, so a late reply can never
+    /// reach another caller.
     pub async fn call(
-        &mut self,
+        &self,
         command: &str,
         args: Value,
         timeout: Duration,
@@ -278,10 +347,22 @@ impl Worker {
     /// Like [`Worker::call`], also returning what the worker asked to journal instead
     /// of this call, if anything.
     pub async fn call_with_hint(
-        &mut self,
+        &self,
         command: &str,
         args: Value,
         timeout: Duration,
+    ) -> Result<(Value, Option<JournalHint>), Error> {
+        self.call_holding(command, args, timeout, None).await
+    }
+
+    /// Like [`Worker::call_with_hint`]; `hold` is dropped when the call settles —
+    /// answered, failed, or finished in the background after its caller went away.
+    pub async fn call_holding(
+        &self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+        hold: Option<Box<dyn Send>>,
     ) -> Result<(Value, Option<JournalHint>), Error> {
         if !args.is_object() {
             return Err(Error::InvalidRequest {
@@ -289,236 +370,426 @@ impl Worker {
                 reason: "arguments must be a JSON object".into(),
             });
         }
-        let request = Request {
-            id: self.next_id,
-            command: command.to_owned(),
-            args,
-        };
-        self.next_id += 1;
-        let result = self.exchange(&request, timeout).await;
-        if !self.is_lost() {
-            self.calls_served += 1;
+        if self.is_lost() {
+            return Err(self.crash_error(command).await);
         }
-        result
+        let deadline = Deadline::now() + timeout;
+        let cancellable = self
+            .conn
+            .manifest
+            .get()
+            .is_some_and(|m| m.cancellable(command));
+        let mut call = PendingCall::register(self, command, hold, deadline, cancellable);
+        call.send(args).await?;
+        match tokio::time::timeout_at(deadline, call.settled()).await {
+            Ok(settled) => self.outcome(command, settled),
+            Err(_) => Err(call.timed_out(timeout).await),
+        }
     }
 
-    async fn exchange(
-        &mut self,
-        request: &Request,
-        timeout: Duration,
+    fn outcome(
+        &self,
+        command: &str,
+        settled: Settled,
     ) -> Result<(Value, Option<JournalHint>), Error> {
-        let command = request.command.as_str();
-        if self.is_lost() {
-            return Err(self.crashed(command).await);
-        }
-        let deadline = tokio::time::Instant::now() + timeout;
-        match tokio::time::timeout_at(deadline, self.send_and_receive(request, deadline)).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.kill();
-                Err(Error::RequestTimeout {
+        let reply = match settled {
+            Settled::Reply(reply) => reply,
+            Settled::Failed(error) => return Err(error),
+        };
+        let journal = reply.journal;
+        reply
+            .outcome
+            .map(|result| (result, journal))
+            .map_err(|remote| match remote.kind.as_str() {
+                "UnknownCommand" => Error::UnknownCommand {
                     worker: self.name(),
                     command: command.to_owned(),
-                    timeout,
-                })
+                    message: remote.message,
+                },
+                _ => Error::WorkerError {
+                    worker: self.name(),
+                    command: command.to_owned(),
+                    kind: remote.kind,
+                    message: remote.message,
+                    traceback: remote.traceback,
+                },
+            })
+    }
+
+    /// Waits for the call whose outcome `rx` receives, reading the worker's output
+    /// meanwhile if no one else does.
+    async fn wait_for(&self, rx: &mut oneshot::Receiver<Settled>) -> Settled {
+        loop {
+            let mut output = tokio::select! {
+                biased;
+                settled = &mut *rx => {
+                    return settled.unwrap_or_else(|_| Settled::Failed(self.lost_error("-")));
+                }
+                output = self.conn.output.lock() => output,
+            };
+            if let Ok(settled) = rx.try_recv() {
+                return settled;
             }
+            self.read_one(&mut output).await;
         }
     }
 
-    async fn send_and_receive(
-        &mut self,
-        request: &Request,
-        deadline: tokio::time::Instant,
-    ) -> Result<(Value, Option<JournalHint>), Error> {
-        let command = request.command.as_str();
-        let input = self.input.as_mut().expect("input open while not lost");
-        // Once the frame is in the writer's buffer the request counts as sent: were
-        // the call abandoned from here on, its reply must still be read before anyone
-        // else uses the worker.
-        let sent = match input.feed(request).await {
-            Ok(()) => {
-                self.in_flight = Some(InFlight {
-                    id: request.id,
-                    deadline,
-                });
-                input.flush().await
-            }
-            Err(error) => Err(error),
-        };
-        match sent {
-            Ok(()) => {}
-            Err(FrameError::TooLarge { len, max }) => {
-                return Err(Error::InvalidRequest {
-                    command: command.to_owned(),
-                    reason: format!("request of {len} bytes exceeds the {max}-byte frame limit"),
-                });
-            }
-            Err(FrameError::Io(_)) => return Err(self.crashed(command).await),
-            Err(other) => {
-                return Err(Error::InvalidRequest {
-                    command: command.to_owned(),
-                    reason: other.to_string(),
-                });
-            }
-        }
+    /// Reads one frame and hands it to its caller; a crash or a violation fails every
+    /// call in flight.
+    async fn read_one(&self, output: &mut Output) {
         let frame = tokio::select! {
             biased;
-            frame = self.output.next() => frame,
-            _ = self.exit.wait_forever() => {
-                // It exited with the request in flight. A reply it wrote just before
-                // may still be in the pipe; a grandchild holding the pipe open must not
-                // keep us waiting for end of file.
-                tokio::time::timeout(EXITED_REPLY_GRACE, self.output.next())
+            frame = output.next() => frame,
+            _ = self.conn.exit.wait_forever() => {
+                // It exited. A reply it wrote just before may still be in the pipe; a
+                // grandchild holding the pipe open must not keep us waiting for end of
+                // file.
+                tokio::time::timeout(EXITED_REPLY_GRACE, output.next())
                     .await
                     .unwrap_or_default()
             }
         };
         match frame {
-            Some(Ok(reply)) if reply.id == request.id => {
-                self.in_flight = None;
-                let journal = reply.journal;
-                let outcome = reply.outcome.map(|result| (result, journal));
-                outcome.map_err(|remote| match remote.kind.as_str() {
-                    "UnknownCommand" => Error::UnknownCommand {
-                        worker: self.name(),
-                        command: command.to_owned(),
-                        message: remote.message,
-                    },
-                    _ => Error::WorkerError {
-                        worker: self.name(),
-                        command: command.to_owned(),
-                        kind: remote.kind,
-                        message: remote.message,
-                        traceback: remote.traceback,
-                    },
-                })
-            }
-            Some(Ok(reply)) => Err(self.violation(
-                command,
-                format!(
-                    "reply id {} does not match request id {}",
-                    reply.id, request.id
-                ),
-            )),
-            Some(Err(FrameError::Io(_))) | None => Err(self.crashed(command).await),
-            Some(Err(error)) => Err(self.violation(command, error.to_string())),
+            Some(Ok(reply)) => self.route(reply),
+            Some(Err(FrameError::Io(_))) | None => self.crash().await,
+            Some(Err(error)) => self.violation(error.to_string()),
         }
     }
 
-    /// Finishes a call whose caller went away after sending it: sends what is left of
-    /// the request, reads its reply within the call's deadline and drops it. Returns
-    /// whether the worker is fit for the next call; one that is not (no reply in time,
-    /// a wrong reply, a dead process) is killed.
-    pub async fn finish_abandoned(&mut self) -> bool {
-        let Some(pending) = self.in_flight.take() else {
-            return !self.is_lost();
+    fn route(&self, reply: Reply) {
+        let waiting = self
+            .conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .remove(&reply.id);
+        let Some(waiting) = waiting else {
+            let in_flight: Vec<u64> = self
+                .conn
+                .pending
+                .lock()
+                .expect("pending calls poisoned")
+                .keys()
+                .copied()
+                .collect();
+            self.violation(format!(
+                "reply id {} does not match a request in flight ({in_flight:?})",
+                reply.id
+            ));
+            return;
         };
-        let outcome = tokio::time::timeout_at(pending.deadline, async {
-            if let Some(input) = self.input.as_mut() {
-                input.flush().await.map_err(|e| e.to_string())?;
-            }
-            match self.output.next().await {
-                Some(Ok(reply)) if reply.id == pending.id => Ok(()),
-                Some(Ok(reply)) => Err(format!(
-                    "reply id {} does not match request id {}",
-                    reply.id, pending.id
-                )),
-                Some(Err(error)) => Err(error.to_string()),
-                None => Err("closed its output".to_owned()),
-            }
-        })
-        .await;
-        match outcome {
-            Ok(Ok(())) => {
-                self.calls_served += 1;
-                true
-            }
-            Ok(Err(problem)) => {
-                tracing::warn!(worker = %self.name(), %problem, "abandoned call ended badly; worker killed");
-                self.kill();
-                false
-            }
-            Err(_) => {
-                tracing::warn!(worker = %self.name(), "abandoned call ran past its timeout; worker killed");
-                self.kill();
-                false
-            }
+        self.conn.calls_served.fetch_add(1, Ordering::Relaxed);
+        let _ = waiting.tx.send(Settled::Reply(reply));
+        drop(waiting.hold);
+    }
+
+    /// Fails every call in flight with the error `make` gives for its command.
+    fn fail_all(&self, make: impl Fn(&str) -> Error) {
+        let waiting: Vec<Waiting> = self
+            .conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        for w in waiting {
+            let _ = w.tx.send(Settled::Failed(make(&w.command)));
+            drop(w.hold);
         }
     }
 
-    /// Whether a call was sent and abandoned before its reply was read (and the
-    /// worker is otherwise alive).
-    pub fn has_abandoned_call(&self) -> bool {
-        self.in_flight.is_some() && !self.lost && !self.exit.exited()
-    }
-
-    fn violation(&mut self, command: &str, detail: String) -> Error {
+    fn violation(&self, detail: String) {
         self.kill();
-        tracing::warn!(worker = %self.name(), command, %detail, "protocol violation; worker killed");
-        Error::Protocol {
-            worker: self.name(),
+        tracing::warn!(worker = %self.name(), %detail, "protocol violation; worker killed");
+        let worker = self.name();
+        self.fail_all(|command| Error::Protocol {
+            worker: worker.clone(),
             command: command.to_owned(),
-            detail,
-        }
+            detail: detail.clone(),
+        });
     }
 
-    /// The worker's channel closed: wait briefly for its exit status and stderr tail.
-    async fn crashed(&mut self, command: &str) -> Error {
-        let status = match self.exit.wait(POST_MORTEM_WAIT).await {
+    /// The worker's output closed or its process exited: fail every call in flight
+    /// with its exit status and stderr tail.
+    async fn crash(&self) {
+        let error = self.crash_error("-").await;
+        self.fail_all(|command| match &error {
+            Error::WorkerCrashed {
+                worker,
+                status,
+                stderr_tail,
+                ..
+            } => Error::WorkerCrashed {
+                worker: worker.clone(),
+                command: command.to_owned(),
+                status: status.clone(),
+                stderr_tail: stderr_tail.clone(),
+            },
+            other => other.clone(),
+        });
+    }
+
+    /// The error for a call that meets a dead worker: waits briefly for its exit
+    /// status and stderr tail, and makes sure it is dead.
+    async fn crash_error(&self, command: &str) -> Error {
+        let status = match self.conn.exit.wait(POST_MORTEM_WAIT).await {
             Some(info) => info.to_string(),
+            None if self.conn.lost.load(Ordering::Acquire) => "killed".to_owned(),
             None => "closed its output while still running; killed".to_owned(),
         };
         // Whatever it started dies with it (a grandchild may hold its pipes).
         self.kill();
-        self.input = None;
         Error::WorkerCrashed {
             worker: self.name(),
             command: command.to_owned(),
             status,
-            stderr_tail: self.stderr.settled_snapshot(POST_MORTEM_WAIT).await,
+            stderr_tail: self.conn.stderr.settled_snapshot(POST_MORTEM_WAIT).await,
         }
+    }
+
+    /// The error for a call whose outcome was lost with its worker.
+    fn lost_error(&self, command: &str) -> Error {
+        Error::WorkerCrashed {
+            worker: self.name(),
+            command: command.to_owned(),
+            status: "lost".to_owned(),
+            stderr_tail: self.conn.stderr.snapshot(),
+        }
+    }
+
+    /// Kills the worker because call `command` ran past its timeout; every other call
+    /// in flight fails with [`Error::WorkerCrashed`].
+    fn kill_after_timeout(&self, command: &str) {
+        self.kill();
+        let worker = self.name();
+        let status = format!("killed: `{command}` on it ran past its timeout");
+        let tail = self.conn.stderr.snapshot();
+        self.fail_all(|other| Error::WorkerCrashed {
+            worker: worker.clone(),
+            command: other.to_owned(),
+            status: status.clone(),
+            stderr_tail: tail.clone(),
+        });
+    }
+
+    async fn send_cancel(&self, id: u64) -> Result<(), FrameError> {
+        let mut input = self.conn.input.lock().await;
+        let Some(writer) = input.as_mut() else {
+            return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
+        };
+        writer.send(&Cancel::of(id)).await
     }
 
     /// `id (pid N)`, as used in messages.
     pub fn name(&self) -> String {
-        format!("{} (pid {})", self.id, self.pid)
+        format!("{} (pid {})", self.conn.id, self.conn.pid)
     }
 
     /// Kills the worker's whole process group at once. The worker is lost afterwards.
-    pub fn kill(&mut self) {
-        self.lost = true;
-        self.input = None;
-        self.pid.signal_group(libc::SIGKILL);
+    pub fn kill(&self) {
+        self.conn.lost.store(true, Ordering::Release);
+        self.conn.pid.signal_group(libc::SIGKILL);
     }
 
     /// Stops the worker gracefully: close stdin, wait the grace period, `SIGTERM`,
     /// wait again, then `SIGKILL` the group. Returns how the process ended.
-    pub async fn stop(mut self) -> Option<ExitInfo> {
-        self.input = None;
-        if let Some(info) = self.exit.wait(self.stop_grace).await {
-            self.pid.signal_group(libc::SIGKILL);
+    pub async fn stop(self) -> Option<ExitInfo> {
+        let conn = &self.conn;
+        conn.input.lock().await.take();
+        if let Some(info) = conn.exit.wait(conn.stop_grace).await {
+            conn.pid.signal_group(libc::SIGKILL);
             return Some(info);
         }
-        self.pid.signal_group(libc::SIGTERM);
-        if let Some(info) = self.exit.wait(self.stop_grace).await {
-            self.pid.signal_group(libc::SIGKILL);
+        conn.pid.signal_group(libc::SIGTERM);
+        if let Some(info) = conn.exit.wait(conn.stop_grace).await {
+            conn.pid.signal_group(libc::SIGKILL);
             return Some(info);
         }
-        self.pid.signal_group(libc::SIGKILL);
-        self.exit.wait(self.stop_grace).await
+        conn.pid.signal_group(libc::SIGKILL);
+        conn.exit.wait(conn.stop_grace).await
     }
 
     /// A handle that reports the process's exit, usable after the worker is dropped.
     pub fn exit_watch(&self) -> ExitWatch {
-        self.exit.clone()
+        self.conn.exit.clone()
     }
 }
 
-impl Drop for Worker {
+/// Where a call is: registered (not yet written), sent, or settled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Registered,
+    Sent,
+    Done,
+}
+
+/// One call from registration to its outcome. Dropped before its outcome (its caller
+/// went away), a sent call is finished in the background: cancelled if it can be,
+/// else left to answer within its timeout; past that the worker is killed.
+struct PendingCall {
+    worker: Worker,
+    id: u64,
+    command: String,
+    rx: Option<oneshot::Receiver<Settled>>,
+    deadline: Deadline,
+    cancellable: bool,
+    stage: Stage,
+}
+
+impl PendingCall {
+    fn register(
+        worker: &Worker,
+        command: &str,
+        hold: Option<Box<dyn Send>>,
+        deadline: Deadline,
+        cancellable: bool,
+    ) -> PendingCall {
+        let id = worker.conn.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        worker
+            .conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .insert(
+                id,
+                Waiting {
+                    command: command.to_owned(),
+                    tx,
+                    hold,
+                },
+            );
+        PendingCall {
+            worker: worker.clone(),
+            id,
+            command: command.to_owned(),
+            rx: Some(rx),
+            deadline,
+            cancellable,
+            stage: Stage::Registered,
+        }
+    }
+
+    fn unregister(&mut self) {
+        self.stage = Stage::Done;
+        let waiting = self
+            .worker
+            .conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .remove(&self.id);
+        drop(waiting);
+    }
+
+    /// Writes the request. A refused request (too large, not serialisable) is
+    /// unregistered and returned as an error; a dead pipe fails every call in flight,
+    /// this one included, which [`PendingCall::settled`] then reports.
+    async fn send(&mut self, args: Value) -> Result<(), Error> {
+        let request = Request {
+            id: self.id,
+            command: self.command.clone(),
+            args,
+        };
+        let mut input = self.worker.conn.input.lock().await;
+        let written = match input.as_mut() {
+            None => Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into())),
+            Some(writer) => match writer.feed(&request).await {
+                // In the writer's buffer: from here on the request counts as sent.
+                Ok(()) => {
+                    self.stage = Stage::Sent;
+                    SinkExt::<&Request>::flush(writer).await
+                }
+                Err(error) => Err(error),
+            },
+        };
+        drop(input);
+        match written {
+            Ok(()) => Ok(()),
+            Err(FrameError::Io(_)) => {
+                self.stage = Stage::Sent;
+                self.worker.crash().await;
+                Ok(())
+            }
+            Err(FrameError::TooLarge { len, max }) => {
+                self.unregister();
+                Err(Error::InvalidRequest {
+                    command: self.command.clone(),
+                    reason: format!("request of {len} bytes exceeds the {max}-byte frame limit"),
+                })
+            }
+            Err(other) => {
+                self.unregister();
+                Err(Error::InvalidRequest {
+                    command: self.command.clone(),
+                    reason: other.to_string(),
+                })
+            }
+        }
+    }
+
+    /// The call's outcome (cancel-safe: waiting can be given up and resumed).
+    async fn settled(&mut self) -> Settled {
+        let rx = self.rx.as_mut().expect("receiver kept until settled");
+        let settled = self.worker.wait_for(rx).await;
+        self.stage = Stage::Done;
+        settled
+    }
+
+    /// The call ran past its timeout: cancel it if it can be cancelled and the worker
+    /// confirms in time; else kill the worker.
+    async fn timed_out(mut self, timeout: Duration) -> Error {
+        let worker = self.worker.name();
+        if self.cancellable && self.worker.send_cancel(self.id).await.is_ok() {
+            let grace = Deadline::now() + CANCEL_GRACE;
+            if tokio::time::timeout_at(grace, self.settled()).await.is_ok() {
+                return Error::RequestTimeout {
+                    worker,
+                    command: self.command.clone(),
+                    timeout,
+                    killed: false,
+                };
+            }
+        }
+        self.stage = Stage::Done;
+        self.worker.kill_after_timeout(&self.command);
+        Error::RequestTimeout {
+            worker,
+            command: self.command.clone(),
+            timeout,
+            killed: true,
+        }
+    }
+}
+
+impl Drop for PendingCall {
     fn drop(&mut self) {
-        // A worker nobody holds any more must not live on.
-        if !self.exit.exited() {
-            self.pid.signal_group(libc::SIGKILL);
+        match self.stage {
+            Stage::Done => {}
+            Stage::Registered => self.unregister(),
+            Stage::Sent => {
+                let (worker, id) = (self.worker.clone(), self.id);
+                let (cancellable, command) = (self.cancellable, self.command.clone());
+                let mut deadline = self.deadline;
+                let Some(mut rx) = self.rx.take() else {
+                    return;
+                };
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    worker.kill_after_timeout(&command);
+                    return;
+                };
+                runtime.spawn(async move {
+                    if cancellable && worker.send_cancel(id).await.is_ok() {
+                        deadline = deadline.min(Deadline::now() + CANCEL_GRACE);
+                    }
+                    let finished = tokio::time::timeout_at(deadline, worker.wait_for(&mut rx));
+                    if finished.await.is_err() {
+                        tracing::warn!(worker = %worker.name(), command, "a call its caller left ran past its timeout; worker killed");
+                        worker.kill_after_timeout(&command);
+                    }
+                });
+            }
         }
     }
 }
