@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::lm_policy::LmProfile;
+use crate::lm_policy::{LmProfile, ServedProgram};
 use crate::pool::{PoolBuilder, PoolConfig, SpawnMode};
 
 /// One layer of settings; `None` means "not set here".
@@ -69,6 +69,8 @@ pub struct Settings {
     pub max_frame_bytes: Option<usize>,
     /// Most sessions open at once.
     pub max_sessions: Option<usize>,
+    /// Most calls one worker runs at once (for `async` commands).
+    pub max_concurrency: Option<usize>,
     /// Shortest timeout a caller may ask for.
     #[serde(default, with = "humantime_serde")]
     pub min_request_timeout: Option<Duration>,
@@ -86,10 +88,14 @@ pub struct Settings {
     pub lm_client_settings: Option<bool>,
     /// Where LM profiles with `cache = true` keep their caches.
     pub lm_cache_dir: Option<PathBuf>,
+    /// Saved DSPy programs every worker serves without a session (`[program.NAME]`).
+    pub program: Option<BTreeMap<String, ServedProgram>>,
     /// Address the HTTP server listens on.
     pub listen: Option<SocketAddr>,
     /// Bearer token every route but `/health` requires.
     pub token: Option<String>,
+    /// Bearer token of the operator's routes (sessions list, pool, metrics).
+    pub admin_token: Option<String>,
     /// Largest HTTP request body, in bytes.
     pub body_limit: Option<usize>,
     /// Most HTTP connections open at once.
@@ -146,6 +152,20 @@ macro_rules! layer {
     };
 }
 
+/// `top`'s entries over `bottom`'s, by name.
+fn merge_by_name<T>(
+    top: Option<BTreeMap<String, T>>,
+    bottom: Option<BTreeMap<String, T>>,
+) -> Option<BTreeMap<String, T>> {
+    match (top, bottom) {
+        (Some(top), Some(mut bottom)) => {
+            bottom.extend(top);
+            Some(bottom)
+        }
+        (top, bottom) => top.or(bottom),
+    }
+}
+
 impl Settings {
     /// Reads a TOML settings file.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
@@ -165,15 +185,10 @@ impl Settings {
     }
 
     /// These settings, with `lower`'s filling what these leave unset. LM profiles
-    /// are merged by name, this layer's winning.
+    /// and programs are merged by name, this layer's winning.
     pub fn over(self, lower: Settings) -> Settings {
-        let lm = match (self.lm.clone(), lower.lm.clone()) {
-            (Some(top), Some(mut bottom)) => {
-                bottom.extend(top);
-                Some(bottom)
-            }
-            (top, bottom) => top.or(bottom),
-        };
+        let lm = merge_by_name(self.lm.clone(), lower.lm.clone());
+        let program = merge_by_name(self.program.clone(), lower.program.clone());
         let mut merged = layer!(
             self,
             lower,
@@ -195,6 +210,7 @@ impl Settings {
             session_ttl,
             max_frame_bytes,
             max_sessions,
+            max_concurrency,
             min_request_timeout,
             max_request_timeout,
             rebuild_timeout,
@@ -202,8 +218,10 @@ impl Settings {
             lm,
             lm_client_settings,
             lm_cache_dir,
+            program,
             listen,
             token,
+            admin_token,
             body_limit,
             max_connections,
             header_read_timeout,
@@ -211,6 +229,7 @@ impl Settings {
             drain_timeout
         );
         merged.lm = lm;
+        merged.program = program;
         merged
     }
 
@@ -268,6 +287,9 @@ impl Settings {
         if let Some(n) = self.max_sessions {
             b = b.max_sessions(n);
         }
+        if let Some(n) = self.max_concurrency {
+            b = b.max_concurrency(n);
+        }
         let defaults = PoolConfig::default();
         if self.min_request_timeout.is_some() || self.max_request_timeout.is_some() {
             b = b.client_timeout_range(
@@ -292,6 +314,18 @@ impl Settings {
         }
         if let Some(dir) = &self.lm_cache_dir {
             b = b.lm_cache_dir(dir);
+        }
+        let only_profile = match self.lm.as_ref().map(|p| p.keys().collect::<Vec<_>>()) {
+            Some(names) if names.len() == 1 => Some(names[0].clone()),
+            _ => None,
+        };
+        for (name, program) in self.program.iter().flatten() {
+            // A program that names no profile runs with the only one, if there is one.
+            let profile = match (program.profile.as_str(), &only_profile) {
+                ("", Some(only)) => only.clone(),
+                (named, _) => named.to_owned(),
+            };
+            b = b.program(name, &program.path, profile);
         }
         b
     }
@@ -370,6 +404,27 @@ mod tests {
         let merged = flags.over(file).lm.unwrap();
         assert_eq!(merged["fast"].model, "openai/other");
         assert_eq!(merged["slow"].model, "openai/big");
+    }
+
+    #[test]
+    fn a_served_program_runs_with_the_only_profile_unless_it_names_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("qa.json");
+        std::fs::write(&file, "{}").unwrap();
+        let text = format!(
+            "[lm.mini]\nmodel = \"openai/m\"\n[program.qa]\npath = {:?}\n",
+            file.display().to_string()
+        );
+        let settings = Settings::from_toml(&text).unwrap();
+        let config = settings.builder().config().unwrap();
+        assert_eq!(config.lm.programs["qa"].profile, "mini");
+        let two = format!("{text}[lm.big]\nmodel = \"openai/b\"\n");
+        let err = Settings::from_toml(&two)
+            .unwrap()
+            .builder()
+            .config()
+            .unwrap_err();
+        assert!(err.to_string().contains("names no LM profile"), "{err}");
     }
 
     #[test]

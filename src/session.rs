@@ -60,7 +60,7 @@ impl Session {
         timeout: Duration,
     ) -> Result<Value> {
         let opened = self.opened()?;
-        self.pool.check_client_call(command, &args)?;
+        self.pool.check_call(command, &args)?;
         let turn = opened.order.clone().lock_owned().await;
         self.pool
             .session_call(self, opened.epoch, turn, command, args, timeout)

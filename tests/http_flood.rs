@@ -463,6 +463,7 @@ async fn ten_thousand_malformed_requests_leave_the_server_serving() {
     let limits = ConnectionLimits {
         max_connections: 1024,
         header_read_timeout: Duration::from_secs(10),
+        close_timeout: Duration::from_secs(10),
     };
     tokio::spawn(serve(listener, app, limits, std::future::pending()));
     let url = format!("http://{addr}");

@@ -3,6 +3,12 @@
 //! `--concurrency` callers call one command in a loop until `--requests` calls are made
 //! or `--duration` has passed. Each caller keeps its own latency histogram (no lock per
 //! call); they are merged at the end. Warm-up calls (one per caller) are not counted.
+//! With `--dspy-profile` every call runs a DSPy program against an LM instead (see
+//! [`dspy`]); with `--watch NAME=PID` the report also gives the CPU time and memory of
+//! those process trees while the counted calls ran (see [`resources`]).
+
+mod dspy;
+mod resources;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -18,6 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use snakepool::{MetricsSnapshot, Pool, Session};
 
+use self::dspy::{DspyLoad, DspyReport};
+use self::resources::{Resources, Snapshot};
 use super::chaos::{self, ChaosPlan};
 use super::pool_args::PoolArgs;
 
@@ -60,9 +68,24 @@ pub struct LoadArgs {
     /// Arguments of every call, a JSON object.
     #[arg(long, default_value = "{}", value_name = "JSON", value_parser = parse_args)]
     args: Value,
-    /// Sessions bench-0..K-1 to call in (caller i uses session i mod K); 0 for plain calls.
+    /// Sessions bench-0..K-1 to call in (caller i uses session i mod K); 0 for plain calls
+    /// (with --dspy-profile: one session per caller, named bench-T-0..K-1 with T the
+    /// start time in ms, since a server keeps a closed session's id closed for a while).
     #[arg(long, default_value_t = 0)]
     sessions: usize,
+    /// Run a DSPy program against this LM profile of the server (or of --lm-profile):
+    /// each session runs `configure_lm {"profile": NAME}` and `create_program` once, then
+    /// every call is `execute_program` with a new question.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["command", "args", "chaos"])]
+    dspy_profile: Option<String>,
+    /// With --dspy-profile: the program's type, predict or chain_of_thought.
+    #[arg(long, default_value = "predict", value_name = "TYPE", requires = "dspy_profile",
+          value_parser = ["predict", "chain_of_thought"])]
+    dspy_program: String,
+    /// Report the CPU time and PSS of process PID and all its descendants while the
+    /// counted calls run, under NAME (repeatable), e.g. server=1234.
+    #[arg(long, value_name = "NAME=PID", value_parser = resources::parse_watch)]
+    watch: Vec<(String, u32)>,
     /// Time each call may take, e.g. 500ms (default: the pool's request timeout).
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
@@ -91,9 +114,41 @@ fn parse_args(text: &str) -> Result<Value, String> {
 /// The error kind of a failed call, `None` for success.
 type Outcome = Option<Cow<'static, str>>;
 
-/// The session ids of the run.
-fn session_ids(count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("bench-{i}")).collect()
+impl LoadArgs {
+    /// The session ids of the run: `bench-I`, or `bench-T-I` for a DSPy load, whose
+    /// sessions are new.
+    fn session_ids(&self) -> Vec<String> {
+        let count = self.session_count();
+        match &self.dspy_profile {
+            None => (0..count).map(|i| format!("bench-{i}")).collect(),
+            Some(_) => {
+                let started = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_millis());
+                (0..count).map(|i| format!("bench-{started}-{i}")).collect()
+            }
+        }
+    }
+
+    /// Sessions of the run: `--sessions`, or one per caller for a DSPy load.
+    fn session_count(&self) -> usize {
+        match (self.sessions, &self.dspy_profile) {
+            (0, Some(_)) => self.concurrency,
+            (n, _) => n,
+        }
+    }
+}
+
+/// A failed call: its error kind and what the pool or server said.
+struct Failure {
+    kind: Cow<'static, str>,
+    message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
 }
 
 /// A pool of this process's own.
@@ -106,7 +161,7 @@ struct PoolTarget {
 }
 
 impl PoolTarget {
-    async fn start(args: &LoadArgs) -> Result<PoolTarget, String> {
+    async fn start(args: &LoadArgs, ids: &[String]) -> Result<PoolTarget, String> {
         let pool = args
             .pool
             .settings()?
@@ -114,10 +169,7 @@ impl PoolTarget {
             .start()
             .await
             .map_err(|e| format!("the pool did not start: {e}"))?;
-        let sessions = session_ids(args.sessions)
-            .iter()
-            .map(|id| pool.session(id))
-            .collect();
+        let sessions = ids.iter().map(|id| pool.session(id)).collect();
         Ok(PoolTarget {
             timeout: args.timeout.unwrap_or_else(|| pool.request_timeout()),
             pool,
@@ -140,6 +192,31 @@ impl PoolTarget {
         };
         result.err().map(|e| Cow::Borrowed(e.kind()))
     }
+
+    /// One call of any command, in session `session` (by index) or plain.
+    async fn call_command(
+        &self,
+        session: Option<usize>,
+        command: &str,
+        args: Value,
+    ) -> Result<Value, Failure> {
+        let result = match session {
+            Some(i) => {
+                self.sessions[i % self.sessions.len()]
+                    .call_with_timeout(command, args, self.timeout)
+                    .await
+            }
+            None => {
+                self.pool
+                    .call_with_timeout(command, args, self.timeout)
+                    .await
+            }
+        };
+        result.map_err(|e| Failure {
+            kind: Cow::Borrowed(e.kind()),
+            message: e.to_string(),
+        })
+    }
 }
 
 /// A server's `POST /v1/call`, over one keep-alive client.
@@ -150,6 +227,8 @@ struct HttpTarget {
     sessions: Vec<String>,
     /// The request body of each session (one body for plain calls), encoded once.
     bodies: Vec<Bytes>,
+    /// `timeout_ms` of every call.
+    timeout_ms: Option<u128>,
 }
 
 /// The error body of the API.
@@ -161,6 +240,10 @@ struct ErrorBody {
 #[derive(Deserialize)]
 struct ErrorDetail {
     kind: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    python_type: Option<String>,
 }
 
 /// The message of an error with its causes, e.g. `error sending request: ... refused`.
@@ -208,15 +291,20 @@ fn transport_kind(error: &reqwest::Error) -> Outcome {
 }
 
 impl HttpTarget {
-    /// Checks the URL, then makes one call: a server that cannot be reached or refuses
-    /// the token is a setup error.
-    async fn connect(url: &str, args: &LoadArgs) -> Result<HttpTarget, String> {
+    /// Checks the URL, then (unless `probe` is false: the load's own setup calls do it)
+    /// makes one call: a server that cannot be reached or refuses the token is a setup
+    /// error.
+    async fn connect(
+        url: &str,
+        args: &LoadArgs,
+        sessions: Vec<String>,
+        probe: bool,
+    ) -> Result<HttpTarget, String> {
         let base = url.trim_end_matches('/').to_owned();
         Url::parse(&format!("{base}/v1/call")).map_err(|e| format!("--url {url}: {e}"))?;
         let client = reqwest::Client::builder()
             .build()
             .map_err(|e| format!("HTTP client: {}", error_chain(&e)))?;
-        let sessions = session_ids(args.sessions);
         let bodies = if sessions.is_empty() {
             vec![call_body(args, None)]
         } else {
@@ -231,7 +319,11 @@ impl HttpTarget {
             token: args.token.clone(),
             sessions,
             bodies,
+            timeout_ms: args.timeout.map(|t| t.as_millis().max(1)),
         };
+        if !probe {
+            return Ok(target);
+        }
         let reply = target
             .send(0)
             .await
@@ -276,6 +368,61 @@ impl HttpTarget {
         }
     }
 
+    /// One call of any command, in session `session` (by index) or plain; the result, or
+    /// the error kind and message of the reply.
+    async fn call_command(
+        &self,
+        session: Option<usize>,
+        command: &str,
+        args: Value,
+    ) -> Result<Value, Failure> {
+        let mut body = json!({"command": command, "args": args});
+        if let Some(i) = session {
+            body["session_id"] = json!(self.sessions[i % self.sessions.len()]);
+        }
+        if let Some(ms) = self.timeout_ms {
+            body["timeout_ms"] = json!(ms);
+        }
+        let transport = |e: reqwest::Error| Failure {
+            kind: transport_kind(&e).unwrap_or_default(),
+            message: error_chain(&e),
+        };
+        let reply = self
+            .request(reqwest::Method::POST, "/v1/call")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = reply.status();
+        let bytes = reply.bytes().await.map_err(transport)?;
+        if status.is_success() {
+            let reply: Option<Value> = serde_json::from_slice(&bytes).ok();
+            return match reply {
+                Some(Value::Object(mut reply)) if reply.contains_key("result") => {
+                    Ok(reply.remove("result").unwrap_or_default())
+                }
+                _ => Err(Failure {
+                    kind: Cow::Borrowed("bad_response"),
+                    message: String::from_utf8_lossy(&bytes).into_owned(),
+                }),
+            };
+        }
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(ErrorBody { error }) => Failure {
+                message: match error.python_type {
+                    Some(t) => format!("{t}: {}", error.message),
+                    None => error.message,
+                },
+                kind: Cow::Owned(error.kind),
+            },
+            Err(_) => Failure {
+                kind: Cow::Owned(format!("http_{}", status.as_u16())),
+                message: String::from_utf8_lossy(&bytes).into_owned(),
+            },
+        })
+    }
+
     /// Closes the run's sessions on the server; failures only leave them to its TTL.
     async fn close_sessions(&self) {
         let closing = self.sessions.iter().map(|id| {
@@ -286,57 +433,122 @@ impl HttpTarget {
     }
 }
 
-/// What the callers load.
-enum Target {
+/// Where the calls go.
+enum Via {
     Pool(PoolTarget),
     Http(HttpTarget),
 }
 
-impl Target {
-    async fn open(args: &LoadArgs) -> Result<Target, String> {
+impl Via {
+    async fn open(args: &LoadArgs) -> Result<Via, String> {
+        let probe = args.dspy_profile.is_none();
+        let ids = args.session_ids();
         match &args.url {
-            Some(url) => Ok(Target::Http(HttpTarget::connect(url, args).await?)),
-            None => Ok(Target::Pool(PoolTarget::start(args).await?)),
+            Some(url) => Ok(Via::Http(HttpTarget::connect(url, args, ids, probe).await?)),
+            None => Ok(Via::Pool(PoolTarget::start(args, &ids).await?)),
         }
     }
 
+    /// The id of session `i`.
+    fn session_id(&self, i: usize) -> String {
+        match self {
+            Via::Pool(t) => t.sessions[i % t.sessions.len()].id().to_owned(),
+            Via::Http(t) => t.sessions[i % t.sessions.len()].clone(),
+        }
+    }
+
+    /// The command and arguments of the run.
     async fn call(&self, caller: usize) -> Outcome {
         match self {
-            Target::Pool(t) => t.call(caller).await,
-            Target::Http(t) => t.call(caller).await,
+            Via::Pool(t) => t.call(caller).await,
+            Via::Http(t) => t.call(caller).await,
+        }
+    }
+
+    async fn request(
+        &self,
+        session: Option<usize>,
+        command: &str,
+        args: Value,
+    ) -> Result<Value, Failure> {
+        match self {
+            Via::Pool(t) => t.call_command(session, command, args).await,
+            Via::Http(t) => t.call_command(session, command, args).await,
+        }
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Via::Pool(_) => "pool".into(),
+            Via::Http(t) => t.base.clone(),
+        }
+    }
+}
+
+/// What the callers load: where the calls go, and what they are.
+struct Target {
+    via: Via,
+    dspy: Option<DspyLoad>,
+}
+
+impl Target {
+    async fn open(args: &LoadArgs) -> Result<Target, String> {
+        let via = Via::open(args).await?;
+        let dspy = match &args.dspy_profile {
+            Some(profile) => {
+                let prepared =
+                    DspyLoad::prepare(&via, profile, &args.dspy_program, args.session_count())
+                        .await;
+                match prepared {
+                    Ok(load) => Some(load),
+                    Err(message) => {
+                        Target { via, dspy: None }.close().await;
+                        return Err(message);
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Target { via, dspy })
+    }
+
+    async fn call(&self, caller: usize) -> Outcome {
+        match &self.dspy {
+            Some(load) => load.call(&self.via, caller).await,
+            None => self.via.call(caller).await,
         }
     }
 
     /// One uncounted call per caller: workers, sessions and connections get ready.
     async fn warm_up(&self, callers: usize) {
         futures::future::join_all((0..callers).map(|i| self.call(i))).await;
-    }
-
-    fn name(&self) -> String {
-        match self {
-            Target::Pool(_) => "pool".into(),
-            Target::Http(t) => t.base.clone(),
+        if let Some(load) = &self.dspy {
+            load.reset();
         }
     }
 
+    fn name(&self) -> String {
+        self.via.name()
+    }
+
     fn workers(&self) -> Option<usize> {
-        match self {
-            Target::Pool(t) => Some(t.pool.config().workers),
-            Target::Http(_) => None,
+        match &self.via {
+            Via::Pool(t) => Some(t.pool.config().workers),
+            Via::Http(_) => None,
         }
     }
 
     fn metrics(&self) -> Option<MetricsSnapshot> {
-        match self {
-            Target::Pool(t) => Some(t.pool.metrics()),
-            Target::Http(_) => None,
+        match &self.via {
+            Via::Pool(t) => Some(t.pool.metrics()),
+            Via::Http(_) => None,
         }
     }
 
     async fn close(self) {
-        match self {
-            Target::Pool(t) => t.pool.shutdown().await,
-            Target::Http(t) => t.close_sessions().await,
+        match self.via {
+            Via::Pool(t) => t.pool.shutdown().await,
+            Via::Http(t) => t.close_sessions().await,
         }
     }
 }
@@ -458,8 +670,9 @@ async fn follow(bar: ProgressBar, budget: Budget, done: Arc<AtomicU64>, started:
     }
 }
 
-/// The measured part of the run: all callers from start to finish.
-async fn measure(target: &Arc<Target>, args: &LoadArgs) -> (Tally, Duration) {
+/// The measured part of the run: all callers from start to finish, and what it cost.
+async fn measure(target: &Arc<Target>, args: &LoadArgs) -> (Tally, Duration, Resources) {
+    let snapshot = Snapshot::take(&args.watch);
     let started = Instant::now();
     let budget = Budget::new(args, started);
     let done = Arc::new(AtomicU64::new(0));
@@ -473,9 +686,10 @@ async fn measure(target: &Arc<Target>, args: &LoadArgs) -> (Tally, Duration) {
         total.merge(tally.expect("a caller panicked"));
     }
     let elapsed = started.elapsed();
+    let resources = snapshot.finish(total.latency.len(), elapsed);
     ticker.abort();
     bar.finish_and_clear();
-    (total, elapsed)
+    (total, elapsed, resources)
 }
 
 /// Latency percentiles in microseconds.
@@ -539,17 +753,29 @@ struct Report {
     throughput_rps: f64,
     latency_us: Latency,
     pool: Option<PoolCounters>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dspy: Option<DspyReport>,
+    resources: Resources,
 }
 
 impl Report {
-    fn new(args: &LoadArgs, target: &Target, tally: Tally, elapsed: Duration) -> Report {
+    fn new(
+        args: &LoadArgs,
+        target: &Target,
+        tally: Tally,
+        elapsed: Duration,
+        resources: Resources,
+    ) -> Report {
         let requests = tally.latency.len();
         let workers = target.workers();
         Report {
             target: target.name(),
-            command: args.command.clone(),
+            command: match &target.dspy {
+                Some(_) => "execute_program".into(),
+                None => args.command.clone(),
+            },
             concurrency: args.concurrency,
-            sessions: args.sessions,
+            sessions: args.session_count(),
             workers,
             requests,
             ok: tally.ok,
@@ -561,6 +787,8 @@ impl Report {
                 .metrics()
                 .zip(workers)
                 .map(|(m, w)| PoolCounters::of(&m, w)),
+            dspy: target.dspy.as_ref().map(DspyLoad::report),
+            resources,
         }
     }
 
@@ -603,7 +831,39 @@ impl Report {
                 p.session_rebuilds
             );
         }
+        if let Some(d) = &self.dspy {
+            println!(
+                "dspy        profile {}, {} `{}`, answers matching the question {}",
+                d.profile, d.program_type, d.signature, d.answers_matching
+            );
+        }
+        let r = &self.resources;
+        let busy = r
+            .busy_cores
+            .map_or_else(|| "?".into(), |b| format!("{b:.2}"));
+        println!(
+            "cpu         machine {busy} of {} cores busy; bench {:.2} s{}",
+            r.cores,
+            r.bench_cpu_s,
+            per_call(r.bench_cpu_us_per_call)
+        );
+        for (name, t) in &r.watched {
+            println!(
+                "{name:<11} pid {} ({} processes): cpu {:.2} s{}, {:.2} cores; PSS {:.1} MiB",
+                t.pid,
+                t.processes,
+                t.cpu_s,
+                per_call(t.cpu_us_per_call),
+                t.cores,
+                t.pss_kib as f64 / 1024.0
+            );
+        }
     }
+}
+
+/// ` (N µs/call)`, or nothing without calls.
+fn per_call(us: Option<f64>) -> String {
+    us.map_or_else(String::new, |us| format!(" ({us:.0} µs/call)"))
 }
 
 fn error_list(errors: &BTreeMap<String, u64>) -> String {
@@ -639,8 +899,8 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     }
     let target = Arc::new(Target::open(&args).await?);
     target.warm_up(args.concurrency).await;
-    let (tally, elapsed) = measure(&target, &args).await;
-    let report = Report::new(&args, &target, tally, elapsed);
+    let (tally, elapsed, resources) = measure(&target, &args).await;
+    let report = Report::new(&args, &target, tally, elapsed, resources);
     let target = Arc::into_inner(target).expect("the callers are done");
     target.close().await;
     if args.json {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use snakepool::SpawnMode;
 use snakepool::config::Settings;
-use snakepool::lm_policy::LmProfile;
+use snakepool::lm_policy::{LmProfile, ServedProgram};
 
 /// Flags shared by the commands that run a pool of their own.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -73,6 +73,10 @@ pub struct PoolArgs {
     /// Most sessions open at once (default 100000).
     #[arg(long, env = "SNAKEPOOL_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
+    /// Most calls one worker runs at once, for async commands (default 32; 1: one
+    /// call at a time).
+    #[arg(long, env = "SNAKEPOOL_WORKER_CONCURRENCY")]
+    pub max_concurrency: Option<usize>,
     /// Shortest timeout a caller may ask for (default 1s).
     #[arg(long, env = "SNAKEPOOL_MIN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub min_request_timeout: Option<Duration>,
@@ -98,6 +102,33 @@ pub struct PoolArgs {
     /// when unset).
     #[arg(long, env = "SNAKEPOOL_LM_CACHE_DIR")]
     pub lm_cache_dir: Option<PathBuf>,
+    /// Saved DSPy program served by every worker without a session:
+    /// `NAME=PATH[,profile=PROFILE]` (the profile may be left out when only one is
+    /// defined); callers run `execute_program {"program": NAME, "inputs": {...}}`.
+    #[arg(long = "program", env = "SNAKEPOOL_PROGRAM", value_delimiter = ';',
+          value_parser = parse_program)]
+    pub programs: Vec<(String, ServedProgram)>,
+}
+
+/// Parses `NAME=PATH[,profile=PROFILE]`.
+fn parse_program(text: &str) -> Result<(String, ServedProgram), String> {
+    let (name, rest) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=PATH[,profile=PROFILE], got {text:?}"))?;
+    let (path, profile) = match rest.rsplit_once(",profile=") {
+        Some((path, profile)) => (path, profile.trim().to_owned()),
+        None => (rest, String::new()),
+    };
+    if path.trim().is_empty() {
+        return Err(format!("program `{name}` has no file"));
+    }
+    Ok((
+        name.trim().to_owned(),
+        ServedProgram {
+            path: PathBuf::from(path.trim()),
+            profile,
+        },
+    ))
 }
 
 /// Parses `NAME:key=value,...` into a named LM profile.
@@ -155,6 +186,7 @@ impl PoolArgs {
             session_ttl: self.session_ttl,
             max_frame_bytes: self.max_frame_bytes,
             max_sessions: self.max_sessions,
+            max_concurrency: self.max_concurrency,
             min_request_timeout: self.min_request_timeout,
             max_request_timeout: self.max_request_timeout,
             rebuild_timeout: self.rebuild_timeout,
@@ -163,6 +195,8 @@ impl PoolArgs {
                 .then(|| self.lm_profiles.iter().cloned().collect::<BTreeMap<_, _>>()),
             lm_client_settings: self.allow_client_lm.then_some(true),
             lm_cache_dir: self.lm_cache_dir.clone(),
+            program: (!self.programs.is_empty())
+                .then(|| self.programs.iter().cloned().collect::<BTreeMap<_, _>>()),
             ..Settings::default()
         }
     }
@@ -191,6 +225,10 @@ pub struct ServerArgs {
     /// Bearer token required on every route but /health.
     #[arg(long, env = "SNAKEPOOL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Bearer token of the operator's routes (GET /v1/sessions, /v1/pool, /metrics),
+    /// which then refuse the client token: clients cannot list each other's sessions.
+    #[arg(long, env = "SNAKEPOOL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Largest request body (bytes, default 16 MiB).
     #[arg(long, env = "SNAKEPOOL_BODY_LIMIT")]
     pub body_limit: Option<usize>,
@@ -216,6 +254,7 @@ impl ServerArgs {
         Settings {
             listen: self.listen,
             token: self.token.clone(),
+            admin_token: self.admin_token.clone(),
             body_limit: self.body_limit,
             max_connections: self.max_connections,
             header_read_timeout: self.header_read_timeout,

@@ -25,6 +25,9 @@ pub struct ServeArgs {
     server: ServerArgs,
 }
 
+/// How long connections get, past the drain deadline, to deliver the last answers.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Prints a status line; a closed stdout (e.g. a supervisor that went away) is no
 /// reason to fail.
 fn say(line: &str) {
@@ -54,21 +57,27 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let options = ServerOptions {
         token: settings.token.clone(),
+        admin_token: settings.admin_token.clone(),
         body_limit: settings.body_limit.unwrap_or(DEFAULT_BODY_LIMIT),
         body_read_timeout: settings
             .body_read_timeout
             .unwrap_or(DEFAULT_BODY_READ_TIMEOUT),
     };
+    let drain_timeout = settings.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
     let limits = ConnectionLimits {
         max_connections: settings.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         header_read_timeout: settings
             .header_read_timeout
             .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+        // Calls end by the drain deadline; their answers get a little longer.
+        close_timeout: drain_timeout + CLOSE_GRACE,
     };
     if limits.max_connections == 0 {
         return Err("max_connections must be at least 1".into());
     }
-    let drain_timeout = settings.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+    if options.admin_token.is_some() && options.token.is_none() {
+        return Err("--admin-token needs --token: without one, every route is open".into());
+    }
     if options.token.is_none() && !local.ip().is_loopback() {
         eprintln!(
             "warning: listening on {local} without a token; anyone who can reach it can run commands"

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::journal::{MemoryJournal, SessionJournal};
-use crate::lm_policy::{LmPolicy, LmProfile};
+use crate::lm_policy::{LmPolicy, LmProfile, ServedProgram};
 use crate::pool::{Pool, SpawnMode};
 use crate::worker::{WorkerProgram, WorkerSpec};
 
@@ -56,6 +56,12 @@ pub struct PoolConfig {
     pub max_rebuild_attempts: u32,
     /// Which language models workers may reach.
     pub lm: LmPolicy,
+    /// How often a worker running concurrent calls is pinged to prove its event loop
+    /// still answers.
+    pub heartbeat_interval: Duration,
+    /// How long that ping may take before the worker is killed (its calls fail with
+    /// `WorkerCrashed` and their sessions are rebuilt).
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -81,6 +87,8 @@ impl Default for PoolConfig {
             rebuild_timeout: Duration::from_secs(60),
             max_rebuild_attempts: 3,
             lm: LmPolicy::default(),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -104,6 +112,9 @@ impl PoolConfig {
         }
         if self.max_sessions == 0 {
             return invalid("max_sessions", "must be at least 1".into());
+        }
+        if self.worker.max_concurrency == 0 {
+            return invalid("max_concurrency", "must be at least 1".into());
         }
         if self.max_rebuild_attempts == 0 {
             return invalid("max_rebuild_attempts", "must be at least 1".into());
@@ -129,11 +140,15 @@ impl PoolConfig {
 
     /// How often the supervisor looks at idle workers, memory and session TTLs.
     pub(crate) fn maintenance_interval(&self) -> Duration {
-        let shortest = [self.health_interval, self.session_ttl]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(Duration::from_secs(1));
+        let shortest = [
+            self.health_interval,
+            self.session_ttl,
+            Some(self.heartbeat_interval),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(1));
         (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 
@@ -292,6 +307,21 @@ impl PoolBuilder {
         self
     }
 
+    /// Most calls one worker runs at once (at least 1; default 32), for commands
+    /// its runtime may overlap (`async` handlers). 1 runs one call at a time.
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.config.worker.max_concurrency = n;
+        self
+    }
+
+    /// How often a worker running concurrent calls is pinged, and how long the ping
+    /// may take before the worker is killed as blocked.
+    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.config.heartbeat_interval = interval;
+        self.config.heartbeat_timeout = timeout;
+        self
+    }
+
     /// Most sessions open at once (at least 1).
     pub fn max_sessions(mut self, n: usize) -> Self {
         self.config.max_sessions = n;
@@ -326,6 +356,25 @@ impl PoolBuilder {
     /// caller is trusted with every key in the workers' environment.
     pub fn allow_client_lm(mut self, allow: bool) -> Self {
         self.config.lm.client_settings = allow;
+        self
+    }
+
+    /// Serves the saved DSPy program in `path` (what `dump_program_state` or DSPy's
+    /// `program.save` wrote) as `name` on every worker, with LM profile `profile`:
+    /// callers run it as a plain call, `execute_program {"program": name, ...}`.
+    pub fn program(
+        mut self,
+        name: impl Into<String>,
+        path: impl Into<PathBuf>,
+        profile: impl Into<String>,
+    ) -> Self {
+        self.config.lm.programs.insert(
+            name.into(),
+            ServedProgram {
+                path: path.into(),
+                profile: profile.into(),
+            },
+        );
         self
     }
 
@@ -446,6 +495,10 @@ mod tests {
         };
         assert_eq!(setting(Pool::builder().workers(0)), "workers");
         assert_eq!(setting(Pool::builder().max_sessions(0)), "max_sessions");
+        assert_eq!(
+            setting(Pool::builder().max_concurrency(0)),
+            "max_concurrency"
+        );
         assert_eq!(
             setting(
                 Pool::builder()

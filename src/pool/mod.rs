@@ -337,7 +337,7 @@ impl Pool {
         timeout: Duration,
     ) -> Result<Value> {
         let started = Instant::now();
-        let result = match self.check_client_call(command, &args) {
+        let result = match self.check_call(command, &args) {
             Ok(()) => self.plain_call(command, args, timeout).await,
             Err(error) => Err(error),
         };
@@ -371,8 +371,10 @@ impl Pool {
     }
 
     /// Refuses what no caller may send: arguments that are not an object or that
-    /// carry their own `session_id`, and the pool's internal commands.
-    pub(crate) fn check_client_call(&self, command: &str, args: &Value) -> Result<()> {
+    /// carry their own `session_id`, and the pool's internal commands. [`Pool::call`]
+    /// and [`Session::call`] check this themselves; this checks ahead of opening a
+    /// session for the call.
+    pub fn check_call(&self, command: &str, args: &Value) -> Result<()> {
         let Some(map) = args.as_object() else {
             return Err(Error::InvalidRequest {
                 command: command.to_owned(),

@@ -56,6 +56,10 @@ pub(crate) struct Slot {
     /// The replacement is ready: stop this worker when its calls are done.
     pub retire: bool,
     pub rss_bytes: Option<u64>,
+    /// When its event loop is next pinged, while it runs concurrent calls.
+    pub heartbeat_due: Instant,
+    /// A heartbeat ping is in flight.
+    pub heartbeat_pending: bool,
 }
 
 impl Slot {
@@ -96,6 +100,8 @@ pub(crate) struct Waiter {
     pub seq: u64,
     pub target: Option<Arc<str>>,
     pub mode: Mode,
+    /// The pool's own call: not counted against `max_queue`.
+    pub internal: bool,
     pub tx: oneshot::Sender<Handoff>,
 }
 
@@ -265,6 +271,25 @@ impl Shared {
         target: Option<&Arc<str>>,
         mode: Mode,
     ) -> Result<Option<Lease>, Error> {
+        self.wait_for_capacity(target, mode, true).await
+    }
+
+    /// Like [`Shared::checkout`] for the pool's own calls (a closed session's
+    /// cleanup): never refused as saturated, so callers cannot crowd them out.
+    pub(crate) async fn checkout_internal(
+        self: &Arc<Self>,
+        target: Option<&Arc<str>>,
+        mode: Mode,
+    ) -> Result<Option<Lease>, Error> {
+        self.wait_for_capacity(target, mode, false).await
+    }
+
+    async fn wait_for_capacity(
+        self: &Arc<Self>,
+        target: Option<&Arc<str>>,
+        mode: Mode,
+        bounded: bool,
+    ) -> Result<Option<Lease>, Error> {
         let asked = Instant::now();
         let mut wait = {
             let mut st = self.lock();
@@ -292,10 +317,11 @@ impl Shared {
                 self.metrics.record_queue_wait(asked.elapsed());
                 return Ok(Some(self.lease(worker, mode)));
             }
-            if st.waiters.len() >= self.config.max_queue {
-                return Err(Error::Saturated {
-                    queued: st.waiters.len(),
-                });
+            if bounded && st.waiters.len() >= self.config.max_queue {
+                let callers = st.waiters.iter().filter(|w| !w.internal).count();
+                if callers >= self.config.max_queue {
+                    return Err(Error::Saturated { queued: callers });
+                }
             }
             st.next_waiter += 1;
             let seq = st.next_waiter;
@@ -304,6 +330,7 @@ impl Shared {
                 seq,
                 target: target.cloned(),
                 mode,
+                internal: !bounded,
                 tx,
             });
             st.grant_waiters();
@@ -496,6 +523,8 @@ impl Shared {
                 recycling: false,
                 retire: false,
                 rss_bytes: None,
+                heartbeat_due: now,
+                heartbeat_pending: false,
             },
         );
         st.fatal = None;
@@ -524,6 +553,36 @@ impl Shared {
             let st = self.lock();
             self.forget_lost(st, &id, worker.pid());
             let _ = self.events.send(Event::Capacity);
+        }
+    }
+
+    /// Workers running concurrent calls whose heartbeat is due: marked as being
+    /// pinged.
+    pub(crate) fn due_heartbeats(&self) -> Vec<Worker> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        st.slots
+            .values_mut()
+            .filter(|s| {
+                s.in_flight > 0
+                    && !s.exclusive
+                    && s.limit > 1
+                    && !s.heartbeat_pending
+                    && now >= s.heartbeat_due
+            })
+            .map(|s| {
+                s.heartbeat_pending = true;
+                s.worker.clone()
+            })
+            .collect()
+    }
+
+    /// A heartbeat of `worker` ended: the next one is due after the interval.
+    pub(crate) fn heartbeat_done(&self, worker: &Worker) {
+        let mut st = self.lock();
+        if let Some(slot) = st.slots.get_mut(worker.id()) {
+            slot.heartbeat_pending = false;
+            slot.heartbeat_due = Instant::now() + self.config.heartbeat_interval;
         }
     }
 

@@ -143,8 +143,9 @@ impl SessionTable {
         self.entries.remove(id)
     }
 
-    /// Sessions idle for at least `ttl` and not in a call: `(id, epoch)`, oldest first.
-    pub fn expired(&self, ttl: Duration) -> Vec<(Arc<str>, u64)> {
+    /// Up to `most` sessions idle for at least `ttl` and not in a call: `(id,
+    /// epoch)`, oldest first.
+    pub fn expired(&self, ttl: Duration, most: usize) -> Vec<(Arc<str>, u64)> {
         let Some(cutoff) = Instant::now().checked_sub(ttl) else {
             return Vec::new();
         };
@@ -157,6 +158,7 @@ impl SessionTable {
                     .is_some_and(|e| e.order.try_lock().is_ok())
             })
             .map(|(_, epoch, id)| (id.clone(), *epoch))
+            .take(most)
             .collect()
     }
 
@@ -235,7 +237,7 @@ mod tests {
         let epoch_b = table.get("b").unwrap().epoch;
         table.touch("b", epoch_b);
         let expired: Vec<_> = table
-            .expired(Duration::ZERO)
+            .expired(Duration::ZERO, 10)
             .into_iter()
             .map(|(id, _)| id.to_string())
             .collect();
@@ -243,6 +245,7 @@ mod tests {
         let epoch_a = table.get("a").unwrap().epoch;
         assert!(table.remove("a", Some(epoch_a + 100)).is_none());
         assert!(table.remove("a", Some(epoch_a)).is_some());
-        assert_eq!(table.expired(Duration::ZERO).len(), 3);
+        assert_eq!(table.expired(Duration::ZERO, 10).len(), 3);
+        assert_eq!(table.expired(Duration::ZERO, 2).len(), 2);
     }
 }

@@ -309,8 +309,13 @@ impl Shared {
                 })
             })
         };
+        // The journal goes first: a session opened again under this id starts empty.
+        self.journal
+            .remove(id)
+            .await
+            .map_err(|e| journal_error(id, e))?;
         if let Some(worker) = worker
-            && let Ok(Some(lease)) = self.checkout(Some(&worker), Mode::Exclusive).await
+            && let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await
         {
             let args = json!({"session_id": id});
             let timeout = self.config.request_timeout;
@@ -322,16 +327,13 @@ impl Shared {
                 tracing::warn!(session = id, %error, "cleanup_session failed");
             }
         }
-        self.journal
-            .remove(id)
-            .await
-            .map_err(|e| journal_error(id, e))?;
         Ok(())
     }
 
-    /// Sessions idle past the TTL and not in a call: `(id, epoch)`.
-    pub(crate) fn expired_sessions(&self, ttl: Duration) -> Vec<(Arc<str>, u64)> {
-        self.lock().sessions.expired(ttl)
+    /// Up to `most` sessions idle past the TTL and not in a call, oldest first:
+    /// `(id, epoch)`.
+    pub(crate) fn expired_sessions(&self, ttl: Duration, most: usize) -> Vec<(Arc<str>, u64)> {
+        self.lock().sessions.expired(ttl, most)
     }
 }
 

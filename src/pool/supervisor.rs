@@ -15,6 +15,10 @@ use crate::pool::scheduler::stop_in_background;
 use crate::pool::{PoolEvent, Shared};
 use crate::worker::{ExitInfo, Worker};
 
+/// Most sessions closed by their TTL per maintenance tick, so a wave of expiries
+/// cannot flood the workers with cleanups.
+const EXPIRE_PER_TICK: usize = 256;
+
 /// What the supervisor reacts to.
 #[derive(Debug)]
 pub(crate) enum Event {
@@ -219,17 +223,42 @@ impl Supervisor {
                 });
             }
         }
+        self.heartbeats();
         self.check_memory();
         if let Some(ttl) = config.session_ttl {
-            for (id, epoch) in self.shared.expired_sessions(ttl) {
+            for (id, epoch) in self.shared.expired_sessions(ttl, EXPIRE_PER_TICK) {
+                tracing::info!(session = %id, "session expired");
+                // Announced first, so a server refuses the id before the close (which
+                // may wait for a busy worker) is done and nobody reopens it meanwhile.
+                self.shared.notify(PoolEvent::SessionExpired {
+                    session_id: id.clone(),
+                });
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
-                    tracing::info!(session = %id, "session expired");
-                    if shared.close_session(&id, Some(epoch)).await.is_ok() {
-                        shared.notify(PoolEvent::SessionExpired { session_id: id });
+                    if let Err(error) = shared.close_session(&id, Some(epoch)).await {
+                        tracing::warn!(session = %id, %error, "closing an expired session failed");
                     }
                 });
             }
+        }
+    }
+
+    /// Pings the event loop of every worker running concurrent calls, once per
+    /// heartbeat interval. A loop that does not answer within the heartbeat timeout is
+    /// blocked: the worker is killed, its calls fail with `WorkerCrashed` and their
+    /// sessions are rebuilt.
+    fn heartbeats(&self) {
+        for worker in self.shared.due_heartbeats() {
+            let shared = self.shared.clone();
+            let timeout = shared.config.heartbeat_timeout;
+            tokio::spawn(async move {
+                if let Err(error) = worker.call("ping", json!({}), timeout).await {
+                    tracing::error!(worker = %worker.name(), %error, "no heartbeat answer: its event loop is blocked; killed");
+                    shared.metrics.bump(Counter::HealthFailure);
+                    worker.kill();
+                }
+                shared.heartbeat_done(&worker);
+            });
         }
     }
 

@@ -7,7 +7,9 @@
 //!   `GET /health` (200 ready; 503 starting, degraded or shutting down),
 //!   `GET /metrics`.
 //!
-//! With a token, every route but `/health` needs `Authorization: Bearer <token>`.
+//! With a token, every route but `/health` needs `Authorization: Bearer <token>`; with
+//! an admin token as well, the routes that show every client's sessions and the pool
+//! (`GET /v1/sessions`, `GET /v1/pool`, `GET /metrics`) need that one instead.
 //! Every answer carries an `X-Request-Id`; failures are logged under it with what the
 //! client is not shown (a worker's stderr). A caller's `timeout_ms` is clamped to the
 //! pool's range, and a client that disconnects mid-call does not cut the call short
@@ -58,6 +60,10 @@ const DEFAULT_SESSIONS_PAGE: usize = 100;
 pub struct ServerOptions {
     /// Bearer token required on every route but `/health`.
     pub token: Option<String>,
+    /// Bearer token of the operator's routes (`GET /v1/sessions`, `GET /v1/pool`,
+    /// `GET /metrics`), which show every client's session ids. When set, the client
+    /// token no longer opens them; it also opens the client routes.
+    pub admin_token: Option<String>,
     /// Largest request body in bytes.
     pub body_limit: usize,
     /// Longest time a client may take to send a request body.
@@ -68,6 +74,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             token: None,
+            admin_token: None,
             body_limit: crate::config::DEFAULT_BODY_LIMIT,
             body_read_timeout: crate::config::DEFAULT_BODY_READ_TIMEOUT,
         }
@@ -244,6 +251,10 @@ async fn call(
         Err(unavailable) => return unavailable.into_response(),
     };
     let timeout = pool.client_timeout(body.timeout_ms.map(Duration::from_millis));
+    // Refused calls open no session.
+    if let Err(error) = pool.check_call(&body.command, &body.args) {
+        return answer_error(&error, &request_id);
+    }
     let result = match &body.session_id {
         Some(id) if state.is_tombstoned(id) => Err(Error::SessionClosed {
             session_id: id.clone(),
@@ -260,8 +271,15 @@ async fn call(
     };
     match result {
         Ok(result) => Json(json!({"result": result})).into_response(),
-        Err(error) => error_response(&error, &request_id.0),
+        Err(error) => answer_error(&error, &request_id),
     }
+}
+
+/// An error answer that names its request id.
+fn answer_error(error: &Error, request_id: &RequestId) -> Response {
+    let mut response = error_response(error, &request_id.0);
+    response.extensions_mut().insert(request_id.clone());
+    response
 }
 
 async fn close_session(
@@ -283,7 +301,7 @@ async fn close_session(
     state.tombstone(&id);
     match pool.close_session(&id).await {
         Ok(()) => Json(json!({"closed": id})).into_response(),
-        Err(error) => error_response(&error, &request_id.0),
+        Err(error) => answer_error(&error, &request_id),
     }
 }
 
@@ -425,8 +443,12 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
         .is_some_and(|given| same_secret(given.trim().as_bytes(), token.as_bytes()))
 }
 
-async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
-    if authorized(request.headers(), &token) {
+/// The bearer tokens a group of routes accepts.
+#[derive(Clone)]
+struct Tokens(Arc<[String]>);
+
+async fn require_token(State(tokens): State<Tokens>, request: Request, next: Next) -> Response {
+    if tokens.0.iter().any(|t| authorized(request.headers(), t)) {
         return next.run(request).await;
     }
     let mut response = refusal(
@@ -468,7 +490,12 @@ async fn with_request_id(response: Response, id: &RequestId) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !is_json {
+    let small = axum::body::HttpBody::size_hint(response.body())
+        .exact()
+        .is_some_and(|len| len <= ERROR_BODY_LIMIT as u64);
+    // Answers built by `error_response` carry their id already; large or streamed
+    // bodies pass unchanged.
+    if !is_json || !small || response.extensions().get::<RequestId>().is_some() {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -489,17 +516,37 @@ async fn with_request_id(response: Response, id: &RequestId) -> Response {
 
 /// The API's routes over `state`.
 pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
-    let mut api = Router::new()
+    let mut client = Router::new()
         .route("/v1/call", post(call))
+        .route("/v1/sessions/{id}", delete(close_session));
+    let mut admin = Router::new()
         .route("/v1/sessions", get(list_sessions))
-        .route("/v1/sessions/{id}", delete(close_session))
         .route("/v1/pool", get(pool_status))
         .route("/metrics", get(metrics));
-    if let Some(token) = &options.token {
-        let token: Arc<str> = Arc::from(token.as_str());
-        api = api.layer(middleware::from_fn_with_state(token, require_token));
+    let client_tokens: Vec<String> = options
+        .token
+        .iter()
+        .chain(options.admin_token.iter())
+        .cloned()
+        .collect();
+    let admin_tokens: Vec<String> = options
+        .admin_token
+        .as_ref()
+        .or(options.token.as_ref())
+        .cloned()
+        .into_iter()
+        .collect();
+    if options.token.is_some() {
+        let tokens = Tokens(client_tokens.into());
+        client = client.layer(middleware::from_fn_with_state(tokens, require_token));
     }
-    api.route("/health", get(health))
+    if !admin_tokens.is_empty() {
+        let tokens = Tokens(admin_tokens.into());
+        admin = admin.layer(middleware::from_fn_with_state(tokens, require_token));
+    }
+    client
+        .merge(admin)
+        .route("/health", get(health))
         .layer(DefaultBodyLimit::max(options.body_limit))
         .layer(RequestBodyTimeoutLayer::new(options.body_read_timeout))
         .layer(middleware::from_fn_with_state(

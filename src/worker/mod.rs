@@ -45,6 +45,9 @@ const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
 /// How long a reply may take to surface after its worker exited.
 const EXITED_REPLY_GRACE: Duration = Duration::from_millis(50);
 
+/// Stands in for a timeout too large to represent.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// How long a worker has to confirm a cancelled call before it is killed.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
@@ -373,7 +376,10 @@ impl Worker {
         if self.is_lost() {
             return Err(self.crash_error(command).await);
         }
-        let deadline = Deadline::now() + timeout;
+        // A timeout too large to add is as good as none.
+        let deadline = Deadline::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Deadline::now() + FOREVER);
         let cancellable = self
             .conn
             .manifest

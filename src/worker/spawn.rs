@@ -36,6 +36,12 @@ pub const DEFAULT_ENV: &[(&str, &str)] = &[
 /// environment.
 pub const SERVER_TOKEN_ENV: &str = "SNAKEPOOL_TOKEN";
 
+/// The host's variable holding the HTTP server's admin token; removed likewise.
+pub const ADMIN_TOKEN_ENV: &str = "SNAKEPOOL_ADMIN_TOKEN";
+
+/// The variable telling the worker runtime how many calls it may run at once.
+pub const MAX_CONCURRENCY_ENV: &str = "SNAKEPOOL_MAX_CONCURRENCY";
+
 /// The directory holding the `snakepool_worker` package in this source tree.
 pub fn bundled_python_path() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
@@ -85,6 +91,9 @@ pub struct WorkerSpec {
     pub stop_grace: Duration,
     /// How many recent stderr lines to keep for error messages.
     pub stderr_lines: usize,
+    /// Most calls a worker runs at once, for workers that can run several (given to
+    /// the worker runtime as `SNAKEPOOL_MAX_CONCURRENCY`).
+    pub max_concurrency: usize,
 }
 
 impl Default for WorkerSpec {
@@ -101,6 +110,7 @@ impl Default for WorkerSpec {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             stop_grace: Duration::from_secs(2),
             stderr_lines: 64,
+            max_concurrency: 32,
         }
     }
 }
@@ -180,8 +190,10 @@ impl WorkerSpec {
             }
         }
         command.env("SNAKEPOOL_HOST_PID", std::process::id().to_string());
-        // The server's token is the host's secret; no worker needs it.
+        // The server's tokens are the host's secrets; no worker needs them.
         command.env_remove(SERVER_TOKEN_ENV);
+        command.env_remove(ADMIN_TOKEN_ENV);
+        command.env(MAX_CONCURRENCY_ENV, self.max_concurrency.to_string());
         if let WorkerProgram::Runtime { python_path, .. } = &self.program {
             let mut paths: Vec<PathBuf> = python_path.clone();
             if let Some(existing) = std::env::var_os("PYTHONPATH") {
