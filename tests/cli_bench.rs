@@ -4,7 +4,9 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::BufRead;
 use std::process::Output;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
@@ -291,4 +293,106 @@ async fn an_unreachable_server_is_a_setup_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot reach"), "{stderr}");
     assert!(output.stdout.is_empty());
+}
+
+/// An OpenAI-compatible chat completion that answers "What is A plus B?" with A + B in
+/// DSPy's ChatAdapter format, counting the completions.
+async fn sum_completion(
+    State(completions): State<Arc<AtomicU64>>,
+    Json(body): Json<Value>,
+) -> Json<Value> {
+    completions.fetch_add(1, Ordering::Relaxed);
+    let prompt = body["messages"].to_string();
+    let sum = prompt.split("What is ").skip(1).find_map(|rest| {
+        let (a, rest) = rest.split_once(" plus ")?;
+        let (b, _) = rest.split_once('?')?;
+        Some(a.parse::<i64>().ok()? + b.parse::<i64>().ok()?)
+    });
+    let content = format!(
+        "[[ ## answer ## ]]\n{}\n\n[[ ## completed ## ]]",
+        sum.unwrap_or(-1)
+    );
+    Json(json!({
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": body["model"],
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dspy_load_runs_programs_on_a_real_serve_against_a_fake_lm() {
+    let completions = Arc::new(AtomicU64::new(0));
+    let app = Router::new()
+        .route("/v1/chat/completions", post(sum_completion))
+        .with_state(completions.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lm = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let profile = format!("fake:model=openai/fake,api_base={lm},api_key_env=SP_BENCH_LM_KEY");
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_snakepool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
+        .args(["--python", &common::python(), "--lm-profile", &profile])
+        .env("SP_BENCH_LM_KEY", "sk-bench")
+        .env_remove("SNAKEPOOL_CONFIG")
+        .env_remove("SNAKEPOOL_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(serve.stdout.take().unwrap()).lines();
+    let url = lines.next().unwrap().unwrap();
+    let url = url.strip_prefix("listening on ").unwrap().to_owned();
+    assert!(lines.next().unwrap().unwrap().starts_with("pool ready"));
+    let pid = serve.id().to_string();
+
+    let r = report(
+        &bench(&[
+            "--url",
+            &url,
+            "--dspy-profile",
+            "fake",
+            "--concurrency",
+            "3",
+            "--requests",
+            "12",
+            "--watch",
+            &format!("server={pid}"),
+            "--json",
+        ])
+        .await,
+    );
+    assert_eq!((count(&r, "requests"), count(&r, "ok")), (12, 12), "{r}");
+    assert_eq!(count(&r, "sessions"), 3, "one session per caller: {r}");
+    assert_eq!(r["command"], "execute_program");
+    assert_eq!(r["dspy"]["answers_matching"], 12, "{r}");
+    assert_eq!(
+        completions.load(Ordering::Relaxed),
+        15,
+        "12 counted calls and one warm-up call per caller, each one completion"
+    );
+    let server = &r["resources"]["watched"]["server"];
+    assert!(
+        count(server, "processes") >= 3,
+        "serve, zygote, workers: {r}"
+    );
+    assert!(count(server, "pss_kib") > 0, "{r}");
+    assert!(server["cpu_s"].as_f64().unwrap() > 0.0, "{r}");
+
+    let output = bench(&["--url", &url, "--dspy-profile", "nope", "--requests", "5"]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("configure_lm failed"), "{stderr}");
+    assert!(output.stdout.is_empty());
+
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(serve.id() as libc::pid_t, libc::SIGTERM) };
+    serve.wait().unwrap();
 }

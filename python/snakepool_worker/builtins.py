@@ -7,7 +7,6 @@ to them.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .protocol import BadRequest
@@ -27,6 +26,10 @@ def _runtime(ctx: Context) -> "Runtime":
 def ping(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     """Liveness check; with initialization/manifest set, also returns the manifest.
 
+    A sync handler: it runs on the event loop thread without a task, so it answers at
+    once while async calls are in flight, and not at all while the loop is blocked,
+    which is what the host's heartbeat detects.
+
     ``args.worker_id`` (a non-empty string) names this worker, but only in the handshake:
     the first request the worker serves, which the host sends as ``{"id": 0, "command":
     "ping", "args": {"initialization": true, "worker_id": "w3"}}``. In any later ping the
@@ -39,14 +42,14 @@ def ping(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         if not isinstance(worker_id, str) or not worker_id:
             raise BadRequest("args.worker_id must be a non-empty string")
         runtime.worker_id = worker_id
-    reply: Dict[str, Any] = {"status": "ok", "worker_id": runtime.worker_id, "pid": os.getpid()}
+    reply: Dict[str, Any] = {"status": "ok", "worker_id": runtime.worker_id, "pid": runtime.pid}
     if args.get("initialization") or args.get("manifest"):
         reply["manifest"] = runtime.manifest()
     return reply
 
 
 def get_stats(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
-    """Counters for this worker: requests, errors, sessions, memory, per-command calls."""
+    """Counters for this worker: requests, errors, calls, sessions, memory, per command."""
     return _runtime(ctx).stats()
 
 
@@ -60,7 +63,7 @@ def cleanup_session(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
 
 
 def shutdown(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
-    """Reply, then stop serving and exit with code 0."""
+    """Reply, then stop serving and exit with code 0 (calls in flight are cancelled)."""
     runtime = _runtime(ctx)
     runtime.request_stop()
     return {"status": "shutting_down", "worker_id": runtime.worker_id}

@@ -2,7 +2,8 @@
 
 A frame is a 4-byte unsigned big-endian length ``N`` followed by ``N`` bytes of UTF-8 JSON.
 This module is the only place that knows about bytes on the wire; everything above it
-works with Python objects.
+works with Python objects. The messages (requests, replies, and the v1 additions: chunk,
+credit and cancel frames) are described in ``runtime.py``.
 
 The JSON codec is ``orjson`` when it can be imported, otherwise the standard library
 ``json`` module. Setting the environment variable ``SNAKEPOOL_JSON=json`` forces the
@@ -11,11 +12,12 @@ standard library codec (useful when comparing behaviour between the two).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
 import os
 import struct
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 PROTOCOL_VERSION = 1
 """Version of the wire protocol spoken by this runtime."""
@@ -33,10 +35,15 @@ MAX_U64 = 0xFFFFFFFFFFFFFFFF
 """Largest request id accepted (ids are u64 on the host side)."""
 
 DISCARD_CHUNK_BYTES = 64 * 1024
-"""Chunk size used when skipping the payload of an oversized frame."""
+"""Largest read used when discarding the payload of an oversized frame."""
 
 HEADER = struct.Struct(">I")
 """The frame header: payload length, unsigned 32-bit big-endian."""
+
+_unpack_header = HEADER.unpack_from
+
+_OWN_BUFFER_BYTES = 4096
+"""An incomplete frame larger than this is collected in a buffer of its own."""
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -64,6 +71,14 @@ class SerializationError(Exception):
 
 class ResultTooLarge(Exception):
     """An encoded reply would exceed the maximum frame size."""
+
+
+class Overloaded(Exception):
+    """A call that would pass the worker's ``max_concurrency`` calls in flight."""
+
+
+class Cancelled(Exception):
+    """A call cancelled by the host (or by the worker stopping) before it finished."""
 
 
 class FrameTooLarge(Exception):
@@ -205,6 +220,14 @@ def encode_success_journaled(request_id: int, result: Any, journal: Dict[str, An
     return dumps({"id": request_id, "success": True, "result": result, "journal": journal})
 
 
+def encode_chunk(request_id: int, value: Any) -> bytes:
+    """Encode a chunk frame of a streaming call: ``{"id", "chunk": value}``.
+
+    Raises ``SerializationError`` when the value cannot be encoded.
+    """
+    return dumps({"id": request_id, "chunk": value})
+
+
 def _clean_text(text: str) -> str:
     """Make ``text`` encodable as UTF-8 (lone surrogates become escapes)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -253,12 +276,153 @@ def _default_readinto(fd: int) -> Callable[[memoryview], int]:
     return readinto
 
 
-class FrameReader:
-    """Reads frames from a blocking file descriptor with as few system calls as possible.
+class FrameDecoder:
+    """Splits frames out of input that arrives in pieces; the frame logic of every reader.
 
-    Small frames are served from an internal buffer (several frames may arrive in one
-    read); a frame larger than what is buffered is read straight into a buffer of its
-    own size. Nothing is allocated for a frame larger than ``max_frame_bytes``.
+    ``feed(data)`` adds bytes as they were read (``fill(readinto)`` reads and feeds
+    once); ``frames()`` then returns the complete payloads, in order. Frames are cut out
+    of the bytes read (several may arrive in one read); a frame that is incomplete and
+    larger than 4 KiB gets a buffer of its own size, once its header has passed the size
+    check, and later input is copied straight into it. A header announcing more than
+    ``max_frame_bytes`` is refused before anything is allocated for it: ``frames()``
+    returns a ``FrameTooLarge`` in its place and its payload is discarded as it arrives.
+    ``empty`` is true while nothing is held (no partial frame, nothing to discard), so a
+    reader that got exactly one whole frame in a read may cut it out itself (after the
+    same size check). ``truncation()`` says whether end of input now would cut a frame.
+    """
+
+    def __init__(
+        self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, buffer_size: int = 64 * 1024
+    ) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self.buffer_size = buffer_size
+        self.empty = True
+        self._data = b""
+        self._pos = 0
+        self._large: Optional[bytearray] = None
+        self._large_have = 0
+        self._skip = 0
+        self._skip_size = 0
+        self._scratch: Optional[memoryview] = None
+
+    @property
+    def skipping(self) -> bool:
+        """True while the payload of a refused frame is still being discarded."""
+        return self._skip > 0
+
+    def feed(self, data: Buffer) -> None:
+        """Add input (any number of bytes, as read)."""
+        if not data:
+            return
+        self.empty = False
+        large = self._large
+        if large is not None:
+            take = min(len(large) - self._large_have, len(data))
+            large[self._large_have : self._large_have + take] = data[:take]
+            self._large_have += take
+            data = data[take:]
+        elif self._skip:
+            take = min(self._skip, len(data))
+            self._skip -= take
+            data = data[take:]
+        if not data:
+            return
+        pos = self._pos
+        if pos < len(self._data):
+            self._data = self._data[pos:] + bytes(data)
+        else:
+            self._data = bytes(data)
+        self._pos = 0
+
+    def fill(self, readinto: Callable[[memoryview], int]) -> int:
+        """Read once with ``readinto(view)`` (at most ``buffer_size`` bytes, and at most
+        ``DISCARD_CHUNK_BYTES`` while discarding) and feed it; return the byte count."""
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = memoryview(bytearray(self.buffer_size))
+        if self._skip:
+            scratch = scratch[: min(self._skip, DISCARD_CHUNK_BYTES)]
+        count = readinto(scratch)
+        self.feed(scratch[:count])
+        return count
+
+    def frames(self) -> List[Union[bytes, bytearray, FrameTooLarge]]:
+        """The complete payloads fed so far, in order (empty until more is fed).
+
+        A frame over ``max_frame_bytes`` appears as a ``FrameTooLarge`` instance in its
+        place: its header is consumed, its payload discarded as it arrives.
+        """
+        found: List[Union[bytes, bytearray, FrameTooLarge]] = []
+        large = self._large
+        if large is not None:
+            if self._large_have < len(large):
+                return found
+            self._large = None
+            found.append(large)
+        elif self._skip:
+            return found
+        data = self._data
+        pos = self._pos
+        length = len(data)
+        limit = self.max_frame_bytes
+        while length - pos >= 4:
+            (size,) = _unpack_header(data, pos)
+            end = pos + 4 + size
+            if size > limit:
+                found.append(FrameTooLarge(size, limit))
+                if end > length:
+                    self._skip = end - length
+                    self._skip_size = size
+                    self._data = b""
+                    self._pos = 0
+                    return found
+                pos = end
+                continue
+            if end > length:
+                if size > _OWN_BUFFER_BYTES or 4 + size > self.buffer_size:
+                    # Incomplete and not small: collect it in a buffer of its own,
+                    # rather than joining the bytes read so far with every new piece.
+                    large = bytearray(size)
+                    have = length - pos - 4
+                    large[:have] = data[pos + 4 :]
+                    self._large = large
+                    self._large_have = have
+                    self._data = b""
+                    self._pos = 0
+                    return found
+                break
+            found.append(data[pos + 4 : end])
+            pos = end
+        self._pos = pos
+        self.empty = pos == length
+        return found
+
+    def truncation(self) -> Optional[str]:
+        """``None`` if input may end here; otherwise what end of input would cut."""
+        if self._large is not None:
+            return (
+                f"truncated frame: end of input after {self._large_have} of "
+                f"{len(self._large)} payload bytes"
+            )
+        if self._skip:
+            return (
+                f"truncated frame: end of input with {self._skip} of {self._skip_size} "
+                "bytes to discard"
+            )
+        buffered = len(self._data) - self._pos
+        if buffered == 0:
+            return None
+        if buffered < 4:
+            return f"truncated frame: end of input after {buffered} header bytes"
+        (size,) = _unpack_header(self._data, self._pos)
+        return f"truncated frame: end of input after {buffered - 4} of {size} payload bytes"
+
+
+class FrameReader:
+    """Reads frames from a blocking file descriptor (a ``FrameDecoder`` driven by reads).
+
+    The worker's frame loop reads through the event loop instead (``loop.py``); this
+    reader serves tools and tests that want one frame at a time.
     """
 
     def __init__(
@@ -272,82 +436,42 @@ class FrameReader:
         self.fd = fd
         self.max_frame_bytes = max_frame_bytes
         self._readinto = readinto if readinto is not None else _default_readinto(fd)
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-
-    def _fill(self) -> int:
-        """Read more bytes into the buffer; return how many (0 means end of input)."""
-        start, end = self._start, self._end
-        if start == end:
-            self._start = self._end = start = end = 0
-        elif end == len(self._buf):
-            pending = bytes(self._view[start:end])
-            self._buf[: len(pending)] = pending
-            self._start, self._end = 0, len(pending)
-            start, end = 0, len(pending)
-        count = self._readinto(self._view[end:])
-        self._end = end + count
-        return count
+        self._decoder = FrameDecoder(max_frame_bytes, buffer_size)
+        self._ready: Deque[Union[bytes, bytearray, FrameTooLarge]] = collections.deque()
 
     def read_frame(self) -> Optional[Union[bytes, bytearray]]:
         """Return the next payload, or ``None`` on end of input between frames.
 
         Raises ``TruncatedFrame`` on end of input inside a frame, and ``FrameTooLarge``
-        (with the header consumed) when a frame exceeds the maximum; call ``skip`` with
-        its size to discard the payload and stay in sync.
+        (with the header consumed) when a frame exceeds the maximum; its payload is
+        discarded by ``skip`` or, failing that, by the next ``read_frame``.
         """
-        while self._end - self._start < HEADER.size:
-            if self._fill() == 0:
-                buffered = self._end - self._start
-                if buffered == 0:
+        ready = self._ready
+        decoder = self._decoder
+        while not ready:
+            ready.extend(decoder.frames())
+            if ready:
+                break
+            if decoder.fill(self._readinto) == 0:
+                problem = decoder.truncation()
+                if problem is None:
                     return None
-                raise TruncatedFrame(f"truncated frame: end of input after {buffered} header bytes")
-        (size,) = HEADER.unpack_from(self._buf, self._start)
-        self._start += HEADER.size
-        if size > self.max_frame_bytes:
-            raise FrameTooLarge(size, self.max_frame_bytes)
-        start = self._start
-        if self._end - start >= size:
-            self._start = start + size
-            return bytes(self._view[start : start + size])
-        return self._read_large(size)
-
-    def _read_large(self, size: int) -> bytearray:
-        payload = bytearray(size)
-        target = memoryview(payload)
-        have = self._end - self._start
-        target[:have] = self._view[self._start : self._end]
-        self._start = self._end = 0
-        readinto = self._readinto
-        while have < size:
-            count = readinto(target[have:])
-            if count == 0:
-                raise TruncatedFrame(
-                    f"truncated frame: end of input after {have} of {size} payload bytes"
-                )
-            have += count
+                raise TruncatedFrame(problem)
+        payload = ready.popleft()
+        if isinstance(payload, FrameTooLarge):
+            raise payload
         return payload
 
     def skip(self, size: int) -> None:
-        """Discard exactly ``size`` payload bytes, reading at most 64 KiB at a time."""
-        buffered = min(size, self._end - self._start)
-        self._start += buffered
-        remaining = size - buffered
-        if remaining == 0:
-            return
-        self._start = self._end = 0
-        chunk = min(DISCARD_CHUNK_BYTES, len(self._buf))
-        view = self._view
-        readinto = self._readinto
-        while remaining > 0:
-            count = readinto(view[: min(chunk, remaining)])
-            if count == 0:
-                raise TruncatedFrame(
-                    f"truncated frame: end of input with {remaining} of {size} bytes to discard"
-                )
-            remaining -= count
+        """Discard the payload of the frame just refused with ``FrameTooLarge(size)``.
+
+        Reads at most ``DISCARD_CHUNK_BYTES`` at a time; raises ``TruncatedFrame`` if
+        input ends first.
+        """
+        decoder = self._decoder
+        while decoder.skipping:
+            if decoder.fill(self._readinto) == 0:
+                raise TruncatedFrame(decoder.truncation() or "truncated frame")
 
 
 class FrameWriter:

@@ -1,12 +1,54 @@
-"""Command registry, the ``@command`` decorator and the per-call ``Context``."""
+"""Command registry, the ``@command`` decorator and the per-call ``Context``.
+
+What kind of function a handler is decides how the worker runs it (see ``runtime.py``
+for the whole concurrency model):
+
+- ``def``: a sync handler, called inline on the worker's event loop thread. The host
+  sends nothing else while a sync call runs, so it has the worker to itself.
+- ``async def``: a concurrent handler, run as an asyncio task; several may be in flight.
+  The manifest flags it ``"concurrent": true``.
+- a generator function (``def`` with ``yield``): a streaming handler. Each yielded
+  value goes to the host as a chunk, the return value is the result. It runs as a task
+  that advances the generator one step at a time, but like a sync handler it is not
+  concurrent. The manifest flags it ``"streams": true``.
+- an async generator function (``async def`` with ``yield``): a concurrent streaming
+  handler (``"concurrent": true, "streams": true``); its result is ``null``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, overload
 
 Handler = Callable[[Dict[str, Any], "Context"], Any]
-"""A command handler: ``fn(args, ctx) -> JSON-serialisable value``."""
+"""A command handler: ``fn(args, ctx) -> JSON-serialisable value`` (or a coroutine or
+generator function of the same arguments; see the module docstring)."""
+
+SYNC = "sync"
+"""Handler kind: a plain function, run inline."""
+ASYNC = "async"
+"""Handler kind: an ``async def`` function, run as a task."""
+STREAM = "stream"
+"""Handler kind: a generator function, run as a task one step at a time."""
+ASYNC_STREAM = "async_stream"
+"""Handler kind: an async generator function, run as a task."""
+
+
+def handler_kind(func: Callable[..., Any]) -> str:
+    """``SYNC``, ``ASYNC``, ``STREAM`` or ``ASYNC_STREAM`` for ``func``.
+
+    Decided by what ``func`` is (``functools.partial`` objects are looked through); a
+    plain function that merely returns a coroutine is ``SYNC``, and the runtime fails
+    its calls with a hint to declare it ``async def``.
+    """
+    if inspect.isasyncgenfunction(func):
+        return ASYNC_STREAM
+    if inspect.iscoroutinefunction(func):
+        return ASYNC
+    if inspect.isgeneratorfunction(func):
+        return STREAM
+    return SYNC
 
 CleanupHook = Callable[[str, Dict[str, Any]], None]
 """A session cleanup hook: ``fn(session_id, session) -> None``."""
@@ -125,10 +167,11 @@ class CommandSpec:
 
     ``mutates_session`` tells the host to journal the command's calls; ``internal`` tells
     it that only the host itself may send the command (the host refuses client calls to
-    it, and the worker serves it as usual).
+    it, and the worker serves it as usual). ``kind`` is the handler's kind (``SYNC``,
+    ``ASYNC``, ``STREAM``, ``ASYNC_STREAM``); ``concurrent`` and ``streams`` follow from it.
     """
 
-    __slots__ = ("name", "func", "mutates_session", "internal", "doc", "log")
+    __slots__ = ("name", "func", "mutates_session", "internal", "doc", "log", "kind")
 
     def __init__(
         self, name: str, func: Handler, mutates_session: bool, internal: bool = False
@@ -139,16 +182,33 @@ class CommandSpec:
         self.internal = internal
         self.doc = first_doc_line(func)
         self.log = logging.getLogger(getattr(func, "__module__", None) or "snakepool_worker")
+        self.kind = handler_kind(func)
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether calls may overlap with other calls (``async def`` handlers)."""
+        return self.kind is ASYNC or self.kind is ASYNC_STREAM
+
+    @property
+    def streams(self) -> bool:
+        """Whether calls send chunks before their result (generator handlers)."""
+        return self.kind is STREAM or self.kind is ASYNC_STREAM
 
     def describe(self) -> Dict[str, Any]:
         """The manifest entry for this command.
 
         ``{"mutates_session": bool, "doc": str}``, plus ``"internal": true`` for an
-        internal command (absent means public).
+        internal command, ``"concurrent": true`` for an ``async def`` handler (or async
+        generator) and ``"streams": true`` for a generator handler. An absent flag means
+        false, so a sync command's entry is what it always was.
         """
         entry: Dict[str, Any] = {"mutates_session": self.mutates_session, "doc": self.doc}
         if self.internal:
             entry["internal"] = True
+        if self.concurrent:
+            entry["concurrent"] = True
+        if self.streams:
+            entry["streams"] = True
         return entry
 
 
@@ -299,7 +359,22 @@ def command(name: Any = None, *, mutates_session: bool = False, internal: bool =
 
     Usable as ``@command("add")``, ``@command()`` or bare ``@command``; the name defaults
     to the function's name. The handler is called as ``fn(args, ctx)`` and must return
-    a JSON-serialisable value. ``mutates_session=True`` tells the host that the command
+    a JSON-serialisable value. What the handler is decides how it runs:
+
+    - ``def``: sync, run inline on the worker's loop thread, alone (the host sends
+      nothing else while it runs; a blocking call is fine here).
+    - ``async def``: concurrent, run as an asyncio task; up to ``max_concurrency`` calls
+      overlap. It must not block (no ``time.sleep``, no blocking I/O; use ``await`` or
+      ``asyncio.to_thread``): a blocked loop cannot even answer the host's heartbeat
+      ping. A cancel from the host raises ``asyncio.CancelledError`` at its current
+      ``await``; it may catch it to clean up, and the call is answered ``Cancelled``.
+    - a generator: streaming; each ``yield``ed value is sent as a chunk (at most
+      ``stream_window`` ahead of the host's credit; the generator is not advanced while
+      out of credit), and its ``return`` value is the result. Not concurrent.
+    - an async generator: concurrent and streaming; its result is ``null``.
+
+    ``ctx`` is per call; with concurrent calls each task also runs in its own copy of
+    the ``contextvars`` context. ``mutates_session=True`` tells the host that the command
     changes session state (the host journals such calls to rebuild a session on another
     worker). ``internal=True`` marks a command that only the host may send: the manifest
     flags it and the host refuses clients' calls to it. Registering a name twice raises

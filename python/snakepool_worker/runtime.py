@@ -1,7 +1,7 @@
-"""The worker process: start-up, request dispatch and the frame loop.
+"""The worker process: start-up, request dispatch and the concurrency model.
 
 ``python -m snakepool_worker [--module M]... [--preload M]... [--no-default-modules]
-[--worker-id ID] [--max-frame-bytes N]``
+[--worker-id ID] [--max-frame-bytes N] [--max-concurrency N]``
 
 Start-up order: the protocol channel is moved off stdout, the ``--preload`` modules are
 imported (to warm them; they register nothing by contract), then the command modules:
@@ -12,12 +12,65 @@ Default modules are command modules imported when what they bridge is installed:
 ``snakepool_worker.dspy`` when ``dspy`` can be found (found, not imported: DSPy itself is
 imported on the first DSPy command, or at start-up with ``--preload dspy``).
 
+Concurrency model
+-----------------
+One asyncio event loop, on the main thread, runs the frame loop (``loop.py``): it reads
+request frames as they arrive and writes replies without ever blocking on the pipe.
+What a call may overlap with depends on its handler (see ``registry.py``):
+
+- A **sync** handler (``def``) runs inline on the loop thread, alone: while it runs
+  nothing else happens in the worker, not even reading the next frame, and a host that
+  sees no ``"concurrent"`` flag sends nothing else meanwhile. This is exactly the
+  one-call-at-a-time worker of protocol v1; a host that sends one request at a time sees
+  no difference at all. The built-in ``ping`` is such a handler: served on the loop
+  thread without a task, it answers at once while async calls are in flight, and not
+  at all while the loop is blocked (by a sync call, or by an ``async def`` handler that
+  blocks instead of awaiting), which is what the host's heartbeat is for.
+- A **concurrent** handler (``async def``) runs as an asyncio task, in its own copy of
+  the ``contextvars`` context with its own ``ctx``. Tasks overlap each other (and the
+  sync calls served between their awaits) up to ``max_concurrency`` calls in
+  flight; a request beyond that fails at once with ``Overloaded``. Sync calls do not
+  count: they never stay in flight while another frame is read.
+- A **streaming** handler (a generator function, sync or async) runs as a task that
+  sends each yielded value as a chunk before the final reply (``calls.py``). A sync
+  generator is advanced one step at a time on the loop thread and is not concurrent; an
+  async generator is concurrent. Both count against ``max_concurrency``.
+- A **cancel** frame cancels the call's task: the handler gets ``CancelledError`` at its
+  current ``await`` (or ``yield``, for a stream waiting for credit), may catch it to
+  clean up, and the call is answered with a ``Cancelled`` failure. Cancelling an id that
+  is unknown or already answered does nothing, and sends nothing: a sync call cannot be
+  cancelled (its cancel frame is only read once it has finished).
+
+Frames (each a 4-byte big-endian length and a UTF-8 JSON object; ids are u64):
+
+- host → worker: request ``{"id", "command", "args"}``; cancel ``{"id", "cancel": true}``;
+  credit ``{"id", "credit": n}`` (n a positive integer: n more chunks may be sent). A
+  frame with a ``command`` is a request, whatever else it holds; cancel and credit
+  frames have none, are never answered, and one with a bad value is logged and dropped.
+- worker → host: success ``{"id", "success": true, "result"}`` (plus ``"journal":
+  {"command", "args"}`` when the handler called ``ctx.journal_as``); failure ``{"id",
+  "success": false, "error": {"type", "message", "traceback"}}``; chunk ``{"id",
+  "chunk"}``. Every request gets exactly one final reply (success or failure); a
+  stream's chunks all come before it. Replies and chunks of different calls interleave
+  in any order.
+- Flow control: a streaming call may have at most ``stream_window`` (16) chunks not yet
+  covered by credit; out of credit, its generator is not advanced until a credit frame
+  arrives. A sync generator's result is its ``return`` value (null by default); an async
+  generator's result is null.
+- Error types added by the v1 additions: ``Overloaded`` (too many calls in flight),
+  ``Cancelled``, and ``BadRequest`` for a request whose id is still in flight.
+
+The manifest (the handshake ``ping``'s reply) announces all of it: per command
+``"concurrent": true`` and ``"streams": true`` where they apply, and at the top level
+``"concurrency": {"max_concurrency": N, "stream_window": W}``.
+
 Environment:
     SNAKEPOOL_MODULES          comma-separated modules to import (before any ``--module``)
     SNAKEPOOL_PRELOAD          comma-separated modules to preload (before any ``--preload``)
     SNAKEPOOL_DEFAULT_MODULES  ``0`` (or false/no/off) disables the default modules
     SNAKEPOOL_WORKER_ID        worker id when ``--worker-id`` is not given
     SNAKEPOOL_MAX_FRAME_BYTES  maximum frame size when ``--max-frame-bytes`` is not given
+    SNAKEPOOL_MAX_CONCURRENCY  calls in flight when ``--max-concurrency`` is not given
     SNAKEPOOL_LOG_LEVEL        logging level for stderr (default INFO)
     SNAKEPOOL_JSON             ``json`` forces the standard library JSON codec
 
@@ -28,6 +81,7 @@ command module or a preload module fails to import.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import importlib
 import importlib.util
@@ -39,10 +93,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
+import types
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .builtins import register_builtins
+from .calls import UNLIMITED_CREDIT, Call, CollectedOutput, safe_str as _safe_str
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     JSON_BACKEND,
@@ -50,10 +106,8 @@ from .protocol import (
     MIN_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
     FrameReader,
-    FrameTooLarge,
     FrameWriter,
     SerializationError,
-    TruncatedFrame,
     encode_failure,
     encode_success,
     encode_success_journaled,
@@ -61,7 +115,7 @@ from .protocol import (
     loads,
 )
 from . import watchdog
-from .registry import Context, Registry, default_registry
+from .registry import SYNC, Context, Registry, default_registry
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -70,6 +124,20 @@ EXIT_IMPORT_FAILED = 3
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(worker_id)s] %(name)s: %(message)s"
 EXCERPT_BYTES = 80
 PYTHON_VERSION = sys.version.split()[0]
+
+DEFAULT_MAX_CONCURRENCY = 32
+"""Calls in flight (tasks) allowed by default; ``--max-concurrency`` changes it."""
+
+LIMIT_MAX_CONCURRENCY = 65536
+"""Largest accepted ``--max-concurrency``."""
+
+STREAM_WINDOW = 16
+"""Chunks a streaming call may send ahead of the host's credit."""
+
+_COROUTINE = types.CoroutineType
+
+Launcher = Callable[[Call], None]
+"""Starts a call's task; set by the frame loop while it serves (``Runtime.attach``)."""
 
 DEFAULT_MODULES: Tuple[Tuple[str, str], ...] = (("dspy", "snakepool_worker.dspy"),)
 """``(requirement, command module)``: the module is imported when the requirement is found."""
@@ -110,13 +178,6 @@ def _format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return f"<unprintable {type(exc).__name__} object>"
-
-
 def _rss_bytes() -> Optional[int]:
     try:
         with open("/proc/self/status", "rb") as status:
@@ -130,10 +191,11 @@ def _rss_bytes() -> Optional[int]:
 
 
 class Runtime:
-    """State of one worker: registry, sessions and counters, and the request dispatcher.
+    """State of one worker: registry, sessions, counters, calls in flight, and dispatch.
 
     ``in_handshake`` is true only while the first request with a usable id is served:
-    the host's handshake ping, the one request that may name the worker.
+    the host's handshake ping, the one request that may name the worker. ``calls`` holds
+    the calls that run as tasks, by request id, until their final reply is written.
     """
 
     def __init__(
@@ -144,22 +206,34 @@ class Runtime:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         modules: Sequence[str] = (),
         preloaded: Sequence[str] = (),
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        stream_window: int = STREAM_WINDOW,
     ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if stream_window < 1:
+            raise ValueError(f"stream_window must be at least 1, got {stream_window}")
         self.registry = registry
         self._worker_id = worker_id
         LOG_FILTER.worker_id = worker_id
         self.max_frame_bytes = max_frame_bytes
+        self.max_concurrency = max_concurrency
+        self.stream_window = stream_window
         self.modules: List[str] = list(modules)
         self.preloaded: List[str] = list(preloaded)
         self.sessions: Dict[str, Dict[str, Any]] = {}
+        self.calls: Dict[int, Call] = {}
+        self.pid = os.getpid()
         self.requests = 0
         self.errors = 0
+        self.cancelled = 0
         self.dropped_frames = 0
         self.command_counts: Dict[str, int] = {}
         self.started = time.monotonic()
         self.stopping = False
         self.in_handshake = False
         self._handshake_done = False
+        self._launcher: Optional[Launcher] = None
         self._manifest_key: Optional[Tuple[Any, ...]] = None
         self._manifest: Dict[str, Any] = {}
 
@@ -183,6 +257,8 @@ class Runtime:
             self._worker_id,
             pid,
             self.max_frame_bytes,
+            self.max_concurrency,
+            self.stream_window,
             len(self.modules),
             len(self.preloaded),
         )
@@ -199,6 +275,10 @@ class Runtime:
                 "json_backend": JSON_BACKEND,
                 "modules": list(self.modules),
                 "preloaded": list(self.preloaded),
+                "concurrency": {
+                    "max_concurrency": self.max_concurrency,
+                    "stream_window": self.stream_window,
+                },
                 "commands": {
                     name: spec.describe() for name, spec in sorted(self.registry.commands.items())
                 },
@@ -213,6 +293,8 @@ class Runtime:
             "pid": os.getpid(),
             "requests": self.requests,
             "errors": self.errors,
+            "cancelled": self.cancelled,
+            "in_flight": len(self.calls),
             "dropped_frames": self.dropped_frames,
             "uptime_s": time.monotonic() - self.started,
             "sessions": len(self.sessions),
@@ -233,14 +315,42 @@ class Runtime:
         return existed
 
     def request_stop(self) -> None:
-        """Stop the loop after the current reply has been written."""
+        """Stop the loop after the current reply has been written (calls in flight are
+        then cancelled)."""
         self.stopping = True
 
-    # -- dispatch ---------------------------------------------------------------------------
+    # -- replies ----------------------------------------------------------------------------
 
-    def _failure(self, request_id: int, error_type: str, message: str, tb: str = "") -> bytes:
+    def failure(self, request_id: int, error_type: str, message: str, tb: str = "") -> bytes:
+        """A failure reply payload (counted in ``errors``)."""
         self.errors += 1
         return encode_failure(request_id, error_type, message, tb, self.max_frame_bytes)
+
+    def encode_result(self, request_id: int, name: str, result: Any, ctx: Context) -> bytes:
+        """The success reply for ``result`` (with the journal hint, if any), or the
+        failure that replaces it when it cannot be encoded or is too large."""
+        try:
+            journal = ctx._journal
+            if journal is None:
+                reply = encode_success(request_id, result)
+            else:
+                reply = encode_success_journaled(request_id, result, journal)
+        except SerializationError as exc:
+            return self.failure(
+                request_id,
+                "SerializationError",
+                f"result of command {name!r} is not JSON-serialisable: {exc}",
+            )
+        if len(reply) > self.max_frame_bytes:
+            return self.failure(
+                request_id,
+                "ResultTooLarge",
+                f"reply to command {name!r} is {len(reply)} bytes, larger than the maximum "
+                f"frame size of {self.max_frame_bytes} bytes",
+            )
+        return reply
+
+    # -- dispatch ---------------------------------------------------------------------------
 
     def _drop(self, payload: Union[bytes, bytearray], reason: str) -> None:
         self.dropped_frames += 1
@@ -262,10 +372,42 @@ class Runtime:
         self.in_handshake = False
         self._handshake_done = True
         _log.warning("request %d: %s", request_id, reason)
-        return self._failure(request_id, "ProtocolError", reason)
+        return self.failure(request_id, "ProtocolError", reason)
 
-    def handle_frame(self, payload: Union[bytes, bytearray]) -> Optional[bytes]:
-        """Serve one request frame; return the reply payload, or ``None`` for no reply."""
+    def _control(self, request_id: int, message: Dict[str, Any]) -> None:
+        """A cancel or credit frame: act on the call in flight, never reply."""
+        call = self.calls.get(request_id)
+        if "cancel" in message:
+            if message["cancel"] is not True:
+                _log.error("dropping cancel frame for %d: 'cancel' must be true", request_id)
+                self.dropped_frames += 1
+            elif call is not None:
+                call.cancel("cancelled by the host")
+            return
+        credit = message["credit"]
+        if type(credit) is not int or credit < 1:
+            _log.error(
+                "dropping credit frame for %d: 'credit' must be a positive integer, got %.40r",
+                request_id,
+                credit,
+            )
+            self.dropped_frames += 1
+        elif call is not None:
+            call.grant(credit)
+
+    def handle_frame(
+        self,
+        payload: Union[bytes, bytearray],
+        on_chunk: Optional[Callable[[bytes], None]] = None,
+    ) -> Optional[bytes]:
+        """Serve one frame; return the reply payload, or ``None`` for no reply (yet).
+
+        Sync handlers run here and now. A call that runs as a task is launched and
+        answered later when the frame loop is serving (``None`` is returned); without a
+        frame loop (in-process use, tests) it runs to completion on a private event loop
+        and its final reply is returned, its chunk payloads passed to ``on_chunk`` if
+        given. Cancel and credit frames are never answered.
+        """
         try:
             message = loads(payload)
         except ValueError as exc:  # JSON errors and UnicodeDecodeError are ValueErrors
@@ -281,18 +423,21 @@ class Runtime:
             reason = f"request 'id' must be an integer in 0..2**64-1, got {request_id!r:.40}"
             self._drop(payload, reason)
             return None
+        name = message.get("command")
+        if type(name) is not str and ("cancel" in message or "credit" in message):
+            self._control(request_id, message)
+            return None
         self.requests += 1
         self.in_handshake = not self._handshake_done
         self._handshake_done = True
 
-        name = message.get("command")
         if type(name) is not str:
-            return self._failure(request_id, "BadRequest", "request 'command' must be a string")
+            return self.failure(request_id, "BadRequest", "request 'command' must be a string")
         args = message.get("args")
         if args is None:
             args = {}
         elif type(args) is not dict:
-            return self._failure(
+            return self.failure(
                 request_id,
                 "BadRequest",
                 f"request 'args' must be an object, got {type(args).__name__}",
@@ -300,78 +445,103 @@ class Runtime:
         spec = self.registry.get(name)
         if spec is None:
             known = ", ".join(self.registry.names())
-            return self._failure(
+            return self.failure(
                 request_id, "UnknownCommand", f"unknown command {name!r} (known: {known})"
             )
         counts = self.command_counts
         counts[name] = counts.get(name, 0) + 1
         session_id = args.get("session_id")
         if session_id is not None and type(session_id) is not str:
-            return self._failure(request_id, "BadRequest", "args.session_id must be a string")
+            return self.failure(request_id, "BadRequest", "args.session_id must be a string")
+        calls = self.calls
+        if calls and request_id in calls:
+            return self.failure(
+                request_id, "BadRequest", f"request id {request_id} is already in flight"
+            )
 
         ctx = Context(self._worker_id, session_id, spec.log, request_id, name, self.sessions, self)
+        if spec.kind is not SYNC:
+            return self._start(Call(self, request_id, name, spec, args, ctx, 0), on_chunk)
         try:
             result = spec.func(args, ctx)
         except Exception as exc:
-            return self._failure(
+            return self.failure(
                 request_id, type(exc).__name__, _safe_str(exc), _format_exception(exc)
             )
-        try:
-            journal = ctx._journal
-            if journal is None:
+        if type(result) is _COROUTINE:
+            result.close()
+            return self.failure(
+                request_id,
+                "TypeError",
+                f"the handler of command {name!r} returned a coroutine: declare it with "
+                "'async def' so the worker runs it as a task",
+            )
+        if ctx._journal is None:
+            try:
                 reply = encode_success(request_id, result)
-            else:
-                reply = encode_success_journaled(request_id, result, journal)
-        except SerializationError as exc:
-            return self._failure(
-                request_id,
-                "SerializationError",
-                f"result of command {name!r} is not JSON-serialisable: {exc}",
+            except SerializationError:
+                reply = None
+            if reply is not None and len(reply) <= self.max_frame_bytes:
+                return reply
+        return self.encode_result(request_id, name, result, ctx)
+
+    def _start(
+        self, call: Call, on_chunk: Optional[Callable[[bytes], None]]
+    ) -> Optional[bytes]:
+        in_flight = len(self.calls)
+        if in_flight >= self.max_concurrency:
+            return self.failure(
+                call.request_id,
+                "Overloaded",
+                f"{in_flight} calls in flight, the most this worker takes "
+                f"(max_concurrency {self.max_concurrency}); command {call.command!r} refused",
             )
-        if len(reply) > self.max_frame_bytes:
-            return self._failure(
-                request_id,
-                "ResultTooLarge",
-                f"reply to command {name!r} is {len(reply)} bytes, larger than the maximum "
-                f"frame size of {self.max_frame_bytes} bytes",
-            )
-        return reply
+        launcher = self._launcher
+        if launcher is None:
+            return self._run_in_process(call, on_chunk)
+        call.credit = self.stream_window
+        self.calls[call.request_id] = call
+        launcher(call)
+        return None
+
+    def _run_in_process(
+        self, call: Call, on_chunk: Optional[Callable[[bytes], None]]
+    ) -> bytes:
+        """Run a task call to completion on a private event loop (no frame loop)."""
+        call.credit = UNLIMITED_CREDIT
+        call.output = CollectedOutput(on_chunk)
+        loop = asyncio.new_event_loop()
+        try:
+            task = loop.create_task(call.run())
+            call.task = task
+            self.calls[call.request_id] = call
+            try:
+                return loop.run_until_complete(task)
+            except asyncio.CancelledError:
+                return call.cancelled_reply()
+            finally:
+                self.calls.pop(call.request_id, None)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    def attach(self, launcher: Optional[Launcher]) -> None:
+        """Set (or with ``None`` clear) what starts the tasks of calls; the frame loop's."""
+        self._launcher = launcher
 
     # -- the loop ---------------------------------------------------------------------------
 
+    def serve_fds(self, in_fd: int, out_fd: int, max_frame_bytes: Optional[int] = None) -> int:
+        """Serve requests from ``in_fd``, replying on ``out_fd``, until end of input, a
+        broken pipe or ``shutdown``; return the exit code. See ``loop.FrameServer``."""
+        from .loop import FrameServer
+
+        return FrameServer(self, in_fd, out_fd, max_frame_bytes=max_frame_bytes).run()
+
     def serve(self, reader: FrameReader, writer: FrameWriter) -> int:
-        """Serve requests until end of input, a broken pipe or ``shutdown``; return exit code."""
-        read_frame = reader.read_frame
-        write_frame = writer.write_frame
-        handle_frame = self.handle_frame
-        while True:
-            try:
-                payload = read_frame()
-            except FrameTooLarge as exc:
-                self.dropped_frames += 1
-                _log.error("%s; discarding it", exc)
-                try:
-                    reader.skip(exc.size)
-                except TruncatedFrame as truncated:
-                    _log.warning("%s; exiting", truncated)
-                    return EXIT_OK
-                continue
-            except TruncatedFrame as exc:
-                _log.warning("%s; exiting", exc)
-                return EXIT_OK
-            if payload is None:
-                _log.debug("end of input; exiting")
-                return EXIT_OK
-            reply = handle_frame(payload)
-            if reply is not None:
-                try:
-                    write_frame(reply)
-                except BrokenPipeError:
-                    _log.debug("protocol output closed by the host; exiting")
-                    return EXIT_OK
-            if self.stopping:
-                _log.debug("shutdown requested; exiting")
-                return EXIT_OK
+        """``serve_fds`` on the fds of ``reader`` and ``writer`` (with the reader's frame
+        limit); they must not have read or buffered anything yet."""
+        return self.serve_fds(reader.fd, writer.fd, reader.max_frame_bytes)
 
 
 def _recover_id(payload: Union[bytes, bytearray]) -> Optional[int]:
@@ -416,6 +586,7 @@ def claim_stdio() -> Tuple[int, int]:
     sys.stdout = io.open(
         1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False
     )
+    # The frame loop makes both non-blocking while it serves.
     os.set_blocking(in_fd, True)
     os.set_blocking(out_fd, True)
     return in_fd, out_fd
@@ -453,6 +624,18 @@ def _frame_limit(text: str) -> int:
     if not MIN_MAX_FRAME_BYTES <= value <= LIMIT_MAX_FRAME_BYTES:
         raise argparse.ArgumentTypeError(
             f"must be between {MIN_MAX_FRAME_BYTES} and {LIMIT_MAX_FRAME_BYTES}, got {value}"
+        )
+    return value
+
+
+def _concurrency_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= LIMIT_MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(
+            f"must be between 1 and {LIMIT_MAX_CONCURRENCY}, got {value}"
         )
     return value
 
@@ -496,20 +679,34 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"largest frame accepted or sent (default: SNAKEPOOL_MAX_FRAME_BYTES or "
         f"{DEFAULT_MAX_FRAME_BYTES})",
     )
+    parser.add_argument(
+        "--max-concurrency",
+        type=_concurrency_limit,
+        metavar="N",
+        help=f"most calls of async and streaming commands in flight at once; more are "
+        f"refused with Overloaded (default: SNAKEPOOL_MAX_CONCURRENCY or "
+        f"{DEFAULT_MAX_CONCURRENCY})",
+    )
     parser.add_argument("--version", action="version", version=f"snakepool_worker {__version__}")
     return parser
 
 
 class _Options:
-    __slots__ = ("modules", "preload", "worker_id", "max_frame_bytes")
+    __slots__ = ("modules", "preload", "worker_id", "max_frame_bytes", "max_concurrency")
 
     def __init__(
-        self, modules: List[str], preload: List[str], worker_id: str, max_frame_bytes: int
+        self,
+        modules: List[str],
+        preload: List[str],
+        worker_id: str,
+        max_frame_bytes: int,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
         self.modules = modules
         self.preload = preload
         self.worker_id = worker_id
         self.max_frame_bytes = max_frame_bytes
+        self.max_concurrency = max_concurrency
 
 
 def _name_list(*sources: Sequence[str]) -> List[str]:
@@ -562,8 +759,18 @@ def parse_options(argv: Optional[Sequence[str]]) -> _Options:
                 parser.error(f"SNAKEPOOL_MAX_FRAME_BYTES: {exc}")
         else:
             max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
+    max_concurrency = ns.max_concurrency
+    if max_concurrency is None:
+        env_value = os.environ.get("SNAKEPOOL_MAX_CONCURRENCY", "").strip()
+        if env_value:
+            try:
+                max_concurrency = _concurrency_limit(env_value)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"SNAKEPOOL_MAX_CONCURRENCY: {exc}")
+        else:
+            max_concurrency = DEFAULT_MAX_CONCURRENCY
     worker_id = ns.worker_id or os.environ.get("SNAKEPOOL_WORKER_ID") or f"worker-{os.getpid()}"
-    return _Options(modules, preload, worker_id, max_frame_bytes)
+    return _Options(modules, preload, worker_id, max_frame_bytes, max_concurrency)
 
 
 def _import_or_report(name: str, what: str) -> bool:
@@ -616,7 +823,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     watchdog.install_termination_handler()
     watchdog.start_host_watchdog()
     runtime = Runtime(
-        default_registry, worker_id=options.worker_id, max_frame_bytes=options.max_frame_bytes
+        default_registry,
+        worker_id=options.worker_id,
+        max_frame_bytes=options.max_frame_bytes,
+        max_concurrency=options.max_concurrency,
     )
     status = preload_modules(runtime, options.preload)
     if status == EXIT_OK:
@@ -631,10 +841,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runtime.preloaded,
         JSON_BACKEND,
     )
-    reader = FrameReader(in_fd, options.max_frame_bytes)
-    writer = FrameWriter(out_fd)
     try:
-        return runtime.serve(reader, writer)
+        return runtime.serve_fds(in_fd, out_fd)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -1,31 +1,67 @@
-"""A worker runtime with the DSPy commands, driven in-process frame by frame."""
+"""A worker runtime with the DSPy commands, driven in-process frame by frame.
+
+``async def`` handlers (``execute_program``) run on an event loop the bridge owns: the
+frame-by-frame helpers (``ok``, ``fail`` ...) run each call to completion on it, and the
+``a``-prefixed helpers (``aok``, ``areply`` ...) are coroutines for tests that overlap
+calls on an event loop of their own.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import json
-from typing import Any, Dict, Optional, Tuple
+import weakref
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from snakepool_worker.builtins import register_builtins
-from snakepool_worker.dspy import STATE_KEY, SessionState, register_commands
-from snakepool_worker.registry import Registry
+from snakepool_worker.dspy import COMMANDS, STATE_KEY, SessionState, cleanup_session_state
+from snakepool_worker.registry import Context, Registry
 from snakepool_worker.runtime import Runtime
+
+AsyncHandler = Callable[[Dict[str, Any], Context], Awaitable[Any]]
 
 
 class Bridge:
     """A fresh worker runtime with the DSPy commands, driven frame by frame."""
 
     def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        weakref.finalize(self, self._loop.close)
+        self._async: Dict[str, AsyncHandler] = {}
         registry = Registry()
         register_builtins(registry)
-        register_commands(registry)
+        for name, func, mutates_session in COMMANDS:
+            if inspect.iscoroutinefunction(func):
+                self._async[name] = func
+                func = self._blocking(func)
+            registry.register(name, func, mutates_session=mutates_session)
+        registry.on_session_cleanup(cleanup_session_state)
         self.runtime = Runtime(registry, worker_id="unit")
         self._next_id = 0
 
-    def raw(self, command: str, session: Optional[str] = "s1", **args: Any) -> bytes:
+    def _blocking(self, func: AsyncHandler) -> Callable[[Dict[str, Any], Context], Any]:
+        """``func`` as a plain handler: each call runs to completion on the bridge's loop."""
+
+        @functools.wraps(func)
+        def handler(args: Dict[str, Any], ctx: Context) -> Any:
+            return self._loop.run_until_complete(func(args, ctx))
+
+        return handler
+
+    def close(self) -> None:
+        """Close the bridge's event loop (also done when the bridge is collected)."""
+        self._loop.close()
+
+    def _request(self, command: str, session: Optional[str], args: Dict[str, Any]) -> Any:
         self._next_id += 1
         if session is not None:
             args["session_id"] = session
-        request = {"id": self._next_id, "command": command, "args": args}
+        return {"id": self._next_id, "command": command, "args": args}
+
+    def raw(self, command: str, session: Optional[str] = "s1", **args: Any) -> bytes:
+        request = self._request(command, session, args)
         reply = self.runtime.handle_frame(json.dumps(request).encode())
         assert reply is not None
         return reply
@@ -49,6 +85,51 @@ class Bridge:
     def fail(self, command: str, session: Optional[str] = "s1", **args: Any) -> Tuple[str, str]:
         error = self.error(command, session, **args)
         return error["type"], error["message"]
+
+    # -- async commands, awaited on the caller's event loop ---------------------------------
+
+    async def areply(
+        self, command: str, session: Optional[str] = "s1", **args: Any
+    ) -> Dict[str, Any]:
+        """Await an ``async`` command's handler in the calling task; a reply as ``reply``.
+
+        The arguments and the result go through JSON, as on the wire.
+        """
+        request = json.loads(json.dumps(self._request(command, session, args)))
+        args = request["args"]
+        runtime = self.runtime
+        spec = runtime.registry.get(command)
+        assert spec is not None and command in self._async, f"{command!r} is not async"
+        ctx = Context(
+            runtime.worker_id,
+            args.get("session_id"),
+            spec.log,
+            request["id"],
+            command,
+            runtime.sessions,
+            runtime,
+        )
+        try:
+            result = await self._async[command](args, ctx)
+        except Exception as exc:
+            return {
+                "id": request["id"],
+                "success": False,
+                "error": {"type": type(exc).__name__, "message": str(exc)},
+            }
+        return {"id": request["id"], "success": True, "result": json.loads(json.dumps(result))}
+
+    async def aok(self, command: str, session: Optional[str] = "s1", **args: Any) -> Any:
+        reply = await self.areply(command, session, **args)
+        assert reply["success"] is True, reply["error"]
+        return reply["result"]
+
+    async def afail(
+        self, command: str, session: Optional[str] = "s1", **args: Any
+    ) -> Tuple[str, str]:
+        reply = await self.areply(command, session, **args)
+        assert reply["success"] is False, reply
+        return reply["error"]["type"], reply["error"]["message"]
 
     def state(self, session: str = "s1") -> SessionState:
         state: SessionState = self.runtime.sessions[session][STATE_KEY]

@@ -35,6 +35,9 @@ const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// How often the progress bar is redrawn.
 const TICK: Duration = Duration::from_millis(100);
 
+/// Longest a keep-alive connection to `--url` stays unused before it is dropped.
+const IDLE_CONNECTION: Duration = Duration::from_secs(3);
+
 /// Options of `snakepool bench` (load).
 #[derive(clap::Args, Debug)]
 pub struct LoadArgs {
@@ -302,7 +305,11 @@ impl HttpTarget {
     ) -> Result<HttpTarget, String> {
         let base = url.trim_end_matches('/').to_owned();
         Url::parse(&format!("{base}/v1/call")).map_err(|e| format!("--url {url}: {e}"))?;
+        // A connection left idle (e.g. by a caller whose warm-up call finished early)
+        // is dropped before servers close theirs (uvicorn after 5 s, `serve` after 10 s),
+        // so that no call is sent on a connection the server is closing.
         let client = reqwest::Client::builder()
+            .pool_idle_timeout(IDLE_CONNECTION)
             .build()
             .map_err(|e| format!("HTTP client: {}", error_chain(&e)))?;
         let bodies = if sessions.is_empty() {

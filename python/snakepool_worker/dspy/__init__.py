@@ -2,19 +2,29 @@
 
 Imported by default when DSPy is installed (see ``snakepool_worker.runtime``). Importing
 this package is cheap: ``dspy`` itself is imported on the first DSPy command, or at
-start-up with ``--preload dspy``. LiteLLM is never imported here; DSPy imports it only if
-a model needs it, on that model's first call.
+start-up with ``--preload dspy``, or at import when ``SNAKEPOOL_PROGRAMS`` names served
+programs (below). LiteLLM is never imported here; DSPy imports it only if a model needs
+it, on that model's first call.
 
 Every command works on the state of one session and needs a session call
 (``args.session_id``, set by the host); without one it fails with ``SessionRequired``.
-Sessions are isolated: each has its own language model and programs, and programs run
-under ``dspy.context(lm=<the session's LM>)``; nothing here calls ``dspy.configure``.
+The one exception is ``execute_program`` of a served program, a plain call. Sessions are
+isolated: each has its own language model and programs, and programs run under
+``dspy.context(lm=<the session's LM>, ...)``; nothing here calls ``dspy.configure``.
+
+Concurrency: ``execute_program`` is an ``async`` command. It runs the program with
+DSPy's ``acall``, as a task on the worker's event loop, so one worker overlaps many LM
+calls; the other commands are synchronous and have the worker to themselves. Each run's
+settings (its LM, adapter, response cache, usage tracker and trace) live in DSPy's
+context variable, which every task (and ``asyncio.to_thread``) has a copy of: runs that
+overlap never see each other's LM, cache, usage or trace, and DSPy's history is off.
 
 The package: ``commands`` (the command table, program commands), ``configure``
 (``configure_lm``), ``optimize`` (``optimize_program``), ``policy`` (profiles and client
 settings from the environment), ``caches`` (response caches), ``failures`` (what a failed
-LM call reports), ``signatures``, ``programs``, ``state`` (a session's LM and programs),
-``dummy`` (the scripted test LM), ``loader`` (the lazy DSPy import) and ``errors``.
+LM call reports), ``signatures``, ``programs``, ``state`` (a session's LM and programs,
+and running a program), ``served`` (served programs), ``dummy`` (the scripted test LM),
+``loader`` (the lazy DSPy import) and ``errors``.
 Argument checks are the runtime's (``snakepool_worker.arguments``).
 
 LM policy (read from the worker's environment, which the host sets):
@@ -37,6 +47,24 @@ LM policy (read from the worker's environment, which the host sets):
 ``SNAKEPOOL_LM_CACHE_DIR``
     Where profiles with ``cache: true`` keep their disk cache, one subdirectory per
     profile (``<dir>/<profile>``). Unset: those profiles cache in memory only.
+``SNAKEPOOL_PROGRAMS``
+    Served programs, set by the host from ``snakepool serve --program NAME=PATH``:
+    ``{"NAME": {"path": "/abs/file.json", "profile": "PROFILE"}}`` (names as profile
+    names; ``path`` absolute). Each file holds what ``dump_program_state`` returns,
+    ``{program_id?, type?="predict", signature, state?}`` with ``signature`` as
+    ``create_program`` takes it (and ``instructions`` beside a string signature), or the
+    JSON DSPy's ``program.save(path)`` writes as ``state`` in such an object: DSPy's
+    file alone names neither fields nor types and is refused, with a message saying how
+    to wrap it. The files are loaded once per process, at import when the variable is
+    set (so the zygote loads them once for every worker it forks; loading starts no
+    thread), else on first use. Loading never stops the worker: a bad entry or file is
+    logged, and each call to that program fails with ``ServedProgramInvalid`` naming it
+    and its file. A served program runs with its entry's profile, resolved through the
+    LM policy on first use (``LMProfileNotFound`` naming the program and its file when
+    the profile is not defined); its LM is built once per process and shared by the
+    programs of that profile. Served programs are read-only: callers can only run them,
+    and a run leaves nothing in them (no history, its own trace; inputs named like
+    DSPy's options are refused), so no call can change what the next one sees.
 
 Whatever the policy, an ``api_key_env`` (a client's or a profile's) naming a variable that
 starts with ``SNAKEPOOL_`` is refused (``LMSettingsForbidden``): the pool's own settings
@@ -44,12 +72,16 @@ and secrets are never sent as an LM key. A client's LM never caches responses.
 
 Response caches: DSPy's own cache is process-wide, keyed without the endpoint or the key,
 and kept on disk under ``~/.dspy_cache`` (or ``$DSPY_CACHEDIR``), built on the first read
-of ``dspy.cache``. Here, once DSPy is loaded, ``dspy.cache`` is a cache that stores nothing
-(unless something configured one first), and every program runs with its session's LM's
-own cache in ``dspy.cache``: the profile's (memory, at most ``PROFILE_CACHE_ENTRIES``
-entries, plus disk under ``SNAKEPOOL_LM_CACHE_DIR``), shared only by the sessions that use
-that profile on this worker, or none. So no answer crosses from one profile, endpoint or
-client LM to another, and no worker writes to the home directory.
+of ``dspy.cache``; every cached LM call reads and writes whatever ``dspy.cache`` is. Here,
+once DSPy is loaded, ``dspy.cache`` is ``NO_STORE``, installed once and put back if
+something replaces it: it stores nothing itself, and passes the reads and writes of a
+program run to that run's LM's own cache, which the run names in its ``dspy.context``
+(the task-local settings above): the profile's cache (memory, at most
+``PROFILE_CACHE_ENTRIES`` entries, plus disk under ``SNAKEPOOL_LM_CACHE_DIR``), shared only
+by the sessions and served programs that use that profile on this worker, or none. Outside
+program runs it stores nothing (or uses a cache something configured before DSPy was
+loaded here). So no answer crosses from one profile, endpoint or client LM to another,
+even between runs that overlap, and no worker writes to the home directory.
 
 Commands (``*`` = ``mutates_session``, journaled by the host):
 
@@ -94,10 +126,15 @@ program_id?}``
     The DSPex spellings ``id`` and ``program_type`` are accepted. Returns
     ``{program_id, type, signature: {instructions, inputs: [{name, type, desc}],
     outputs}}``.
-``execute_program`` ``{program_id, inputs}``
-    Returns ``{outputs, reasoning, usage}``: outputs typed as declared, ``reasoning`` for
-    chain of thought (else null), ``usage`` as ``{model: {prompt_tokens, ...}}`` or null.
-    Inputs under reserved names fail with ``ReservedFieldName`` before DSPy sees them.
+``execute_program`` ``{program_id, inputs}``, or as a plain call ``{program, inputs}``
+    Runs the session's program ``program_id`` with the session's LM, or the served
+    program ``program`` (see ``SNAKEPOOL_PROGRAMS``) with its profile's LM; ``async``,
+    so runs overlap. Returns ``{outputs, reasoning, usage}``: outputs typed as declared,
+    ``reasoning`` for chain of thought (else null), ``usage`` (this call's alone) as
+    ``{model: {prompt_tokens, ...}}`` or null. Inputs under reserved names fail with
+    ``ReservedFieldName`` before DSPy sees them. ``program`` in a session call fails with
+    ``InvalidArgument`` (a session runs its own programs, by ``program_id``); an unknown
+    ``program`` fails with ``ProgramNotFound`` listing the served programs.
 ``optimize_program``\\* ``{program_id, trainset, metric?="exact_match",
 optimizer?="bootstrap_few_shot", max_bootstrapped_demos?=4, max_labeled_demos?=16, k?=16}``
     Compiles the program with ``dspy.BootstrapFewShot`` (needs an LM) or
@@ -108,7 +145,9 @@ optimizer?="bootstrap_few_shot", max_bootstrapped_demos?=4, max_labeled_demos?=1
     declared output field, case- and whitespace-insensitively: ``exact_match`` (equal)
     or ``contains`` (expected text within the predicted text). A trainset example holds
     every input and output field (and may hold ``reasoning`` for chain of thought).
-``dump_program_state`` ``{program_id}`` -> ``{program_id, state}``
+``dump_program_state`` ``{program_id}`` -> ``{program_id, type, signature, state}``
+    ``signature`` as ``create_program`` returns it: the reply, saved to a file, is a
+    program ``SNAKEPOOL_PROGRAMS`` can serve.
 ``load_program_state``\\* ``{program_id, state}`` -> ``{program_id, demos}``
 ``list_programs`` ``{}`` -> ``{programs: [{program_id, type, signature: "q -> a"}]}``
 ``get_program_info`` ``{program_id}`` -> ``{program_id, type, signature, demos,
@@ -124,7 +163,8 @@ Error types (the exception class names below): ``SessionRequired``, ``InvalidArg
 ``ProgramNotFound``, ``MissingInput``, ``UnknownInput``, ``LMNotConfigured``,
 ``ApiKeyMissing``, ``LMSettingsForbidden`` (the LM policy refuses the settings),
 ``LMProfileNotFound`` (the message lists the profiles), ``LMProfileInvalid``,
-``LMCallFailed``, ``UnknownMetric``, ``InvalidState``, ``DummyAnswersExhausted``.
+``LMCallFailed``, ``UnknownMetric``, ``InvalidState``, ``DummyAnswersExhausted``,
+``ServedProgramInvalid`` (a served program's entry or file is not usable).
 
 ``LMCallFailed`` is what a failure at the provider or on the way to it becomes (an HTTP
 error, an unreachable endpoint, a reply that is not JSON), e.g. ``LM call failed (profile
@@ -156,6 +196,7 @@ from .errors import (
     MissingInput,
     ProgramNotFound,
     ReservedFieldName,
+    ServedProgramInvalid,
     SessionRequired,
     UnknownInput,
     UnknownMetric,
@@ -174,6 +215,7 @@ from .policy import (
     parse_profiles,
 )
 from .programs import PROGRAM_TYPES, Program
+from .served import PROGRAMS_ENV, load_if_configured
 from .signatures import ALLOWED_TYPES, RESERVED_FIELD_NAMES, FieldSpec
 from .state import STATE_KEY, SessionState, cleanup_session_state
 
@@ -203,6 +245,7 @@ __all__ = [
     "OPTIMIZERS",
     "PROFILES_ENV",
     "PROFILE_CACHE_ENTRIES",
+    "PROGRAMS_ENV",
     "PROGRAM_TYPES",
     "PROVIDERS",
     "Program",
@@ -210,6 +253,7 @@ __all__ = [
     "RESERVED_FIELD_NAMES",
     "ReservedFieldName",
     "STATE_KEY",
+    "ServedProgramInvalid",
     "SessionRequired",
     "SessionState",
     "UnknownInput",
@@ -224,3 +268,4 @@ __all__ = [
 ]
 
 register_commands(default_registry)
+load_if_configured()

@@ -2,13 +2,20 @@
 
 DSPy keeps one process-wide response cache, ``dspy.cache``, built on its first read (not
 at import) with a disk part in ``$DSPY_CACHEDIR`` or ``~/.dspy_cache`` shared by every
-process of the machine, and its key leaves out the endpoint and the API key. DSPy looks
-``dspy.cache`` up on every cached LM call, so:
+process of the machine, and its key leaves out the endpoint and the API key. DSPy 3.4 has
+no per-LM cache: every cached LM call reads and writes whatever ``dspy.cache`` is at that
+moment (``get`` and ``put`` only). Replacing ``dspy.cache`` around a call is not safe when
+calls overlap on one event loop, so the cache is chosen per call instead:
 
-- ``keep_default_cache_off_home`` puts ``NO_STORE`` there when DSPy is loaded (unless a
-  cache was configured already), so the default one is never built;
-- ``response_cache`` puts the cache of the LM about to run there for one command, and the
-  previous one back after (a worker serves one call at a time);
+- ``install_router`` makes ``NO_STORE`` DSPy's ``dspy.cache`` once, when DSPy is loaded,
+  before anything can build the default one (and again if something replaces it later);
+- a program runs under ``dspy.context(**cache_setting(cache))``, which puts its LM's
+  cache (``None``: no cache) into DSPy's own per-task settings, the same contextvar that
+  carries the run's LM: it follows the call into ``asyncio`` tasks, ``asyncio.to_thread``
+  and DSPy's thread pools, and no other call sees it;
+- ``NO_STORE`` holds nothing itself: inside a run it passes each read and write to that
+  run's cache, or stores nothing when the run's LM has none; outside any run it stores
+  nothing (or uses the cache something configured before DSPy was loaded here);
 - ``profile_cache`` gives each profile with ``cache: true`` its own cache: in memory
   (``PROFILE_CACHE_ENTRIES``), plus on disk in ``$SNAKEPOOL_LM_CACHE_DIR/<profile>`` when
   that is set, shared by the sessions of that profile on this worker and nobody else.
@@ -21,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import LMProfileInvalid
 from .policy import CACHE_DIR_ENV, LMProfile
@@ -29,12 +36,15 @@ from .policy import CACHE_DIR_ENV, LMProfile
 PROFILE_CACHE_ENTRIES = 10_000
 """In-memory entries of one profile's response cache (least recently used are dropped)."""
 
+CACHE_SETTING = "snakepool_response_cache"
+"""The key of the running LM's response cache in DSPy's per-task settings."""
+
 _MISSING = object()
 _log = logging.getLogger(__package__)
 
 
 class NoStore:
-    """Stands in for ``dspy.cache`` where a call must neither read nor write a cache."""
+    """A response cache that neither reads nor writes anything."""
 
     enable_memory_cache = False
     enable_disk_cache = False
@@ -52,8 +62,56 @@ class NoStore:
         return None
 
 
-NO_STORE = NoStore()
-"""The response cache of every LM that has no cache of its own: it stores nothing."""
+_NOTHING = NoStore()
+
+
+class CacheRouter:
+    """``dspy.cache`` once DSPy is loaded: the running call's own cache, or nothing.
+
+    Holds no entries itself. ``get`` and ``put`` (all DSPy asks of ``dspy.cache``) go to
+    the cache named by ``CACHE_SETTING`` in the calling task's DSPy settings; inside a
+    run of an LM without a cache they store nothing. Outside every run they go to
+    ``outside``: the cache configured before DSPy was loaded here, or nothing.
+    """
+
+    def __init__(self) -> None:
+        self.settings: Any = None
+        self.outside: Any = _NOTHING
+
+    def current(self) -> Any:
+        """The cache of the call running in this task or thread."""
+        settings = self.settings
+        if settings is None:
+            return self.outside
+        cache = settings.get(CACHE_SETTING, _MISSING)
+        if cache is _MISSING:
+            return self.outside
+        return _NOTHING if cache is None else cache
+
+    @property
+    def enable_memory_cache(self) -> bool:
+        return bool(getattr(self.current(), "enable_memory_cache", False))
+
+    @property
+    def enable_disk_cache(self) -> bool:
+        return bool(getattr(self.current(), "enable_disk_cache", False))
+
+    def get(self, request: Any, ignored_args_for_cache_key: Any = None) -> Any:
+        return self.current().get(request, ignored_args_for_cache_key)
+
+    def put(self, request: Any, value: Any, *args: Any, **kwargs: Any) -> None:
+        self.current().put(request, value, *args, **kwargs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.current()
+
+    def reset_memory_cache(self) -> None:
+        self.current().reset_memory_cache()
+
+
+NO_STORE = CacheRouter()
+"""DSPy's ``dspy.cache`` once DSPy is loaded here: it stores nothing itself, and passes a
+program run's reads and writes to the cache of that run's LM (see ``CacheRouter``)."""
 
 _profile_caches: Dict[Tuple[Any, ...], Any] = {}
 
@@ -96,28 +154,30 @@ def profile_cache(profile: LMProfile, dspy: Any) -> Any:
     return cache
 
 
+def cache_setting(cache: Optional[Any]) -> Dict[str, Any]:
+    """The ``dspy.context`` setting that makes ``cache`` (``None``: none) the run's cache."""
+    return {CACHE_SETTING: cache}
+
+
 def _lock(dspy: Any) -> Any:
     return vars(dspy).get("_cache_lock") or contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def response_cache(dspy: Any, cache: Any) -> Iterator[None]:
-    """Make ``cache`` (``None``: ``NO_STORE``) DSPy's response cache inside the block."""
+def install_router(dspy: Any) -> None:
+    """Make ``NO_STORE`` DSPy's ``dspy.cache``, unless it is already.
+
+    A cache found there (one something configured) stays in use outside program runs.
+    Cheap when nothing changed, so it is checked before every run: a cache configured
+    later (``dspy.configure_cache``) cannot take the place of the runs' own caches.
+    """
     namespace = vars(dspy)
+    if namespace.get("cache") is NO_STORE:
+        return
     with _lock(dspy):
-        previous = namespace.get("cache", _MISSING)
-        namespace["cache"] = NO_STORE if cache is None else cache
-    try:
-        yield
-    finally:
-        with _lock(dspy):
-            if previous is _MISSING:
-                namespace.pop("cache", None)
-            else:
-                namespace["cache"] = previous
-
-
-def keep_default_cache_off_home(dspy: Any) -> None:
-    """Install ``NO_STORE`` as ``dspy.cache`` unless a cache is there already."""
-    with _lock(dspy):
-        vars(dspy).setdefault("cache", NO_STORE)
+        found = namespace.get("cache", _MISSING)
+        if found is NO_STORE:
+            return
+        NO_STORE.settings = dspy.settings
+        if found is not _MISSING:
+            NO_STORE.outside = found
+        namespace["cache"] = NO_STORE

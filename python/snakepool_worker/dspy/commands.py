@@ -2,8 +2,11 @@
 
 ``create_program`` builds a ``dspy.Predict`` or ``dspy.ChainOfThought`` from a signature
 (see ``signatures``), optionally with demos or a state; ``execute_program`` runs one with
-the session's LM; the others list, describe, save, load and delete programs. Every
-command rejects arguments it does not know (``InvalidArgument``).
+the session's LM, or a served program (see ``served``) with its profile's LM, through
+DSPy's ``acall``: it is the one ``async`` command, so runs overlap on the worker's event
+loop while they wait for their LMs. The others (all synchronous) list, describe, save,
+load and delete programs. Every command rejects arguments it does not know
+(``InvalidArgument``).
 """
 
 from __future__ import annotations
@@ -14,18 +17,31 @@ from ..arguments import InvalidArgument, check_known, describe, get_str, names, 
 from ..registry import Context, Handler, Registry
 from .configure import configure_lm
 from .errors import InvalidSignature, MissingInput, UnknownInput
-from .loader import load_dspy
 from .optimize import optimize_program
-from .programs import PROGRAM_TYPES, Program, dump_state, examples, jsonable, load_state
+from .programs import (
+    PROGRAM_TYPES,
+    Program,
+    build_program,
+    dump_state,
+    examples,
+    jsonable,
+    load_state,
+)
+from .served import find_served, served_lm
 from .signatures import (
     RESERVED_FIELD_NAMES,
-    build_signature,
-    check_field_set,
     parse_signature_dict,
     parse_signature_text,
     reserved_error,
 )
-from .state import cleanup_session_state, find_program, require_lm, run, session_state
+from .state import (
+    LMBinding,
+    arun,
+    cleanup_session_state,
+    find_program,
+    require_lm,
+    session_state,
+)
 
 _MAX_PROGRAM_ID_CHARS = 200
 
@@ -94,14 +110,7 @@ def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     if demos is not None and program_state is not None:
         raise InvalidArgument(f"{command}: give args.demos or args.state, not both")
 
-    dspy = load_dspy()
-    check_field_set(inputs, outputs, program_type)
-    dspy_signature = build_signature(inputs, outputs, instructions)
-    if program_type == "predict":
-        module = dspy.Predict(dspy_signature)
-    else:
-        module = dspy.ChainOfThought(dspy_signature)
-    program = Program(program_id or "", program_type, inputs, outputs, module)
+    program = build_program(program_type, inputs, outputs, instructions, program_id or "")
     if demos is not None:
         demo_examples = examples(command, demos, "demos", program)
         for _, predictor in program.predictors():
@@ -117,13 +126,45 @@ def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     }
 
 
-def execute_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
-    """Run a program on args.inputs with the session's LM; returns typed outputs."""
-    state = session_state(ctx)
+async def execute_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Run a program on args.inputs with the session's LM (or a served program); typed outputs."""
     command = ctx.command
-    check_known(command, args, ("program_id", "inputs"))
-    program = find_program(state, ctx, args)
-    inputs = args.get("inputs")
+    binding: LMBinding
+    if args.get("program") is not None:
+        if ctx.session_id is not None:
+            raise InvalidArgument(
+                f"{command}: args.program names a served program, which runs as a plain call "
+                "without a session; in a session, run the session's programs with "
+                "args.program_id"
+            )
+        check_known(command, args, ("program", "inputs"))
+        served, program = find_served(get_str(command, args, "program"))
+        inputs = _checked_inputs(command, program, args.get("inputs"))
+        binding = served_lm(served, ctx.worker_id, command)
+    else:
+        state = session_state(ctx)
+        check_known(command, args, ("program_id", "inputs"))
+        program = find_program(state, ctx, args)
+        inputs = _checked_inputs(command, program, args.get("inputs"))
+        require_lm(state, ctx)
+        binding = state
+    module = program.module
+    prediction = await arun(binding, lambda: module.acall(**inputs))
+    outputs = {field.name: jsonable(prediction.get(field.name)) for field in program.outputs}
+    reasoning = prediction.get("reasoning") if program.type == "chain_of_thought" else None
+    usage = None
+    get_usage = getattr(prediction, "get_lm_usage", None)
+    if callable(get_usage):
+        usage = get_usage() or None
+    return {
+        "outputs": outputs,
+        "reasoning": None if reasoning is None else str(reasoning),
+        "usage": jsonable(usage),
+    }
+
+
+def _checked_inputs(command: str, program: Program, inputs: Any) -> Dict[str, Any]:
+    """``args.inputs``, holding every input field of ``program`` and nothing else."""
     if inputs is None:
         inputs = {}
     if not isinstance(inputs, dict):
@@ -148,27 +189,23 @@ def execute_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             f"program {program.program_id!r} is missing input(s) {quoted(missing)}; it "
             f"expects: {names(expected)}"
         )
-    require_lm(state, ctx)
-    prediction = run(state, lambda: program.module(**inputs))
-    outputs = {field.name: jsonable(prediction.get(field.name)) for field in program.outputs}
-    reasoning = prediction.get("reasoning") if program.type == "chain_of_thought" else None
-    usage = None
-    get_usage = getattr(prediction, "get_lm_usage", None)
-    if callable(get_usage):
-        usage = get_usage() or None
-    return {
-        "outputs": outputs,
-        "reasoning": None if reasoning is None else str(reasoning),
-        "usage": jsonable(usage),
-    }
+    return inputs
 
 
 def dump_program_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
-    """Return a program's state (demos, instructions) as JSON for load_program_state."""
+    """Return a program's state (demos, instructions) as JSON for load_program_state.
+
+    With its type and signature, so the reply saved to a file is a servable program.
+    """
     state = session_state(ctx)
     check_known(ctx.command, args, ("program_id",))
     program = find_program(state, ctx, args)
-    return {"program_id": program.program_id, "state": dump_state(program)}
+    return {
+        "program_id": program.program_id,
+        "type": program.type,
+        "signature": program.describe_signature(),
+        "state": dump_state(program),
+    }
 
 
 def load_program_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:

@@ -37,6 +37,7 @@ from .policy import (
     DEFAULT_NUM_RETRIES,
     ENV_NAME,
     PROFILE_KEYS,
+    LMProfile,
     api_key,
     client_settings_allowed,
     lm_profiles,
@@ -138,14 +139,32 @@ def _configure_profile(state: SessionState, ctx: Context, args: Dict[str, Any]) 
     if profile is None:
         raise LMProfileNotFound(f"{command}: no LM profile {name!r}; profiles: {profile_names()}")
     where = f"profile {name!r}"
-    if profile.api_key_env is not None:
-        refuse_pool_variable(profile.api_key_env, where)
     if max_tokens is not None and profile.max_tokens is not None:
         if max_tokens > profile.max_tokens:
             raise LMSettingsForbidden(
                 f"{command}: max_tokens {max_tokens} is above the limit of {where} "
                 f"({profile.max_tokens})"
             )
+    lm, info, cache = profile_lm(command, profile, ctx.worker_id, where, temperature, max_tokens)
+    state.set_lm(lm, info, None, cache)
+    return dict(info)
+
+
+def profile_lm(
+    command: str,
+    profile: LMProfile,
+    worker_id: str,
+    where: str,
+    temperature: Optional[float] = None,
+    max_tokens: Optional[int] = None,
+) -> Tuple[Any, Dict[str, Any], Any]:
+    """``(lm, info, response cache or None)`` for ``profile``; ``temperature`` and
+    ``max_tokens`` (checked by the caller) replace the profile's when given.
+
+    ``where`` names the profile's user in the errors (``ApiKeyMissing`` ...).
+    """
+    if profile.api_key_env is not None:
+        refuse_pool_variable(profile.api_key_env, where)
     if temperature is None:
         temperature = profile.temperature
     if max_tokens is None:
@@ -158,20 +177,23 @@ def _configure_profile(state: SessionState, ctx: Context, args: Dict[str, Any]) 
     if profile.api_base is not None:
         kwargs["api_base"] = profile.api_base
     if profile.api_key_env is not None:
-        kwargs["api_key"] = api_key(profile.api_key_env, ctx.worker_id, where, name_it=False)
+        kwargs["api_key"] = api_key(profile.api_key_env, worker_id, where, name_it=False)
+    elif profile.api_base is not None:
+        # No key variable named: litellm would send the provider's usual one
+        # (OPENAI_API_KEY, ...) to this endpoint.
+        kwargs["api_key"] = NO_KEY
     cache = profile_cache(profile, load_dspy()) if profile.cache else None
     lm = _make_lm(command, profile.model, kwargs)
     info = {
         "provider": "litellm",
-        "profile": name,
+        "profile": profile.name,
         "model": profile.model,
         "temperature": temperature,
         "max_tokens": max_tokens,
         "num_retries": profile.num_retries,
         "cache": profile.cache,
     }
-    state.set_lm(lm, info, None, cache)
-    return dict(info)
+    return lm, info, cache
 
 
 NO_KEY = "no-key"

@@ -1,10 +1,11 @@
 """The scripted test LM: DSPy's ``DummyLM`` with answers that run out loudly.
 
-A script is a list of ``{output field: value}`` answers, one consumed per LM call, or an
-object mapping prompt text to such an answer. A call after the list is used up fails with
-``DummyAnswersExhausted`` (DSPy's DummyLM would answer "No more responses"). With
-``follow_examples`` the LM answers from a demo whose input matches the call, and when
-none matches, from the script (DSPy's own DummyLM would fail the call instead).
+A script is a list of ``{output field: value}`` answers, one consumed per LM call (made
+with ``acall`` or synchronously), or an object mapping prompt text to such an answer. A
+call after the list is used up fails with ``DummyAnswersExhausted`` (DSPy's DummyLM
+would answer "No more responses"). With ``follow_examples`` the LM answers from a demo
+whose input matches the call, and when none matches, from the script (DSPy's own DummyLM
+would fail the call instead).
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def scripted_lm_class() -> Any:
             """A DummyLM: scripted answers, or a matching demo's outputs with follow_examples.
 
             With ``follow_examples`` and a non-empty script, a call whose input matches no
-            demo takes the next scripted answer instead of failing.
+            demo takes the next scripted answer instead of failing. ``acall`` (DSPy's async
+            dummy engine) and ``aforward`` (DummyLM's, which calls ``forward``) answer from
+            the same script as the synchronous calls.
             """
 
             def __init__(self, answers: Any, follow_examples: bool = False) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "MissingInput",
     "ProgramNotFound",
     "ReservedFieldName",
+    "ServedProgramInvalid",
     "SessionRequired",
     "UnknownInput",
     "UnknownMetric",
@@ -51,7 +52,13 @@ class UnsupportedType(InvalidSignature):
 
 
 class ProgramNotFound(DSPyBridgeError):
-    """No program with the given id exists in the session."""
+    """No program with the given id exists in the session (or no served program has the
+    given name)."""
+
+
+class ServedProgramInvalid(DSPyBridgeError):
+    """A served program (``SNAKEPOOL_PROGRAMS``) cannot be run: its entry or its file is
+    not usable. The message names the program and its file."""
 
 
 class MissingInput(DSPyBridgeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from .caches import keep_default_cache_off_home
+from .caches import install_router
 
 # Advisory model metadata (prices, context windows) is otherwise fetched from the
 # internet on the first real LM call, by DSPy and by LiteLLM; the bundled copy will do.
@@ -21,12 +21,13 @@ _dspy_module: Optional[Any] = None
 def load_dspy() -> Any:
     """Import DSPy on first use and return the module.
 
-    Its default response cache is replaced before anything can read it (see ``caches``).
+    Its default response cache is replaced, before anything can read it, by the cache that
+    routes each program run to its LM's own cache (see ``caches``).
     """
     global _dspy_module
     if _dspy_module is None:
         import dspy
 
-        keep_default_cache_off_home(dspy)
+        install_router(dspy)
         _dspy_module = dspy
     return _dspy_module

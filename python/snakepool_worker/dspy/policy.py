@@ -38,7 +38,8 @@ DEFAULT_NUM_RETRIES = 2
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 """What an environment variable name looks like."""
 
-_PROFILE_NAME = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9_.-]{1,128}\Z")
+NAME_RULE = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9_.-]{1,128}\Z")
+"""What the name of a profile (or of a served program) looks like."""
 PROFILE_KEYS: Tuple[str, ...] = (
     "model",
     "api_base",
@@ -90,7 +91,7 @@ def _profile_error(name: str, key: str, expected: str, value: Any) -> LMProfileI
 
 
 def _parse_profile(name: Any, entry: Any) -> LMProfile:
-    if not isinstance(name, str) or not _PROFILE_NAME.match(name):
+    if not isinstance(name, str) or not NAME_RULE.match(name):
         raise LMProfileInvalid(
             f"{PROFILES_ENV}: profile name {name!r} is not usable; names are 1-128 letters, "
             "digits, '_', '.' or '-', other than '.' and '..' (each names a directory)"

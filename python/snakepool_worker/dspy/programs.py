@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 from ..arguments import InvalidArgument, describe, names, quoted
 from .errors import InvalidState
 from .loader import load_dspy
-from .signatures import FieldSpec
+from .signatures import FieldSpec, build_signature, check_field_set
 
 PROGRAM_TYPES: Tuple[str, ...] = ("predict", "chain_of_thought")
 
@@ -107,6 +107,24 @@ class Program:
         }
 
 
+def build_program(
+    program_type: str,
+    inputs: List[FieldSpec],
+    outputs: List[FieldSpec],
+    instructions: Any,
+    program_id: str = "",
+) -> Program:
+    """A new Predict or ChainOfThought program for checked fields (no demos yet)."""
+    dspy = load_dspy()
+    check_field_set(inputs, outputs, program_type)
+    signature = build_signature(inputs, outputs, instructions)
+    if program_type == "predict":
+        module = dspy.Predict(signature)
+    else:
+        module = dspy.ChainOfThought(signature)
+    return Program(program_id, program_type, inputs, outputs, module)
+
+
 def _check_record(
     command: str,
     record: Any,
@@ -155,12 +173,18 @@ def examples(command: str, records: Any, name: str, program: Program) -> List[An
 
 
 def load_state(command: str, program: Program, state: Any) -> None:
-    """Load a ``dump_program_state`` state into ``program``; leave it untouched on failure."""
+    """Load a ``dump_program_state`` state into ``program``; leave it untouched on failure.
+
+    The JSON DSPy's ``program.save(path)`` writes is such a state plus a ``metadata``
+    object (the versions it was saved with), which is set aside.
+    """
     if not isinstance(state, dict):
         raise InvalidState(
             f"{command}: state must be an object from dump_program_state, got {describe(state)}"
         )
     state = copy.deepcopy(state)
+    if isinstance(state.get("metadata"), dict):
+        del state["metadata"]
     for name, predictor in program.predictors():
         part = state if name == "self" else state.get(name)
         where = "state" if name == "self" else f"state[{name!r}]"

@@ -2,18 +2,19 @@
 
 Each session has its own LM and programs, kept in ``ctx.session[STATE_KEY]`` on the
 session's worker until ``cleanup_session``. Programs run under ``dspy.context(lm=<the
-session's LM>)`` with the LM's own response cache in place; nothing here calls
-``dspy.configure``.
+session's LM>, ...)``, which also names the LM's own response cache (see ``caches``):
+DSPy keeps those settings in a context variable, so each run, and each of the runs that
+overlap on the worker's event loop, sees its own. Nothing here calls ``dspy.configure``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 from ..arguments import get_str, names
 from ..registry import Context
-from .caches import response_cache
+from .caches import cache_setting, install_router
 from .errors import (
     DummyAnswersExhausted,
     LMCallFailed,
@@ -124,33 +125,90 @@ def require_lm(state: SessionState, ctx: Context) -> None:
         )
 
 
-def run(state: SessionState, func: Callable[[], Any]) -> Any:
-    """Run ``func`` with the session's LM and response cache, usage tracking on, history off.
+class LMBinding(Protocol):
+    """What a program runs with: an LM, what to call it in errors, its adapter and cache.
 
-    The history is off because DSPy keeps every LM call in a process-wide list (and in
-    each module) that would hold one session's prompts and replies after it is cleaned up.
+    ``SessionState`` is one; a served program's LM is another (see ``served``).
+    """
+
+    lm: Any
+    lm_info: Optional[Dict[str, Any]]
+    adapter: Any
+    response_cache: Any
+
+
+def _settings(dspy: Any, binding: LMBinding) -> Dict[str, Any]:
+    """The ``dspy.context`` settings of a run with ``binding``.
+
+    The history is off and the trace is the run's own list because DSPy otherwise keeps
+    every LM call (in a process-wide history and in each module) and every predictor call
+    (in a process-wide trace, with its inputs and outputs), which would hold one session's
+    prompts and replies after it is cleaned up, shared by every call on the worker.
+    """
+    install_router(dspy)
+    settings: Dict[str, Any] = {
+        "lm": binding.lm,
+        "track_usage": True,
+        "disable_history": True,
+        "trace": [],
+    }
+    if binding.adapter is not None:
+        settings["adapter"] = binding.adapter
+    settings.update(cache_setting(binding.response_cache))
+    return settings
+
+
+def _failure(exc: Exception, lm_info: Optional[Dict[str, Any]], dspy: Any) -> Optional[str]:
+    """The ``LMCallFailed`` message for ``exc`` (logged with it), or ``None``: keep ``exc``.
+
+    A used-up dummy script is raised as itself (DSPy wraps errors raised inside an LM
+    call).
+    """
+    exhausted = exhausted_script(exc)
+    if exhausted is not None:
+        raise DummyAnswersExhausted(str(exhausted)) from exc
+    message = lm_call_failure(exc, lm_info, dspy)
+    if message is not None:
+        _log.error("%s; the error as raised:", message, exc_info=exc)
+    return message
+
+
+def run(binding: LMBinding, func: Callable[[], Any]) -> Any:
+    """Run ``func`` with the binding's LM and response cache, usage tracking on, history off.
 
     A failure at the provider or on the way to it becomes ``LMCallFailed`` (see
     ``failures``): the original is logged on stderr and not chained, so neither the
     reply's message nor its traceback carries the provider's words.
     """
     dspy = load_dspy()
-    settings: Dict[str, Any] = {"lm": state.lm, "track_usage": True, "disable_history": True}
-    if state.adapter is not None:
-        settings["adapter"] = state.adapter
+    lm_info = binding.lm_info
     try:
-        with dspy.context(**settings), response_cache(dspy, state.response_cache):
+        with dspy.context(**_settings(dspy, binding)):
             return func()
     except Exception as exc:
-        # DSPy wraps errors raised inside an LM call; report a used-up script as itself.
-        exhausted = exhausted_script(exc)
-        if exhausted is not None:
-            raise DummyAnswersExhausted(str(exhausted)) from exc
-        message = lm_call_failure(exc, state.lm_info, dspy)
+        message = _failure(exc, lm_info, dspy)
         if message is None:
             raise
-        _log.error("%s; the error as raised:", message, exc_info=exc)
     # Raised outside the handler, so the provider's error is neither cause nor context.
+    raise LMCallFailed(message) from None
+
+
+async def arun(binding: LMBinding, func: Callable[[], Awaitable[Any]]) -> Any:
+    """``run`` for a coroutine: await ``func()`` with the binding's LM, cache and settings.
+
+    The settings live in DSPy's context variable, so they belong to the calling task:
+    runs that overlap on one event loop never see each other's LM, cache or usage. The
+    binding is read before the first ``await``, so a run keeps the LM it started with.
+    """
+    dspy = load_dspy()
+    lm_info = binding.lm_info
+    try:
+        with dspy.context(**_settings(dspy, binding)):
+            return await func()
+    except Exception as exc:
+        message = _failure(exc, lm_info, dspy)
+        if message is None:
+            raise
     raise LMCallFailed(message) from None
 
 

@@ -141,10 +141,18 @@ impl Snapshot {
         let mut watched = BTreeMap::new();
         for (name, root, before) in self.watched {
             let after = tree_ticks(root);
-            let ticks: u64 = after
+            let mut by_process: Vec<(u32, u64)> = after
                 .iter()
-                .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
-                .sum();
+                .map(|(pid, t)| {
+                    (
+                        *pid,
+                        t.saturating_sub(before.get(pid).copied().unwrap_or(0)),
+                    )
+                })
+                .filter(|(_, ticks)| *ticks > 0)
+                .collect();
+            by_process.sort_by_key(|(pid, ticks)| (std::cmp::Reverse(*ticks), *pid));
+            let ticks: u64 = by_process.iter().map(|(_, t)| t).sum();
             let exited = before.keys().filter(|pid| !after.contains_key(pid)).count();
             let cpu_s = ticks as f64 / hz;
             watched.insert(
@@ -156,6 +164,13 @@ impl Snapshot {
                     cpu_s,
                     cpu_us_per_call: per_call(cpu_s),
                     cores: cpu_s / elapsed.as_secs_f64(),
+                    busiest: by_process
+                        .iter()
+                        .map(|(pid, t)| BusyProcess {
+                            pid: *pid,
+                            cpu_s: *t as f64 / hz,
+                        })
+                        .collect(),
                     pss_kib: after.keys().filter_map(|pid| pss_kib(*pid)).sum(),
                 },
             );
@@ -208,8 +223,17 @@ pub struct ProcessTree {
     pub cpu_us_per_call: Option<f64>,
     /// Average cores the tree kept busy.
     pub cores: f64,
+    /// The tree's processes that used CPU in the window, busiest first.
+    pub busiest: Vec<BusyProcess>,
     /// Sum of the PSS of the tree's processes at the end, KiB.
     pub pss_kib: u64,
+}
+
+/// One process's share of a tree's CPU time.
+#[derive(Serialize)]
+pub struct BusyProcess {
+    pub pid: u32,
+    pub cpu_s: f64,
 }
 
 /// What the measured calls cost.
