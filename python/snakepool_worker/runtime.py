@@ -740,6 +740,26 @@ def default_modules_enabled(no_default_modules: bool = False) -> bool:
     return value not in _FALSE_WORDS
 
 
+def _flag_or_env(
+    parser: argparse.ArgumentParser,
+    flag: Optional[int],
+    env: str,
+    parse: Callable[[str], int],
+    default: int,
+) -> int:
+    """The flag's value, else the environment variable's (checked by ``parse``), else
+    ``default``; a bad variable is a usage error naming it."""
+    if flag is not None:
+        return flag
+    text = os.environ.get(env, "").strip()
+    if not text:
+        return default
+    try:
+        return parse(text)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{env}: {exc}")
+
+
 def parse_options(argv: Optional[Sequence[str]]) -> _Options:
     """Combine command-line flags and environment; raises ``SystemExit`` on bad input."""
     parser = build_parser()
@@ -749,26 +769,16 @@ def parse_options(argv: Optional[Sequence[str]]) -> _Options:
         defaults, os.environ.get("SNAKEPOOL_MODULES", "").split(","), list(ns.module)
     )
     preload = _name_list(os.environ.get("SNAKEPOOL_PRELOAD", "").split(","), list(ns.preload))
-    max_frame_bytes = ns.max_frame_bytes
-    if max_frame_bytes is None:
-        env_value = os.environ.get("SNAKEPOOL_MAX_FRAME_BYTES", "").strip()
-        if env_value:
-            try:
-                max_frame_bytes = _frame_limit(env_value)
-            except argparse.ArgumentTypeError as exc:
-                parser.error(f"SNAKEPOOL_MAX_FRAME_BYTES: {exc}")
-        else:
-            max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
-    max_concurrency = ns.max_concurrency
-    if max_concurrency is None:
-        env_value = os.environ.get("SNAKEPOOL_MAX_CONCURRENCY", "").strip()
-        if env_value:
-            try:
-                max_concurrency = _concurrency_limit(env_value)
-            except argparse.ArgumentTypeError as exc:
-                parser.error(f"SNAKEPOOL_MAX_CONCURRENCY: {exc}")
-        else:
-            max_concurrency = DEFAULT_MAX_CONCURRENCY
+    max_frame_bytes = _flag_or_env(
+        parser, ns.max_frame_bytes, "SNAKEPOOL_MAX_FRAME_BYTES", _frame_limit, DEFAULT_MAX_FRAME_BYTES
+    )
+    max_concurrency = _flag_or_env(
+        parser,
+        ns.max_concurrency,
+        "SNAKEPOOL_MAX_CONCURRENCY",
+        _concurrency_limit,
+        DEFAULT_MAX_CONCURRENCY,
+    )
     worker_id = ns.worker_id or os.environ.get("SNAKEPOOL_WORKER_ID") or f"worker-{os.getpid()}"
     return _Options(modules, preload, worker_id, max_frame_bytes, max_concurrency)
 
