@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{WAIT, builder, pid_of, wait_for_event, wait_until};
+use common::{WAIT, builder, pid_of, wait_for_event, wait_until, wait_until_async};
 use serde_json::json;
 use snakepool::{Error, PoolBuilder, PoolEvent};
 
@@ -147,8 +147,9 @@ async fn a_dropped_async_call_is_cancelled_on_the_worker() {
                 .await
         })
     };
-    wait_until("the nap to run", WAIT, || {
-        pool.status().workers[0].in_flight == 1
+    // Leased is not yet sent: wait until the worker runs it.
+    wait_until_async("the nap to run on the worker", WAIT, || async {
+        pool.call("napping", json!({})).await.unwrap() == json!(["dropped"])
     })
     .await;
     dropped.abort();
