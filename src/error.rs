@@ -34,6 +34,15 @@ pub enum Error {
         /// Whether the worker was killed (else only the call was cancelled).
         killed: bool,
     },
+    /// The caller cancelled the call (dropped its stream, disconnected, or asked by
+    /// id); the worker cancelled it and serves on.
+    #[error("`{command}` on worker {worker} was cancelled by its caller")]
+    Cancelled {
+        /// The worker that ran the call.
+        worker: WorkerName,
+        /// The cancelled command.
+        command: String,
+    },
     /// The worker process died while serving the call.
     #[error("worker {worker} died during `{command}` ({status}); stderr tail:\n{stderr_tail}")]
     WorkerCrashed {
@@ -159,6 +168,7 @@ impl Error {
             Error::Saturated { .. } => "saturated",
             Error::CheckoutTimeout { .. } => "checkout_timeout",
             Error::RequestTimeout { .. } => "request_timeout",
+            Error::Cancelled { .. } => "cancelled",
             Error::WorkerCrashed { .. } => "worker_crashed",
             Error::WorkerError { .. } => "worker_error",
             Error::UnknownCommand { .. } => "unknown_command",

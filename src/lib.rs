@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod call;
 pub mod config;
 pub mod dspy;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod server;
 pub mod session;
 pub mod worker;
 
+pub use call::{CallOptions, CallStream, CancellationToken, StreamEvent};
 pub use error::{Error, Result};
 
 /// The README's Rust examples, compiled as doc tests.

@@ -4,7 +4,9 @@
 //! JSON. Requests are `{"id", "command", "args"}`; replies are
 //! `{"id", "success": true, "result"}` or `{"id", "success": false, "error"}` where
 //! the error is either a plain string (older bridge scripts) or
-//! `{"type", "message", "traceback"}` (snakepool_worker).
+//! `{"type", "message", "traceback"}` (snakepool_worker). A streaming command sends
+//! chunks `{"id", "chunk"}` before its reply; the host grants it more chunks with
+//! `{"id", "credit": n}` and cancels a call with `{"id", "cancel": true}`.
 //!
 //! This is the only module that touches bytes. Frames longer than the configured
 //! maximum are refused as soon as their header is seen, before any buffer for the body
@@ -52,6 +54,15 @@ impl Cancel {
     pub fn of(id: u64) -> Cancel {
         Cancel { id, cancel: true }
     }
+}
+
+/// Lets a worker send `credit` more chunks of call `id`: `{"id": N, "credit": n}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Credit {
+    /// The streaming call.
+    pub id: u64,
+    /// How many more chunks it may send.
+    pub credit: u32,
 }
 
 /// A worker's structured report of a failed command.
@@ -141,6 +152,34 @@ impl Reply {
     }
 }
 
+/// One chunk of a streaming call's output, sent before its reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    /// The id of the call it belongs to.
+    pub id: u64,
+    /// The value the handler yielded.
+    pub value: Value,
+}
+
+/// A frame from a worker: a reply, or a chunk of a call still running.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// The final answer to a request.
+    Reply(Reply),
+    /// Part of a streaming call's output.
+    Chunk(Chunk),
+}
+
+impl Frame {
+    /// The id of the call the frame belongs to.
+    pub fn id(&self) -> u64 {
+        match self {
+            Frame::Reply(reply) => reply.id,
+            Frame::Chunk(chunk) => chunk.id,
+        }
+    }
+}
+
 /// Everything that can be wrong with bytes arriving on a worker's channel.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -163,24 +202,47 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Parses one frame body into a [`Reply`].
-pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
+/// Parses one frame body: a chunk is an object with `chunk` and no `success`; anything
+/// else must be a reply (see [`parse_reply`]).
+pub fn parse_frame(body: &[u8]) -> Result<Frame, FrameError> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
     let Value::Object(mut map) = value else {
         return Err(FrameError::BadShape("reply is not a JSON object".into()));
     };
-    let id = match map.get("id") {
+    if map.contains_key("success") || !map.contains_key("chunk") {
+        return reply_from(map).map(Frame::Reply);
+    }
+    let id = id_of(&map, "chunk")?;
+    let value = map.remove("chunk").unwrap_or(Value::Null);
+    Ok(Frame::Chunk(Chunk { id, value }))
+}
+
+/// Parses one frame body into a [`Reply`].
+pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(FrameError::BadShape("reply is not a JSON object".into()));
+    };
+    reply_from(map)
+}
+
+/// The `id` of a reply or chunk (`what`), which must be a u64.
+fn id_of(map: &serde_json::Map<String, Value>, what: &str) -> Result<u64, FrameError> {
+    match map.get("id") {
         Some(Value::Number(n)) => n
             .as_u64()
-            .ok_or_else(|| FrameError::BadShape(format!("reply id {n} is not a u64")))?,
-        Some(other) => {
-            return Err(FrameError::BadShape(format!(
-                "reply id {other} is not a number"
-            )));
-        }
-        None => return Err(FrameError::BadShape("reply has no id".into())),
-    };
+            .ok_or_else(|| FrameError::BadShape(format!("{what} id {n} is not a u64"))),
+        Some(other) => Err(FrameError::BadShape(format!(
+            "{what} id {other} is not a number"
+        ))),
+        None => Err(FrameError::BadShape(format!("{what} has no id"))),
+    }
+}
+
+fn reply_from(mut map: serde_json::Map<String, Value>) -> Result<Reply, FrameError> {
+    let id = id_of(&map, "reply")?;
     let outcome = match map.get("success") {
         Some(Value::Bool(true)) => Ok(map.remove("result").unwrap_or(Value::Null)),
         Some(Value::Bool(false)) => Err(RemoteError::from_wire(
@@ -206,7 +268,8 @@ pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
     })
 }
 
-/// The host side of the codec: encodes [`Request`]s and decodes [`Reply`]s.
+/// The host side of the codec: encodes [`Request`]s (and cancel and credit frames) and
+/// decodes [`Frame`]s.
 ///
 /// Framing is tokio-util's [`LengthDelimitedCodec`] with a 4-byte big-endian header.
 /// The maximum frame size is checked against the header before the codec reserves any
@@ -247,10 +310,10 @@ impl HostCodec {
 }
 
 impl Decoder for HostCodec {
-    type Item = Reply;
+    type Item = Frame;
     type Error = FrameError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Reply>, FrameError> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         let has_header = src.len() >= HEADER_BYTES;
         if !self.in_body && has_header {
             let len = (&src[..HEADER_BYTES]).get_u32() as usize;
@@ -264,7 +327,7 @@ impl Decoder for HostCodec {
         match self.frames.decode(src)? {
             Some(body) => {
                 self.in_body = false;
-                parse_reply(&body).map(Some)
+                parse_frame(&body).map(Some)
             }
             None => {
                 // With a whole header buffered the inner codec always consumes it.
@@ -310,6 +373,14 @@ impl Encoder<&Cancel> for HostCodec {
     }
 }
 
+impl Encoder<&Credit> for HostCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, credit: &Credit, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode_json(credit, dst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,11 +395,72 @@ mod tests {
         buf
     }
 
+    /// The reply a decoded frame must be.
+    fn reply_of(frame: Option<Frame>) -> Reply {
+        match frame {
+            Some(Frame::Reply(reply)) => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_chunks_and_tells_them_from_replies() {
+        let mut codec = HostCodec::new(1024);
+        let mut buf = frame(br#"{"id":5,"chunk":{"token":"he"}}"#);
+        buf.extend_from_slice(&frame(
+            br#"{"id":5,"chunk":null,"success":true,"result":2}"#,
+        ));
+        assert_eq!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Frame::Chunk(Chunk {
+                id: 5,
+                value: json!({"token": "he"})
+            }))
+        );
+        // With `success`, it is a reply whatever else it carries.
+        assert_eq!(
+            reply_of(codec.decode(&mut buf).unwrap()).outcome,
+            Ok(json!(2))
+        );
+        for bad in [
+            &br#"{"chunk":1}"#[..],
+            br#"{"id":-1,"chunk":1}"#,
+            br#"{"id":"x","chunk":1}"#,
+        ] {
+            assert!(
+                matches!(parse_frame(bad), Err(FrameError::BadShape(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn encodes_credit_and_cancel_frames() {
+        let mut codec = HostCodec::new(1024);
+        let mut buf = BytesMut::new();
+        codec
+            .encode(&Credit { id: 3, credit: 8 }, &mut buf)
+            .unwrap();
+        codec.encode(&Cancel::of(4), &mut buf).unwrap();
+        let bodies: Vec<Value> = [&buf[4..4 + 19], &buf[4 + 19 + 4..]]
+            .iter()
+            .map(|body| serde_json::from_slice(body).unwrap())
+            .collect();
+        assert_eq!(
+            bodies,
+            [
+                json!({"id": 3, "credit": 8}),
+                json!({"id": 4, "cancel": true})
+            ]
+        );
+    }
+
     #[test]
     fn decodes_success_reply() {
         let mut codec = HostCodec::new(1024);
         let mut buf = frame(br#"{"id":7,"success":true,"result":{"a":1}}"#);
-        let reply = codec.decode(&mut buf).unwrap().unwrap();
+        let reply = reply_of(codec.decode(&mut buf).unwrap());
         assert_eq!(reply.id, 7);
         assert_eq!(reply.outcome, Ok(json!({"a": 1})));
         assert!(buf.is_empty());
@@ -338,10 +470,7 @@ mod tests {
     fn decodes_both_error_forms() {
         let mut codec = HostCodec::new(1024);
         let mut buf = frame(br#"{"id":1,"success":false,"error":"boom"}"#);
-        let err = codec
-            .decode(&mut buf)
-            .unwrap()
-            .unwrap()
+        let err = reply_of(codec.decode(&mut buf).unwrap())
             .outcome
             .unwrap_err();
         assert_eq!((err.kind.as_str(), err.message.as_str()), ("Error", "boom"));
@@ -350,10 +479,7 @@ mod tests {
         let mut buf = frame(
             br#"{"id":2,"success":false,"error":{"type":"ValueError","message":"bad","traceback":"tb"}}"#,
         );
-        let err = codec
-            .decode(&mut buf)
-            .unwrap()
-            .unwrap()
+        let err = reply_of(codec.decode(&mut buf).unwrap())
             .outcome
             .unwrap_err();
         assert_eq!(err.kind, "ValueError");
@@ -387,7 +513,7 @@ mod tests {
         let mut buf = BytesMut::from(&full[..6]);
         assert!(codec.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(&full[6..]);
-        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().id, 3);
+        assert_eq!(codec.decode(&mut buf).unwrap().unwrap().id(), 3);
     }
 
     #[test]
@@ -484,7 +610,7 @@ mod tests {
             let body = serde_json::to_vec(&reply.to_wire()).unwrap();
             let mut codec = HostCodec::new(DEFAULT_MAX_FRAME_BYTES);
             let mut buf = frame(&body);
-            prop_assert_eq!(codec.decode(&mut buf).unwrap().unwrap(), reply);
+            prop_assert_eq!(reply_of(codec.decode(&mut buf).unwrap()), reply);
         }
 
         #[test]
@@ -510,8 +636,8 @@ mod tests {
             for cut in cuts {
                 buf.extend_from_slice(&stream[from..cut]);
                 from = cut;
-                while let Some(reply) = codec.decode(&mut buf).unwrap() {
-                    decoded.push(reply);
+                while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                    decoded.push(reply_of(Some(frame)));
                 }
             }
             prop_assert_eq!(decoded, replies);
@@ -524,6 +650,7 @@ mod tests {
             // Decode until the codec wants more bytes or reports an error.
             while let Ok(Some(_)) = codec.decode(&mut buf) {}
             let _ = parse_reply(&bytes);
+            let _ = parse_frame(&bytes);
         }
     }
 }

@@ -4,9 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::OwnedMutexGuard;
 
+use crate::call::{CallOptions, CallStream};
 use crate::error::{Error, Result};
-use crate::pool::Pool;
+use crate::pool::{Pool, SessionCall};
+use crate::worker::{CallControl, ChunkSink, chunk_channel};
 
 /// A handle on one session of a pool. Clones share the session.
 ///
@@ -59,12 +62,67 @@ impl Session {
         args: Value,
         timeout: Duration,
     ) -> Result<Value> {
+        self.call_with(command, args, CallOptions::default().timeout(timeout))
+            .await
+    }
+
+    /// Like [`Session::call`] with options: a timeout of its own, a token that
+    /// cancels it.
+    pub async fn call_with(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<Value> {
+        let (opened, turn, call) = self.take_turn(command, args, options, None).await?;
+        self.pool.session_call(self, opened.epoch, turn, call).await
+    }
+
+    /// Starts `command` in the session and streams its output, like
+    /// [`Pool::call_stream`]: resolves once the session's earlier calls are done and
+    /// its worker has this one.
+    pub async fn call_stream(&self, command: &str, args: Value) -> Result<CallStream> {
+        self.call_stream_with(command, args, CallOptions::default())
+            .await
+    }
+
+    /// [`Session::call_stream`] with options.
+    pub async fn call_stream_with(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<CallStream> {
+        let (sink, source) = chunk_channel();
+        let (opened, turn, call) = self.take_turn(command, args, options, Some(sink)).await?;
+        self.pool
+            .session_stream(self, opened.epoch, turn, call, source)
+            .await
+    }
+
+    /// Checks a call and waits for the session's turn.
+    async fn take_turn(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+        chunks: Option<ChunkSink>,
+    ) -> Result<(&Opened, OwnedMutexGuard<()>, SessionCall)> {
         let opened = self.opened()?;
         self.pool.check_call(command, &args)?;
         let turn = opened.order.clone().lock_owned().await;
-        self.pool
-            .session_call(self, opened.epoch, turn, command, args, timeout)
-            .await
+        let call = SessionCall {
+            command: command.to_owned(),
+            args,
+            timeout: options
+                .timeout
+                .unwrap_or_else(|| self.pool.request_timeout()),
+            control: CallControl {
+                chunks,
+                cancel: options.cancel,
+            },
+        };
+        Ok((opened, turn, call))
     }
 
     /// The id of the worker the session is pinned to, if any.

@@ -25,7 +25,9 @@ use bytes::{BufMut, BytesMut};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::{Map, Number, Value, json};
-use snakepool::protocol::{FrameError, HostCodec, JournalHint, RemoteError, Reply, parse_reply};
+use snakepool::protocol::{
+    Frame, FrameError, HostCodec, JournalHint, RemoteError, Reply, parse_frame, parse_reply,
+};
 use tokio_util::codec::Decoder;
 
 /// The frame limit of the codec under test: small, so random lengths straddle it.
@@ -98,16 +100,16 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 /// One thing the decoder reports: a reply, or the error that ends the stream.
 #[derive(Debug, PartialEq)]
 enum Outcome {
-    Reply(Reply),
+    Frame(Frame),
     TooLarge { len: usize, max: usize },
     InvalidJson(String),
     BadShape(String),
 }
 
 impl Outcome {
-    fn of(result: Result<Reply, FrameError>) -> Outcome {
+    fn of(result: Result<Frame, FrameError>) -> Outcome {
         match result {
-            Ok(reply) => Outcome::Reply(reply),
+            Ok(frame) => Outcome::Frame(frame),
             Err(FrameError::TooLarge { len, max }) => Outcome::TooLarge { len, max },
             Err(FrameError::InvalidJson(message)) => Outcome::InvalidJson(message),
             Err(FrameError::BadShape(message)) => Outcome::BadShape(message),
@@ -118,7 +120,7 @@ impl Outcome {
     }
 
     fn ends_stream(&self) -> bool {
-        !matches!(self, Outcome::Reply(_))
+        !matches!(self, Outcome::Frame(_))
     }
 }
 
@@ -139,7 +141,7 @@ fn expected(stream: &[u8]) -> Vec<(usize, Outcome)> {
         if end > stream.len() {
             break;
         }
-        let outcome = Outcome::of(parse_reply(&stream[body..end]));
+        let outcome = Outcome::of(parse_frame(&stream[body..end]));
         let last = outcome.ends_stream();
         outcomes.push((end, outcome));
         if last {
@@ -175,7 +177,7 @@ fn decode_in_chunks(stream: &[u8], sizes: &[usize]) -> (Vec<(usize, usize, Outco
             );
             match result {
                 Ok(None) => break,
-                Ok(Some(reply)) => got.push((before, fed, Outcome::Reply(reply))),
+                Ok(Some(frame)) => got.push((before, fed, Outcome::Frame(frame))),
                 Err(error) => {
                     got.push((before, fed, Outcome::of(Err(error))));
                     return (got, buf.len());
@@ -321,6 +323,8 @@ fn reply_like() -> impl Strategy<Value = Value> {
 enum Piece {
     /// A valid reply, framed.
     Reply(Reply),
+    /// A chunk of a streaming call, framed.
+    Chunk(u64, Value),
     /// A frame whose body is arbitrary bytes (at most the maximum).
     Body(Vec<u8>),
     /// A frame whose body is an arbitrary JSON value.
@@ -335,6 +339,9 @@ impl Piece {
     fn bytes(&self) -> Vec<u8> {
         match self {
             Piece::Reply(reply) => frame(&wire(reply)),
+            Piece::Chunk(id, value) => {
+                frame(&serde_json::to_vec(&json!({"id": id, "chunk": value})).unwrap())
+            }
             Piece::Body(body) => frame(body),
             Piece::Json(value) => frame(&serde_json::to_vec(value).unwrap()),
             Piece::Oversized(len, rest) => {
@@ -350,6 +357,7 @@ impl Piece {
 fn piece() -> impl Strategy<Value = Piece> {
     prop_oneof![
         6 => reply().prop_map(Piece::Reply),
+        2 => (any::<u64>(), json_value()).prop_map(|(id, value)| Piece::Chunk(id, value)),
         1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(Piece::Body),
         1 => json_value().prop_map(Piece::Json),
         1 => reply_like().prop_map(Piece::Json),
@@ -396,7 +404,7 @@ proptest! {
         for reply in &before {
             buf.extend_from_slice(&frame(&wire(reply)));
             let decoded = codec.decode(&mut buf).unwrap().expect("a whole frame");
-            prop_assert!(decoded == *reply, "{:?} came back as {:?}", reply, decoded);
+            prop_assert!(decoded == Frame::Reply(reply.clone()), "{:?} came back as {:?}", reply, decoded);
         }
         let header = len.to_be_bytes();
         buf.extend_from_slice(&header[..split]);
@@ -426,7 +434,7 @@ proptest! {
         let mut buf = BytesMut::from(&stream[..split]);
         prop_assert!(codec.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(&stream[split..]);
-        prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(reply));
+        prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Reply(reply)));
     }
 
     /// Arbitrary JSON values: parsed by the protocol's rules, never a panic.
@@ -512,7 +520,7 @@ proptest! {
         let (got, _) = decode_in_chunks(&stream, &sizes);
         prop_assert_eq!(got.len(), replies.len() + 1);
         for ((_, _, outcome), reply) in got.iter().zip(&replies) {
-            let right = matches!(outcome, Outcome::Reply(got) if got == reply);
+            let right = matches!(outcome, Outcome::Frame(Frame::Reply(got)) if got == reply);
             prop_assert!(right, "{:?} came back as {:?}", reply, outcome);
         }
         let last = &got.last().unwrap().2;
@@ -548,7 +556,7 @@ fn check_stream(stream: &[u8], sizes: &[usize]) -> Result<(), TestCaseError> {
             before,
             after
         );
-        if let Outcome::Reply(reply) = outcome {
+        if let Outcome::Frame(Frame::Reply(reply)) = outcome {
             round_trips(reply)?;
         }
     }

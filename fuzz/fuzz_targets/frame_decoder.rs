@@ -6,8 +6,8 @@
 //! in one piece.
 //!
 //! The decoder must never panic, must produce exactly what a plain reading of the
-//! whole stream produces (each reply, or the one error that ends the stream) however
-//! the stream is cut, must report each of them as soon as its last byte has arrived
+//! whole stream produces (each reply or chunk, or the one error that ends the stream)
+//! however the stream is cut, must report each of them as soon as its last byte has arrived
 //! (an oversized header as soon as the header has, before any of the body), and must
 //! never grow its buffer or allocate beyond what the frame limit allows.
 
@@ -19,7 +19,7 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
-use protocol::{FrameError, HostCodec, Reply, parse_reply};
+use protocol::{Frame, FrameError, HostCodec, parse_frame};
 
 /// `snakepool::protocol`, compiled from its source file (see `fuzz/Cargo.toml`).
 #[allow(dead_code)]
@@ -76,19 +76,19 @@ unsafe impl GlobalAlloc for Capped {
 #[global_allocator]
 static ALLOCATOR: Capped = Capped;
 
-/// One thing the decoder reports: a reply, or the error that ends the stream.
+/// One thing the decoder reports: a reply or chunk, or the error that ends the stream.
 #[derive(Debug, PartialEq)]
 enum Outcome {
-    Reply(Reply),
+    Frame(Frame),
     TooLarge { len: usize, max: usize },
     InvalidJson(String),
     BadShape(String),
 }
 
 impl Outcome {
-    fn of(result: Result<Reply, FrameError>) -> Outcome {
+    fn of(result: Result<Frame, FrameError>) -> Outcome {
         match result {
-            Ok(reply) => Outcome::Reply(reply),
+            Ok(frame) => Outcome::Frame(frame),
             Err(FrameError::TooLarge { len, max }) => Outcome::TooLarge { len, max },
             Err(FrameError::InvalidJson(message)) => Outcome::InvalidJson(message),
             Err(FrameError::BadShape(message)) => Outcome::BadShape(message),
@@ -99,7 +99,7 @@ impl Outcome {
     }
 
     fn ends_stream(&self) -> bool {
-        !matches!(self, Outcome::Reply(_))
+        !matches!(self, Outcome::Frame(_))
     }
 }
 
@@ -126,7 +126,7 @@ fn expected(stream: &[u8]) -> Vec<(usize, Outcome)> {
         if end > stream.len() {
             break;
         }
-        let outcome = Outcome::of(parse_reply(&stream[body..end]));
+        let outcome = Outcome::of(parse_frame(&stream[body..end]));
         let last = outcome.ends_stream();
         outcomes.push((end, outcome));
         if last {
@@ -188,7 +188,7 @@ fuzz_target!(|data: &[u8]| {
             );
             match result {
                 Ok(None) => break,
-                Ok(Some(reply)) => got.push((before, fed, Outcome::Reply(reply))),
+                Ok(Some(frame)) => got.push((before, fed, Outcome::Frame(frame))),
                 Err(error) => {
                     got.push((before, fed, Outcome::of(Err(error))));
                     ended = true;
@@ -217,7 +217,7 @@ fuzz_target!(|data: &[u8]| {
         // End of input: a clean end only when nothing is left over.
         match codec.decode_eof(&mut buf) {
             Ok(None) => assert!(buf.is_empty()),
-            Ok(Some(reply)) => panic!("a reply appeared only at end of input: {reply:?}"),
+            Ok(Some(frame)) => panic!("a frame appeared only at end of input: {frame:?}"),
             Err(FrameError::Io(_)) => assert!(!buf.is_empty()),
             Err(other) => panic!("end of input reported {other:?}"),
         }

@@ -15,6 +15,13 @@ Run it with ``python -m snakepool_worker --module my_handlers``.
 __version__ = "0.1.0"
 
 from .protocol import PROTOCOL_VERSION
-from .registry import Context, command, on_session_cleanup
+from .registry import Context, Final, command, on_session_cleanup
 
-__all__ = ["PROTOCOL_VERSION", "Context", "__version__", "command", "on_session_cleanup"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Context",
+    "Final",
+    "__version__",
+    "command",
+    "on_session_cleanup",
+]

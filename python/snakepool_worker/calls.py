@@ -41,7 +41,7 @@ from typing import (
 )
 
 from .protocol import SerializationError, encode_chunk
-from .registry import ASYNC, STREAM, CommandSpec, Context
+from .registry import ASYNC, STREAM, CommandSpec, Context, Final
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -195,8 +195,7 @@ class Call:
             elif kind is STREAM:
                 result = await self._run_generator()
             else:
-                await self._run_async_generator()
-                result = None
+                result = await self._run_async_generator()
         except asyncio.CancelledError:
             return self.cancelled_reply()
         except _ChunkRefused as refused:
@@ -263,6 +262,8 @@ class Call:
                     return stop.value
                 if self.cancel_reason is not None:
                     return None
+                if type(value) is Final:
+                    return value.value
                 self._send_chunk(value)
                 await self._pace()
         except asyncio.CancelledError:
@@ -271,7 +272,7 @@ class Call:
         finally:
             self._close(gen)
 
-    async def _run_async_generator(self) -> None:
+    async def _run_async_generator(self) -> Any:
         agen: AsyncGenerator[Any, None] = self.spec.func(self.args, self.ctx)
         inside = False
         try:
@@ -284,6 +285,8 @@ class Call:
                 inside = False
                 if self.cancel_reason is not None:
                     return None
+                if type(value) is Final:
+                    return value.value
                 self._send_chunk(value)
                 await self._pace()
         except asyncio.CancelledError:

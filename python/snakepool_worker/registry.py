@@ -12,7 +12,8 @@ for the whole concurrency model):
   that advances the generator one step at a time, but like a sync handler it is not
   concurrent. The manifest flags it ``"streams": true``.
 - an async generator function (``async def`` with ``yield``): a concurrent streaming
-  handler (``"concurrent": true, "streams": true``); its result is ``null``.
+  handler (``"concurrent": true, "streams": true``); its result is ``null``, or the
+  value of the ``Final`` it yields (which ends the stream).
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ ASYNC = "async"
 STREAM = "stream"
 """Handler kind: a generator function, run as a task one step at a time."""
 ASYNC_STREAM = "async_stream"
+
+
+class Final:
+    """Yielded by a streaming handler to end its stream with ``value`` as the call's
+    result: an async generator cannot ``return`` a value. The generator is closed
+    after it yields one (a sync generator may ``return`` its result instead)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Final({self.value!r:.60})"
 """Handler kind: an async generator function, run as a task."""
 
 
@@ -371,7 +386,8 @@ def command(name: Any = None, *, mutates_session: bool = False, internal: bool =
     - a generator: streaming; each ``yield``ed value is sent as a chunk (at most
       ``stream_window`` ahead of the host's credit; the generator is not advanced while
       out of credit), and its ``return`` value is the result. Not concurrent.
-    - an async generator: concurrent and streaming; its result is ``null``.
+    - an async generator: concurrent and streaming; its result is ``null``, or the value
+      of a ``Final`` it yields last (``yield Final(result)`` ends the stream).
 
     ``ctx`` is per call; with concurrent calls each task also runs in its own copy of
     the ``contextvars`` context. ``mutates_session=True`` tells the host that the command

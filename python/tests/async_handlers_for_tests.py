@@ -11,7 +11,7 @@ import contextvars
 import time
 from typing import Any, AsyncIterator, Dict, Iterator, List
 
-from snakepool_worker import Context, command
+from snakepool_worker import Context, Final, command
 
 EVENTS: List[Dict[str, Any]] = []
 """What the handlers saw (started, cancelled, closed ...), in order."""
@@ -145,6 +145,9 @@ async def async_count(args: Dict[str, Any], ctx: Context) -> AsyncIterator[Any]:
     for i in range(args["n"]):
         await asyncio.sleep(0)
         yield {"i": i, "id": ctx.request_id}
+    if args.get("final"):
+        yield Final({"total": args["n"]})
+        yield "never sent: the stream ended at Final"
 
 
 @command("produce")

@@ -381,6 +381,13 @@ def test_async_generator_streams_chunks_then_null(aworker: WorkerProcess) -> Non
     assert frames[-1] == {"id": 1, "success": True, "result": None}
 
 
+def test_an_async_generator_ends_with_the_final_it_yields(aworker: WorkerProcess) -> None:
+    request(aworker, 1, "async_count", n=2, final=True)
+    frames = collect(aworker, [1])[1]
+    assert [f.get("chunk") for f in frames[:-1]] == [{"i": i, "id": 1} for i in range(2)]
+    assert frames[-1] == {"id": 1, "success": True, "result": {"total": 2}}
+
+
 @pytest.mark.parametrize("command", ["produce", "async_produce"])
 def test_a_stream_stops_after_the_window_until_credit_arrives(
     aworker: WorkerProcess, command: str

@@ -24,12 +24,13 @@ pub use config::{PoolBuilder, PoolConfig};
 pub use session_table::MAX_SESSION_ID_BYTES;
 pub use spawner::{SpawnMode, ZygoteStatus};
 
+use crate::call::{CallOptions, CallStream};
 use crate::error::{Error, Result};
 use crate::journal::SessionJournal;
 use crate::metrics::{Counter, Metrics, MetricsSnapshot, PoolGauges};
 use crate::session::{Opened, Session};
-use crate::worker::{ExitInfo, Worker};
-use scheduler::State;
+use crate::worker::{CallControl, ChunkSource, ExitInfo, Worker, chunk_channel};
+use scheduler::{Lease, State};
 use supervisor::Event;
 
 /// Something that happened in the pool, for observers (see [`Pool::subscribe`]).
@@ -171,6 +172,32 @@ pub(crate) async fn detached<T: Send + 'static>(
         // The runtime is shutting down.
         Err(_) => Err(Error::ShuttingDown),
     }
+}
+
+/// Runs a call on its leased worker; the lease is held until the call settles.
+async fn run_leased(
+    lease: Lease,
+    command: &str,
+    args: Value,
+    timeout: Duration,
+    control: CallControl,
+) -> Result<Value> {
+    // The lease travels with the call: if this future is dropped mid-call, the worker
+    // finishes (or cancels) the call in the background and the capacity comes back
+    // when it settles. No task per call on the fast path.
+    let worker = lease.worker().clone();
+    worker
+        .call_controlled(command, args, timeout, lease.into_hold(), control)
+        .await
+        .map(|(result, _)| result)
+}
+
+/// A session call as its caller made it.
+pub(crate) struct SessionCall {
+    pub command: String,
+    pub args: Value,
+    pub timeout: Duration,
+    pub control: CallControl,
 }
 
 /// The pool's state at one moment.
@@ -336,17 +363,68 @@ impl Pool {
         args: Value,
         timeout: Duration,
     ) -> Result<Value> {
-        let started = Instant::now();
-        let result = match self.check_call(command, &args) {
-            Ok(()) => self.plain_call(command, args, timeout).await,
-            Err(error) => Err(error),
-        };
-        let result = self.settle(result);
-        self.record(&result, started);
-        result
+        self.call_with(command, args, CallOptions::default().timeout(timeout))
+            .await
     }
 
-    async fn plain_call(&self, command: &str, args: Value, timeout: Duration) -> Result<Value> {
+    /// [`Pool::call`] with options: a timeout of its own, a token that cancels it.
+    pub async fn call_with(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<Value> {
+        let started = Instant::now();
+        let timeout = options.timeout.unwrap_or_else(|| self.request_timeout());
+        let control = CallControl {
+            chunks: None,
+            cancel: options.cancel,
+        };
+        let result = match self.plain_lease(command, &args).await {
+            Ok(lease) => run_leased(lease, command, args, timeout, control).await,
+            Err(error) => Err(error),
+        };
+        self.finish(result, started)
+    }
+
+    /// Starts `command` on any free worker and streams its output: resolves once a
+    /// worker has the call (refusals and a full queue fail here), then yields the
+    /// chunks the handler yields and ends with its result or error. See
+    /// [`CallStream`] for pacing and cancellation.
+    pub async fn call_stream(&self, command: &str, args: Value) -> Result<CallStream> {
+        self.call_stream_with(command, args, CallOptions::default())
+            .await
+    }
+
+    /// [`Pool::call_stream`] with options.
+    pub async fn call_stream_with(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<CallStream> {
+        let started = Instant::now();
+        let timeout = options.timeout.unwrap_or_else(|| self.request_timeout());
+        let lease = match self.plain_lease(command, &args).await {
+            Ok(lease) => lease,
+            Err(error) => return self.finish(Err(error), started),
+        };
+        let (sink, source) = chunk_channel();
+        let control = CallControl {
+            chunks: Some(sink),
+            cancel: options.cancel,
+        };
+        let pool = self.clone();
+        let command = command.to_owned();
+        Ok(CallStream::spawn(source, async move {
+            let result = run_leased(lease, &command, args, timeout, control).await;
+            pool.finish(result, started)
+        }))
+    }
+
+    /// Checks a plain call and waits for a worker with room for it.
+    async fn plain_lease(&self, command: &str, args: &Value) -> Result<Lease> {
+        self.check_call(command, args)?;
         let mode = self.shared().mode_of(command);
         loop {
             let lease = self
@@ -354,19 +432,11 @@ impl Pool {
                 .checkout(None, mode)
                 .await?
                 .expect("plain checkouts are never rerouted");
-            if !lease.worker().is_usable() {
-                // It died or misbehaved while idle, and nothing was sent to it: take
-                // another.
-                continue;
+            if lease.worker().is_usable() {
+                return Ok(lease);
             }
-            // The lease travels with the call: if this future is dropped mid-call, the
-            // worker finishes (or cancels) the call in the background and the
-            // capacity comes back when it settles. No task per call on the fast path.
-            let worker = lease.worker().clone();
-            return worker
-                .call_holding(command, args, timeout, lease.into_hold())
-                .await
-                .map(|(result, _)| result);
+            // It died or misbehaved while idle, and nothing was sent to it: take
+            // another.
         }
     }
 
@@ -402,20 +472,18 @@ impl Pool {
         Ok(())
     }
 
-    /// A call that lost its worker after shutdown's deadline failed because of the
-    /// shutdown.
-    fn settle(&self, result: Result<Value>) -> Result<Value> {
-        match result {
+    /// Counts a call that ended; a call that lost its worker after shutdown's
+    /// deadline failed because of the shutdown.
+    fn finish<T>(&self, result: Result<T>, started: Instant) -> Result<T> {
+        let result = match result {
             Err(error) if error.lost_worker() && self.shared().lock().aborting => {
                 Err(Error::ShuttingDown)
             }
             other => other,
-        }
-    }
-
-    fn record(&self, result: &Result<Value>, started: Instant) {
+        };
         let kind = result.as_ref().err().map(Error::kind);
         self.shared().metrics.record_call(kind, started.elapsed());
+        result
     }
 
     pub(crate) async fn session_call(
@@ -423,18 +491,43 @@ impl Pool {
         session: &Session,
         epoch: u64,
         turn: tokio::sync::OwnedMutexGuard<()>,
-        command: &str,
-        args: Value,
-        timeout: Duration,
+        call: SessionCall,
     ) -> Result<Value> {
         let started = Instant::now();
-        let result = self
+        let result = match self
             .shared()
-            .session_call(&session.id, epoch, turn, command, args, timeout)
-            .await;
-        let result = self.settle(result);
-        self.record(&result, started);
-        result
+            .start_session_call(&session.id, epoch, turn, call)
+            .await
+        {
+            Ok(run) => detached(run).await,
+            Err(error) => Err(error),
+        };
+        self.finish(result, started)
+    }
+
+    /// Starts a session call whose chunks go to `chunks`, once the session's worker
+    /// has it.
+    pub(crate) async fn session_stream(
+        &self,
+        session: &Session,
+        epoch: u64,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+        call: SessionCall,
+        chunks: ChunkSource,
+    ) -> Result<CallStream> {
+        let started = Instant::now();
+        let run = match self
+            .shared()
+            .start_session_call(&session.id, epoch, turn, call)
+            .await
+        {
+            Ok(run) => run,
+            Err(error) => return self.finish(Err(error), started),
+        };
+        let pool = self.clone();
+        Ok(CallStream::spawn(chunks, async move {
+            pool.finish(run.await, started)
+        }))
     }
 
     /// A handle on session `id`, opening it if it is not open. Its calls always go

@@ -4,7 +4,8 @@
 //! A session call first waits for its worker in the caller's future: a caller that
 //! goes away while queued never touches a worker. From then on the call runs on a
 //! task of its own (rebuild, call, journal append), so it finishes, and its journal
-//! entry is kept, even if the caller is gone.
+//! entry is kept, even if the caller is gone (a cancellable command whose stream's
+//! reader left is cancelled, and a cancelled call is not journaled).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use crate::error::Error;
 use crate::journal::JournalEntry;
 use crate::metrics::Counter;
 use crate::pool::scheduler::{Lease, Mode, State};
-use crate::pool::{PoolEvent, Shared, detached};
+use crate::pool::{PoolEvent, SessionCall, Shared, detached};
 use crate::protocol::JournalHint;
 
 /// Where a session's next call goes.
@@ -230,20 +231,26 @@ impl Shared {
         Ok(())
     }
 
-    /// One call in session `id`, holding the session's `turn`: on its worker,
-    /// journaled if the command mutates session state.
-    pub(crate) async fn session_call(
+    /// Starts one call in session `id`, holding the session's `turn`: waits for the
+    /// session's worker, then returns the rest of the call (rebuild if due, the call,
+    /// its journal entry if the command mutates session state) to run on a task of
+    /// its own.
+    pub(crate) async fn start_session_call(
         self: &Arc<Self>,
         id: &Arc<str>,
         epoch: u64,
         turn: OwnedMutexGuard<()>,
-        command: &str,
-        mut args: Value,
-        timeout: Duration,
-    ) -> Result<Value, Error> {
+        call: SessionCall,
+    ) -> Result<impl Future<Output = Result<Value, Error>> + Send + 'static, Error> {
+        let SessionCall {
+            command,
+            mut args,
+            timeout,
+            control,
+        } = call;
         let Some(map) = args.as_object_mut() else {
             return Err(Error::InvalidRequest {
-                command: command.to_owned(),
+                command,
                 reason: "arguments must be a JSON object".into(),
             });
         };
@@ -254,19 +261,20 @@ impl Shared {
         let mode = if rebuild {
             Mode::Exclusive
         } else {
-            self.mode_of(command)
+            self.mode_of(&command)
         };
         let lease = self.session_checkout(id, epoch, mode).await?;
         let shared = self.clone();
         let id = id.clone();
-        let command = command.to_owned();
-        detached(async move {
+        Ok(async move {
             let _turn = turn;
             let lease = shared.rebuild_if_pending(&id, epoch, lease).await?;
             let worker = lease.worker();
             let mutates = worker.manifest().mutates_session(&command);
             let original = mutates.then(|| args.clone());
-            let result = worker.call_with_hint(&command, args, timeout).await;
+            let result = worker
+                .call_controlled(&command, args, timeout, None, control)
+                .await;
             drop(lease);
             let (value, hint) = result?;
             if let Some(args) = original {
@@ -287,7 +295,6 @@ impl Shared {
             }
             Ok(value)
         })
-        .await
     }
 
     /// Closes session `id` (only the given epoch, if any): frees its state on its

@@ -9,9 +9,15 @@ use serde_json::{Value, json};
 
 use crate::error::Error;
 
+/// Answers a call its caller cancelled (as nginx and gRPC gateways do).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// The HTTP status that fits an error kind.
 pub fn status_for(error: &Error) -> StatusCode {
     match error {
+        Error::Cancelled { .. } => {
+            StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a valid status")
+        }
         Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
         Error::Forbidden { .. } => StatusCode::FORBIDDEN,
         Error::UnknownCommand { .. } => StatusCode::NOT_FOUND,
@@ -107,7 +113,8 @@ pub fn error_body(error: &Error) -> Value {
         } => json!({"worker": worker, "command": command}),
         Error::Protocol {
             worker, command, ..
-        } => json!({"worker": worker, "command": command}),
+        }
+        | Error::Cancelled { worker, command } => json!({"worker": worker, "command": command}),
         Error::StartupFailed { worker, .. } => json!({"worker": worker}),
         Error::SessionClosed { session_id } => json!({"session_id": session_id}),
         Error::TooManySessions { limit } => json!({"limit": limit}),

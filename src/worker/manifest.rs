@@ -18,6 +18,9 @@ pub struct CommandInfo {
     /// handler); else it has the worker to itself.
     #[serde(default)]
     pub concurrent: bool,
+    /// Its handler yields chunks before its result (a generator).
+    #[serde(default)]
+    pub streams: bool,
     /// The first line of the handler's documentation.
     #[serde(default)]
     pub doc: String,
@@ -97,13 +100,20 @@ impl Manifest {
                 .is_some_and(|info| info.concurrent)
     }
 
-    /// Whether a call of `command` can be cancelled with a cancel frame.
+    /// Whether a call of `command` can be cancelled with a cancel frame: the worker
+    /// runs it as a task of its event loop (an `async` handler or a generator).
     pub fn cancellable(&self, command: &str) -> bool {
         self.concurrency.is_some()
             && self
                 .commands
                 .get(command)
-                .is_some_and(|info| info.concurrent)
+                .is_some_and(|info| info.concurrent || info.streams)
+    }
+
+    /// Chunks of one stream the worker sends before it waits for credit (0 when it
+    /// does not stream).
+    pub fn stream_window(&self) -> usize {
+        self.concurrency.as_ref().map_or(0, |c| c.stream_window)
     }
 
     /// How many calls the worker runs at once: its announced maximum, else 1.

@@ -16,6 +16,7 @@ mod manifest;
 mod pid;
 pub mod spawn;
 mod stderr;
+mod stream;
 pub mod zygote;
 
 use std::collections::HashMap;
@@ -29,15 +30,20 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio::time::Instant as Deadline;
 use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 
 pub use exit::{ExitInfo, ExitReporter, ExitWatch};
 pub use manifest::{CommandInfo, Concurrency, Manifest};
 pub use pid::Pid;
 pub use spawn::{WorkerProgram, WorkerSpec};
 pub use stderr::StderrTail;
+pub use stream::{CallControl, ChunkSink, ChunkSource, chunk_channel};
 
 use crate::error::Error;
-use crate::protocol::{Cancel, FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Reply, Request};
+use crate::protocol::{
+    Cancel, Chunk, Credit, Frame, FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Reply, Request,
+};
+use stream::Delivered;
 
 /// How long to wait for a dead worker's exit status and last stderr lines.
 const POST_MORTEM_WAIT: Duration = Duration::from_millis(500);
@@ -117,6 +123,8 @@ struct Waiting {
     /// Dropped when the call settles, however it settles (the pool keeps the worker's
     /// capacity for the call in it).
     hold: Option<Box<dyn Send>>,
+    /// Where its chunks go, if its caller streams them.
+    chunks: Option<ChunkSink>,
 }
 
 /// The state of one worker process shared by every handle on it.
@@ -322,7 +330,7 @@ impl Worker {
                 return true;
             }
             None => "wrote part of a frame while idle".to_owned(),
-            Some(Some(Ok(reply))) => format!("sent a reply nobody asked for (id {})", reply.id),
+            Some(Some(Ok(frame))) => format!("sent a frame nobody asked for (id {})", frame.id()),
             Some(Some(Err(error))) => format!("wrote bytes while idle: {error}"),
             Some(None) => "closed its output".to_owned(),
         };
@@ -367,6 +375,23 @@ impl Worker {
         timeout: Duration,
         hold: Option<Box<dyn Send>>,
     ) -> Result<(Value, Option<JournalHint>), Error> {
+        self.call_controlled(command, args, timeout, hold, CallControl::default())
+            .await
+    }
+
+    /// Like [`Worker::call_holding`], streaming the call's chunks to `control.chunks`
+    /// (granting the worker credit as they are taken) and cancelling the call when
+    /// `control.cancel` fires or the chunks' consumer goes away. Only a cancellable
+    /// command is cancelled (it then fails with [`Error::Cancelled`] unless its reply
+    /// was on its way); any other runs to completion, its chunks dropped.
+    pub async fn call_controlled(
+        &self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+        hold: Option<Box<dyn Send>>,
+        control: CallControl,
+    ) -> Result<(Value, Option<JournalHint>), Error> {
         if !args.is_object() {
             return Err(Error::InvalidRequest {
                 command: command.to_owned(),
@@ -380,16 +405,38 @@ impl Worker {
         let deadline = Deadline::now()
             .checked_add(timeout)
             .unwrap_or_else(|| Deadline::now() + FOREVER);
-        let cancellable = self
-            .conn
-            .manifest
-            .get()
-            .is_some_and(|m| m.cancellable(command));
-        let mut call = PendingCall::register(self, command, hold, deadline, cancellable);
+        let manifest = self.conn.manifest.get();
+        let cancellable = manifest.is_some_and(|m| m.cancellable(command));
+        let CallControl { chunks, cancel } = control;
+        if let Some(sink) = &chunks {
+            sink.attach(manifest.map_or(0, |m| m.stream_window()));
+        }
+        let mut call =
+            PendingCall::register(self, command, hold, deadline, cancellable, chunks.clone());
         call.send(args).await?;
-        match tokio::time::timeout_at(deadline, call.settled()).await {
-            Ok(settled) => self.outcome(command, settled),
-            Err(_) => Err(call.timed_out(timeout).await),
+        let cancel = cancel.filter(|_| cancellable);
+        let cancel_when_orphaned = cancellable && chunks.is_some();
+        loop {
+            tokio::select! {
+                biased;
+                settled = call.settled() => return self.outcome(command, settled),
+                () = tokio::time::sleep_until(deadline) => return Err(call.timed_out(timeout).await),
+                () = when_some(chunks.as_ref(), ChunkSink::wants_credit) => {
+                    let sink = chunks.as_ref().expect("only polled with a sink");
+                    let due = sink.credit_due();
+                    if due > 0 {
+                        let credit = Credit { id: call.id, credit: u32::try_from(due).unwrap_or(u32::MAX) };
+                        // A dead pipe shows as the call's failure.
+                        let _ = self.send_frame(&credit).await;
+                    }
+                }
+                () = when_some(chunks.as_ref(), ChunkSink::consumer_gone), if cancel_when_orphaned => {
+                    return call.cancel(self).await;
+                }
+                () = when_some(cancel.as_ref(), CancellationToken::cancelled) => {
+                    return call.cancel(self).await;
+                }
+            }
         }
     }
 
@@ -456,9 +503,59 @@ impl Worker {
             }
         };
         match frame {
-            Some(Ok(reply)) => self.route(reply),
+            Some(Ok(Frame::Reply(reply))) => self.route(reply),
+            Some(Ok(Frame::Chunk(chunk))) => {
+                if let Some(credit) = self.route_chunk(chunk) {
+                    // A dead pipe shows when the next frame is read.
+                    let _ = self.send_frame(&credit).await;
+                }
+            }
             Some(Err(FrameError::Io(_))) | None => self.crash().await,
             Some(Err(error)) => self.violation(error.to_string()),
+        }
+    }
+
+    /// Hands a chunk to its call's consumer; returns the credit to grant at once for a
+    /// chunk nobody takes (its caller does not stream, or left).
+    fn route_chunk(&self, chunk: Chunk) -> Option<Credit> {
+        let window = self.conn.manifest.get().map_or(0, |m| m.stream_window());
+        let delivered = {
+            let pending = self.conn.pending.lock().expect("pending calls poisoned");
+            match pending.get(&chunk.id) {
+                None => None,
+                Some(Waiting {
+                    chunks: Some(sink), ..
+                }) => Some(sink.deliver(chunk.value)),
+                Some(_) if window == 0 => Some(Delivered::OverCredit {
+                    outstanding: 1,
+                    window,
+                }),
+                Some(_) => Some(Delivered::Dropped),
+            }
+        };
+        match delivered {
+            Some(Delivered::Queued) => None,
+            Some(Delivered::Dropped) => Some(Credit {
+                id: chunk.id,
+                credit: 1,
+            }),
+            Some(Delivered::OverCredit {
+                outstanding,
+                window,
+            }) => {
+                self.violation(format!(
+                    "call {} has {outstanding} chunks outstanding, past its credit of {window}",
+                    chunk.id
+                ));
+                None
+            }
+            None => {
+                self.violation(format!(
+                    "chunk for id {} does not match a request in flight",
+                    chunk.id
+                ));
+                None
+            }
         }
     }
 
@@ -579,12 +676,16 @@ impl Worker {
         });
     }
 
-    async fn send_cancel(&self, id: u64) -> Result<(), FrameError> {
+    /// Writes a control frame (cancel, credit) to the worker.
+    async fn send_frame<F>(&self, frame: &F) -> Result<(), FrameError>
+    where
+        for<'f> Input: futures::Sink<&'f F, Error = FrameError>,
+    {
         let mut input = self.conn.input.lock().await;
         let Some(writer) = input.as_mut() else {
             return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         };
-        writer.send(&Cancel::of(id)).await
+        writer.send(frame).await
     }
 
     /// `id (pid N)`, as used in messages.
@@ -650,6 +751,7 @@ impl PendingCall {
         hold: Option<Box<dyn Send>>,
         deadline: Deadline,
         cancellable: bool,
+        chunks: Option<ChunkSink>,
     ) -> PendingCall {
         let id = worker.conn.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -664,6 +766,7 @@ impl PendingCall {
                     command: command.to_owned(),
                     tx,
                     hold,
+                    chunks,
                 },
             );
         PendingCall {
@@ -747,7 +850,7 @@ impl PendingCall {
     /// confirms in time; else kill the worker.
     async fn timed_out(mut self, timeout: Duration) -> Error {
         let worker = self.worker.name();
-        if self.cancellable && self.worker.send_cancel(self.id).await.is_ok() {
+        if self.cancellable && self.worker.send_frame(&Cancel::of(self.id)).await.is_ok() {
             let grace = Deadline::now() + CANCEL_GRACE;
             if tokio::time::timeout_at(grace, self.settled()).await.is_ok() {
                 return Error::RequestTimeout {
@@ -769,6 +872,43 @@ impl PendingCall {
     }
 }
 
+impl PendingCall {
+    /// The caller cancelled the (cancellable) call: ask the worker to cancel it and
+    /// wait for its answer within the grace period; a worker that does not answer is
+    /// killed. A reply that was already on its way stands.
+    async fn cancel(mut self, worker: &Worker) -> Result<(Value, Option<JournalHint>), Error> {
+        let cancelled = Error::Cancelled {
+            worker: worker.name(),
+            command: self.command.clone(),
+        };
+        if worker.send_frame(&Cancel::of(self.id)).await.is_ok() {
+            let grace = Deadline::now() + CANCEL_GRACE;
+            match tokio::time::timeout_at(grace, self.settled()).await {
+                Ok(Settled::Reply(Reply {
+                    outcome: Err(remote),
+                    ..
+                })) if remote.kind == "Cancelled" => return Err(cancelled),
+                Ok(settled) => return worker.outcome(&self.command, settled),
+                Err(_) => {}
+            }
+        }
+        self.stage = Stage::Done;
+        worker.kill_after_timeout(&self.command);
+        Err(cancelled)
+    }
+}
+
+/// Waits for `wait(value)` when there is a value; never resolves otherwise.
+async fn when_some<'a, T, F: Future<Output = ()>>(
+    value: Option<&'a T>,
+    wait: impl FnOnce(&'a T) -> F,
+) {
+    match value {
+        Some(value) => wait(value).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Drop for PendingCall {
     fn drop(&mut self) {
         match self.stage {
@@ -786,7 +926,7 @@ impl Drop for PendingCall {
                     return;
                 };
                 runtime.spawn(async move {
-                    if cancellable && worker.send_cancel(id).await.is_ok() {
+                    if cancellable && worker.send_frame(&Cancel::of(id)).await.is_ok() {
                         deadline = deadline.min(Deadline::now() + CANCEL_GRACE);
                     }
                     let finished = tokio::time::timeout_at(deadline, worker.wait_for(&mut rx));
