@@ -53,6 +53,44 @@ fn call_prints_the_result_as_json() {
     assert_eq!(value["session_id"], "s");
 }
 
+/// Every line of stdout, as JSON.
+fn lines(output: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn call_stream_prints_each_chunk_then_the_result() {
+    let streamed = [
+        "--module",
+        "async_handlers",
+        "--stream",
+        "count_sync",
+        r#"{"n": 3}"#,
+    ];
+    let output = call(&streamed).output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(lines(&output), [0, 1, 2, 3].map(|n| serde_json::json!(n)));
+
+    // Through a server: Server-Sent Events, and an error mid-stream keeps its kind.
+    let mut server = common::spawn_serve(&["--module", "async_handlers"]);
+    let through = |args: &[&str]| {
+        let mut command = snakepool(&["call", "--url", &server.url, "--stream"]);
+        command.args(args).output().unwrap()
+    };
+    let output = through(&["count_sync", r#"{"n": 2}"#]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(lines(&output), [0, 1, 1].map(|n| serde_json::json!(n)));
+    let output = through(&["count", r#"{"n": 3, "fail_at": 1}"#]);
+    assert_eq!(output.status.code(), Some(4), "{output:?}");
+    assert_eq!(lines(&output), [serde_json::json!({"n": 0})]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("failed at chunk 1"));
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+}
+
 #[test]
 fn call_exit_codes_tell_the_error_kinds_apart() {
     let cases: [(&[&str], i32, &str); 5] = [

@@ -1,13 +1,15 @@
 //! `snakepool call`: one command, against a server or a pool of its own.
 //!
-//! The result is printed as JSON on stdout. An error goes to stderr, and the exit code
-//! says which kind it was (see [`exit_code`]).
+//! The result is printed as JSON on stdout; with `--stream`, each chunk the command
+//! yields is printed on a line of its own as it comes, then the result. An error goes
+//! to stderr, and the exit code says which kind it was (see [`exit_code`]).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::{Value, json};
-use snakepool::Error;
+use snakepool::{CallOptions, CallStream, Error, StreamEvent};
 
 use super::pool_args::PoolArgs;
 
@@ -27,6 +29,10 @@ pub struct CallArgs {
     /// Time the call may take, e.g. 10s.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// Print each chunk a streaming command yields as it comes (one JSON value per
+    /// line), then the result.
+    #[arg(long)]
+    stream: bool,
     /// The command.
     command: String,
     /// Its arguments as a JSON object.
@@ -49,6 +55,7 @@ pub fn exit_code(kind: &str) -> u8 {
         "startup_failed" | "config" | "invalid_config" => 9,
         "connect" => 10,
         "unauthorized" => 11,
+        "cancelled" => 12,
         _ => 1,
     }
 }
@@ -70,11 +77,10 @@ fn report(error: &Error) -> ExitCode {
     code
 }
 
-async fn call_server(
-    args: &CallArgs,
-    url: &str,
-    call_args: Value,
-) -> Result<Value, (String, String)> {
+/// A failed call as the CLI reports it: its kind and message.
+type Failure = (String, String);
+
+async fn call_server(args: &CallArgs, url: &str, call_args: Value) -> Result<Value, Failure> {
     let mut body = json!({"command": args.command, "args": call_args});
     if let Some(session) = &args.session {
         body["session_id"] = json!(session);
@@ -87,29 +93,81 @@ async fn call_server(
     if let Some(token) = &args.token {
         request = request.bearer_auth(token);
     }
+    if args.stream {
+        request = request.header(reqwest::header::ACCEPT, "text/event-stream");
+    }
     let response = request
         .send()
         .await
         .map_err(|e| ("connect".to_owned(), format!("{endpoint}: {e}")))?;
     let status = response.status();
-    let reply: Value = response.json().await.map_err(|e| {
+    let is_events = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if is_events {
+        return read_events(response).await;
+    }
+    let unreadable = |e: &dyn std::fmt::Display| {
         (
             format!("http_{}", status.as_u16()),
             format!("unreadable reply: {e}"),
         )
-    })?;
+    };
+    let reply: Value = response.json().await.map_err(|e| unreadable(&e))?;
     if status.is_success() {
         return Ok(reply["result"].clone());
     }
+    Err(failure(&reply, status.as_u16()))
+}
+
+/// The kind and message of an `{"error": ...}` body.
+fn failure(reply: &Value, status: u16) -> Failure {
     let error = &reply["error"];
     let kind = error["kind"]
         .as_str()
-        .map_or_else(|| format!("http_{}", status.as_u16()), str::to_owned);
+        .map_or_else(|| format!("http_{status}"), str::to_owned);
     let mut message = error["message"].as_str().unwrap_or("").to_owned();
     if let Some(traceback) = error["traceback"].as_str() {
         message = format!("{message}\n{traceback}");
     }
-    Err((kind, message))
+    (kind, message)
+}
+
+/// Prints the `chunk` events of a Server-Sent Events answer as they come; returns the
+/// `result` event's result or the `error` event's failure.
+async fn read_events(mut response: reqwest::Response) -> Result<Value, Failure> {
+    let broken = |e: &dyn std::fmt::Display| ("connect".to_owned(), format!("event stream: {e}"));
+    let mut buffer = String::new();
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let (mut event, mut data) = ("message", String::new());
+            for line in block.lines() {
+                if let Some(name) = line.strip_prefix("event:") {
+                    event = name.trim();
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            if data.is_empty() {
+                continue; // a keep-alive
+            }
+            let value: Value = serde_json::from_str(&data).map_err(|e| broken(&e))?;
+            match event {
+                "chunk" => {
+                    print(&value);
+                }
+                "result" => return Ok(value["result"].clone()),
+                "error" => return Err(failure(&value, 200)),
+                _ => {}
+            }
+        }
+        match response.chunk().await.map_err(|e| broken(&e))? {
+            Some(bytes) => buffer.push_str(&String::from_utf8_lossy(&bytes)),
+            None => return Err(broken(&"ended before the call's result")),
+        }
+    }
 }
 
 async fn call_own_pool(args: &CallArgs, call_args: Value) -> Result<Value, Error> {
@@ -123,20 +181,49 @@ async fn call_own_pool(args: &CallArgs, call_args: Value) -> Result<Value, Error
         })?;
     settings.workers = Some(settings.workers.unwrap_or(1));
     let pool = settings.builder().start().await?;
-    let timeout = args.timeout.unwrap_or_else(|| pool.request_timeout());
-    let result = match &args.session {
-        Some(id) => {
-            pool.session(id)
-                .call_with_timeout(&args.command, call_args, timeout)
-                .await
+    let options = CallOptions {
+        timeout: args.timeout,
+        cancel: None,
+    };
+    let (command, session) = (&args.command, args.session.as_ref());
+    let result = if args.stream {
+        let started = match session {
+            Some(id) => {
+                pool.session(id)
+                    .call_stream_with(command, call_args, options)
+                    .await
+            }
+            None => pool.call_stream_with(command, call_args, options).await,
+        };
+        match started {
+            Ok(stream) => print_stream(stream).await,
+            Err(error) => Err(error),
         }
-        None => {
-            pool.call_with_timeout(&args.command, call_args, timeout)
-                .await
+    } else {
+        match session {
+            Some(id) => {
+                pool.session(id)
+                    .call_with(command, call_args, options)
+                    .await
+            }
+            None => pool.call_with(command, call_args, options).await,
         }
     };
     pool.shutdown().await;
     result
+}
+
+/// Prints a stream's chunks as they come; returns its result.
+async fn print_stream(mut stream: CallStream) -> Result<Value, Error> {
+    while let Some(event) = stream.next().await {
+        match event? {
+            StreamEvent::Chunk(chunk) => {
+                print(&chunk);
+            }
+            StreamEvent::Result(result) => return Ok(result),
+        }
+    }
+    Err(Error::ShuttingDown)
 }
 
 fn print(value: &Value) -> ExitCode {

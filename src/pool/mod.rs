@@ -440,6 +440,15 @@ impl Pool {
         }
     }
 
+    /// Whether calls of `command` can be cancelled: the workers run it as a task of
+    /// their event loop (an `async` handler or a generator).
+    pub fn is_cancellable(&self, command: &str) -> bool {
+        self.shared()
+            .manifest
+            .get()
+            .is_some_and(|m| m.cancellable(command))
+    }
+
     /// Refuses what no caller may send: arguments that are not an object or that
     /// carry their own `session_id`, and the pool's internal commands. [`Pool::call`]
     /// and [`Session::call`] check this themselves; this checks ahead of opening a

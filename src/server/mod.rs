@@ -2,7 +2,9 @@
 //!
 //! - `POST /v1/call` `{command, args?, session_id?, timeout_ms?}` → `200 {"result"}`
 //!   or `{"error": {"kind", "message", "request_id", ...}}` with a status that fits
-//!   the kind.
+//!   the kind; with `Accept: text/event-stream`, Server-Sent Events once a worker has
+//!   the call (`chunk` events, then `result` or `error`). `DELETE
+//!   /v1/calls/{request_id}` cancels a call in flight (see [`calls`]).
 //! - `DELETE /v1/sessions/{id}`, `GET /v1/sessions?limit=&after=`, `GET /v1/pool`,
 //!   `GET /health` (200 ready; 503 starting, degraded or shutting down),
 //!   `GET /metrics`.
@@ -12,28 +14,27 @@
 //! (`GET /v1/sessions`, `GET /v1/pool`, `GET /metrics`) need that one instead.
 //! Every answer carries an `X-Request-Id`; failures are logged under it with what the
 //! client is not shown (a worker's stderr). A caller's `timeout_ms` is clamped to the
-//! pool's range, and a client that disconnects mid-call does not cut the call short
-//! (see [`Pool::call`]). A session closed by `DELETE` or by its TTL answers `410 Gone`
+//! pool's range, and a client that disconnects mid-call cancels it if its command is
+//! cancellable; any other runs to completion (see [`Pool::call`]). A session closed by `DELETE` or by its TTL answers `410 Gone`
 //! for ten minutes, rather than a later call silently opening a new, empty session
 //! under its id.
 
+mod calls;
 mod errors;
 mod listen;
 mod tombstones;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -94,17 +95,14 @@ pub struct ServerState {
     /// Recently closed (or expired) session ids: a call naming one is refused rather
     /// than silently opening a new, empty session.
     closed: Mutex<Tombstones>,
-    /// Numbers the requests (with `instance`, their ids).
-    requests: AtomicU64,
-    instance: OnceLock<String>,
+    /// The calls in flight, for `DELETE /v1/calls/{request_id}`.
+    in_flight: calls::InFlight,
 }
 
 impl ServerState {
     /// A server whose pool is still starting.
     pub fn starting() -> Arc<ServerState> {
-        let state = ServerState::default();
-        let _ = state.instance.set(format!("{:08x}", rand::random::<u32>()));
-        Arc::new(state)
+        Arc::new(ServerState::default())
     }
 
     /// The pool is ready: start serving calls.
@@ -161,12 +159,6 @@ impl ServerState {
         self.pool.get()
     }
 
-    fn next_request_id(&self) -> RequestId {
-        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        let instance = self.instance.get().map_or("0", String::as_str);
-        RequestId(Arc::from(format!("{instance}-{n}")))
-    }
-
     fn serving_pool(&self) -> Result<&Pool, Unavailable> {
         let (kind, message) = match (self.phase.load(Ordering::SeqCst), self.pool.get()) {
             (READY, Some(pool)) => return Ok(pool),
@@ -197,81 +189,6 @@ impl IntoResponse for Unavailable {
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         response
-    }
-}
-
-/// The body of `POST /v1/call`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CallBody {
-    command: String,
-    #[serde(default = "empty_object")]
-    args: Value,
-    #[serde(default)]
-    session_id: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
-fn empty_object() -> Value {
-    json!({})
-}
-
-async fn call(
-    State(state): State<Arc<ServerState>>,
-    Extension(request_id): Extension<RequestId>,
-    body: Result<Json<CallBody>, JsonRejection>,
-) -> Response {
-    let Json(body) = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return refusal(
-                "body_too_large",
-                StatusCode::PAYLOAD_TOO_LARGE,
-                rejection.body_text(),
-            );
-        }
-        Err(rejection) => {
-            return refusal(
-                "bad_request",
-                StatusCode::BAD_REQUEST,
-                rejection.body_text(),
-            );
-        }
-    };
-    if !body.args.is_object() {
-        return refusal(
-            "invalid_request",
-            StatusCode::BAD_REQUEST,
-            "`args` must be a JSON object".into(),
-        );
-    }
-    let pool = match state.serving_pool() {
-        Ok(pool) => pool,
-        Err(unavailable) => return unavailable.into_response(),
-    };
-    let timeout = pool.client_timeout(body.timeout_ms.map(Duration::from_millis));
-    // Refused calls open no session.
-    if let Err(error) = pool.check_call(&body.command, &body.args) {
-        return answer_error(&error, &request_id);
-    }
-    let result = match &body.session_id {
-        Some(id) if state.is_tombstoned(id) => Err(Error::SessionClosed {
-            session_id: id.clone(),
-        }),
-        Some(id) => {
-            pool.session(id)
-                .call_with_timeout(&body.command, body.args, timeout)
-                .await
-        }
-        None => {
-            pool.call_with_timeout(&body.command, body.args, timeout)
-                .await
-        }
-    };
-    match result {
-        Ok(result) => Json(json!({"result": result})).into_response(),
-        Err(error) => answer_error(&error, &request_id),
     }
 }
 
@@ -462,13 +379,39 @@ async fn require_token(State(tokens): State<Tokens>, request: Request, next: Nex
     response
 }
 
-/// Gives each request an id, for its handler and its answer's `X-Request-Id`.
-async fn assign_request_id(
-    State(state): State<Arc<ServerState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let id = state.next_request_id();
+/// Shortest and longest request id a client may choose.
+const CLIENT_REQUEST_ID_BYTES: std::ops::RangeInclusive<usize> = 16..=128;
+
+/// The id the client chose for its request (`X-Request-Id`), if it chose one; an
+/// error message if it is not one of ours.
+fn client_request_id(headers: &HeaderMap) -> Result<Option<RequestId>, String> {
+    let Some(value) = headers.get("x-request-id") else {
+        return Ok(None);
+    };
+    let id = value.to_str().unwrap_or_default();
+    let fits = CLIENT_REQUEST_ID_BYTES.contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !fits {
+        return Err(format!(
+            "X-Request-Id must be {} to {} characters of A-Z, a-z, 0-9, '-' and '_' (it is \
+             what allows cancelling the call: make it unguessable)",
+            CLIENT_REQUEST_ID_BYTES.start(),
+            CLIENT_REQUEST_ID_BYTES.end()
+        ));
+    }
+    Ok(Some(RequestId(Arc::from(id))))
+}
+
+/// Gives each request an id, for its handler and its answer's `X-Request-Id`: the
+/// client's own, or 128 random bits.
+async fn assign_request_id(mut request: Request, next: Next) -> Response {
+    let id = match client_request_id(request.headers()) {
+        Ok(Some(id)) => id,
+        Ok(None) => RequestId(Arc::from(format!("{:032x}", rand::random::<u128>()))),
+        Err(message) => return refusal("bad_request", StatusCode::BAD_REQUEST, message),
+    };
     request.extensions_mut().insert(id.clone());
     let mut response = next.run(request).await;
     if response.status().is_client_error() || response.status().is_server_error() {
@@ -517,7 +460,8 @@ async fn with_request_id(response: Response, id: &RequestId) -> Response {
 /// The API's routes over `state`.
 pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
     let mut client = Router::new()
-        .route("/v1/call", post(call))
+        .route("/v1/call", post(calls::call))
+        .route("/v1/calls/{request_id}", delete(calls::cancel_call))
         .route("/v1/sessions/{id}", delete(close_session));
     let mut admin = Router::new()
         .route("/v1/sessions", get(list_sessions))
@@ -549,10 +493,7 @@ pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
         .route("/health", get(health))
         .layer(DefaultBodyLimit::max(options.body_limit))
         .layer(RequestBodyTimeoutLayer::new(options.body_read_timeout))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            assign_request_id,
-        ))
+        .layer(middleware::from_fn(assign_request_id))
         .with_state(state)
 }
 
