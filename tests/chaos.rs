@@ -1,5 +1,6 @@
-//! A short chaos round: workers are SIGKILLed at random under plain and DSPy session
-//! load, and no call is lost and no session loses its state.
+//! A short chaos round: workers are SIGKILLed at random under plain calls (sync, and
+//! concurrent ones several to a worker) and DSPy session load, and no call is lost and
+//! no session loses its state.
 
 mod common;
 
@@ -14,7 +15,7 @@ fn chaos_round(spawn: &str, rate: &str) -> Value {
             "--workers",
             "3",
             "--concurrency",
-            "4",
+            "6",
             "--dspy-sessions",
             "2",
         ])
@@ -36,6 +37,7 @@ fn assert_nothing_lost(report: &Value) {
     assert!(report["kills"].as_u64().unwrap() >= 2, "{report}");
     assert!(report["succeeded"].as_u64().unwrap() > 0, "{report}");
     assert!(report["session_calls"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["concurrent_calls"].as_u64().unwrap() > 0, "{report}");
     // Every call is accounted for: succeeded, failed with a kind, or lost.
     let failed: u64 = report["failed"]
         .as_object()

@@ -2,7 +2,9 @@
 //! SIGKILL, and prove that nothing is lost.
 //!
 //! Plain callers call `probe_echo` with a unique nonce and check that the reply echoes
-//! exactly their own arguments. Session callers each hold a DSPy chain of thought
+//! exactly their own arguments; every other caller uses `probe_echo_async`, which holds
+//! its call open a few milliseconds, so that many calls are in flight at once on the
+//! workers being killed. Session callers each hold a DSPy chain of thought
 //! (DummyLM) and ask it questions with known answers. At the end every call is one of:
 //! succeeded, failed with an error kind (e.g. `worker_crashed` for a call whose worker
 //! was killed under it), **lost** (no answer at all, or somebody else's answer), or
@@ -86,6 +88,8 @@ pub struct ChaosReport {
     pub lost_wrong_answer: u64,
     /// `lost_no_answer + lost_wrong_answer`.
     pub lost: u64,
+    /// Plain calls made with the concurrent command (several in flight per worker).
+    pub concurrent_calls: u64,
     /// Session calls made.
     pub session_calls: u64,
     /// Session calls that found their state gone.
@@ -109,6 +113,7 @@ impl ChaosReport {
         }
         self.lost_no_answer += other.lost_no_answer;
         self.lost_wrong_answer += other.lost_wrong_answer;
+        self.concurrent_calls += other.concurrent_calls;
         self.session_calls += other.session_calls;
         self.state_lost += other.state_lost;
     }
@@ -164,11 +169,19 @@ async fn plain_caller(
     let mut report = ChaosReport::default();
     let deadline = answer_deadline(&pool, timeout);
     let mut n = 0u64;
+    let concurrent = caller % 2 == 1;
+    let (command, args) = if concurrent {
+        ("probe_echo_async", json!({"caller": caller, "hold_ms": 20}))
+    } else {
+        ("probe_echo", json!({"caller": caller}))
+    };
     while budget.take() {
         n += 1;
-        let args = json!({"caller": caller, "n": n});
+        let mut args = args.clone();
+        args["n"] = json!(n);
         report.sent += 1;
-        let call = pool.call_with_timeout("probe_echo", args.clone(), timeout);
+        report.concurrent_calls += u64::from(concurrent);
+        let call = pool.call_with_timeout(command, args.clone(), timeout);
         match tokio::time::timeout(deadline, call).await {
             Err(_) => report.lost_no_answer += 1,
             Ok(Ok(reply)) if reply["echo"] == args => report.succeeded += 1,
@@ -346,8 +359,12 @@ fn print_report(report: &ChaosReport, plan: &ChaosPlan) {
         plan.rate, report.elapsed_s, report.kills, report.worker_restarts
     );
     println!(
-        "calls       {} sent ({} in {} DSPy sessions), {} succeeded",
-        report.sent, report.session_calls, plan.dspy_sessions, report.succeeded
+        "calls       {} sent ({} concurrent, {} in {} DSPy sessions), {} succeeded",
+        report.sent,
+        report.concurrent_calls,
+        report.session_calls,
+        plan.dspy_sessions,
+        report.succeeded
     );
     println!("failed      {failed}");
     println!(

@@ -304,18 +304,33 @@ impl Shared {
         id: &str,
         epoch: Option<u64>,
     ) -> Result<(), Error> {
-        let worker = {
-            let mut st = self.lock();
-            let Some(entry) = st.sessions.remove(id, epoch) else {
-                return Ok(());
-            };
-            entry.worker.filter(|w| {
-                st.slots.get_mut(w).is_some_and(|slot| {
-                    slot.pinned.remove(id);
-                    slot.manifest.has_command("cleanup_session")
-                })
+        match self.take_session(id, epoch) {
+            Some(worker) => self.clean_up_session(id, worker).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes session `id` (only the given epoch, if any) out of the table, so its
+    /// calls fail with `SessionClosed` from now on. `None` if it was not open; else
+    /// the worker holding its state, if that worker can clean it up.
+    pub(crate) fn take_session(&self, id: &str, epoch: Option<u64>) -> Option<Option<Arc<str>>> {
+        let mut st = self.lock();
+        let entry = st.sessions.remove(id, epoch)?;
+        Some(entry.worker.filter(|w| {
+            st.slots.get_mut(w).is_some_and(|slot| {
+                slot.pinned.remove(id);
+                slot.manifest.has_command("cleanup_session")
             })
-        };
+        }))
+    }
+
+    /// Drops the journal of a session taken out of the table, then has its worker
+    /// free its state.
+    pub(crate) async fn clean_up_session(
+        self: &Arc<Self>,
+        id: &str,
+        worker: Option<Arc<str>>,
+    ) -> Result<(), Error> {
         // The journal goes first: a session opened again under this id starts empty.
         self.journal
             .remove(id)

@@ -227,16 +227,19 @@ impl Supervisor {
         self.check_memory();
         if let Some(ttl) = config.session_ttl {
             for (id, epoch) in self.shared.expired_sessions(ttl, EXPIRE_PER_TICK) {
+                let Some(worker) = self.shared.take_session(&id, Some(epoch)) else {
+                    continue;
+                };
                 tracing::info!(session = %id, "session expired");
-                // Announced first, so a server refuses the id before the close (which
-                // may wait for a busy worker) is done and nobody reopens it meanwhile.
+                // Closed, then announced before the clean-up (which may wait for a busy
+                // worker), so a server refuses the id and nobody reopens it meanwhile.
                 self.shared.notify(PoolEvent::SessionExpired {
                     session_id: id.clone(),
                 });
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = shared.close_session(&id, Some(epoch)).await {
-                        tracing::warn!(session = %id, %error, "closing an expired session failed");
+                    if let Err(error) = shared.clean_up_session(&id, worker).await {
+                        tracing::warn!(session = %id, %error, "cleaning up an expired session failed");
                     }
                 });
             }
