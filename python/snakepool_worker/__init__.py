@@ -15,7 +15,14 @@ Run it with ``python -m snakepool_worker --module my_handlers``.
 __version__ = "0.1.0"
 
 from .protocol import PROTOCOL_VERSION
-from .registry import Context, Final, command, on_session_cleanup
+from .registry import (
+    Context,
+    Final,
+    command,
+    on_session_cleanup,
+    session_restore,
+    session_snapshot,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -24,4 +31,6 @@ __all__ = [
     "__version__",
     "command",
     "on_session_cleanup",
+    "session_restore",
+    "session_snapshot",
 ]

@@ -1,8 +1,8 @@
-"""Built-in commands every worker serves: ping, get_stats, cleanup_session, shutdown.
+"""Built-in commands every worker serves: ping, get_stats, cleanup_session,
+snapshot_session, restore_session, shutdown.
 
-``ping`` and ``get_stats`` are public. ``cleanup_session`` and ``shutdown`` are internal:
-the manifest flags them, only the host sends them, and the host refuses clients' calls
-to them.
+``ping`` and ``get_stats`` are public. The others are internal: the manifest flags them,
+only the host sends them, and the host refuses clients' calls to them.
 """
 
 from __future__ import annotations
@@ -62,6 +62,36 @@ def cleanup_session(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     return {"session_id": session_id, "existed": existed}
 
 
+def _session_id(args: Dict[str, Any], command: str) -> str:
+    session_id = args.get("session_id")
+    if not isinstance(session_id, str):
+        raise BadRequest(f"{command} requires args.session_id (a string)")
+    return session_id
+
+
+async def snapshot_session(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Each module's part of the session's state, as JSON: ``{"parts": {part: ...}}``.
+
+    Async so that it may run beside other sessions' calls; it never awaits, so no call
+    changes the session while the snapshot is taken.
+    """
+    runtime = _runtime(ctx)
+    session = runtime.sessions.get(_session_id(args, "snapshot_session"), {})
+    return {"parts": runtime.registry.snapshots.take(session)}
+
+
+async def restore_session(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
+    """Rebuild the session's state from ``args.parts`` (a ``snapshot_session`` result)."""
+    runtime = _runtime(ctx)
+    session_id = _session_id(args, "restore_session")
+    parts = args.get("parts")
+    if not isinstance(parts, dict):
+        raise BadRequest("restore_session requires args.parts (an object of part -> snapshot)")
+    session = runtime.sessions.setdefault(session_id, {})
+    runtime.registry.snapshots.restore(session, parts)
+    return {"session_id": session_id, "parts": sorted(parts)}
+
+
 def shutdown(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     """Reply, then stop serving and exit with code 0 (calls in flight are cancelled)."""
     runtime = _runtime(ctx)
@@ -73,11 +103,15 @@ BUILTIN_COMMANDS = {
     "ping": ping,
     "get_stats": get_stats,
     "cleanup_session": cleanup_session,
+    "snapshot_session": snapshot_session,
+    "restore_session": restore_session,
     "shutdown": shutdown,
 }
 """Built-in command names and handlers; none of them mutates session state."""
 
-INTERNAL_BUILTINS = frozenset({"cleanup_session", "shutdown"})
+INTERNAL_BUILTINS = frozenset(
+    {"cleanup_session", "snapshot_session", "restore_session", "shutdown"}
+)
 """Built-ins only the host may send (registered with ``internal=True``)."""
 
 

@@ -22,6 +22,8 @@ import inspect
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, overload
 
+from .snapshots import SessionSnapshots
+
 Handler = Callable[[Dict[str, Any], "Context"], Any]
 """A command handler: ``fn(args, ctx) -> JSON-serialisable value`` (or a coroutine or
 generator function of the same arguments; see the module docstring)."""
@@ -255,6 +257,7 @@ class Registry:
     def __init__(self) -> None:
         self._commands: Dict[str, CommandSpec] = {}
         self._cleanup_hooks: List[CleanupHook] = []
+        self.snapshots = SessionSnapshots()
         self.version = 0
 
     def register(
@@ -319,6 +322,31 @@ class Registry:
             raise TypeError(f"session cleanup hook {func!r} is not callable")
         self._cleanup_hooks.append(func)
         return func
+
+    def session_snapshot(self, func: Any = None, *, part: Optional[str] = None) -> Any:
+        """Decorator registering ``func(session) -> JSON``; see ``snapshots``."""
+
+        def decorator(func: F) -> F:
+            self.snapshots.add_snapshot(func, part)
+            self.version += 1
+            return func
+
+        return decorator(func) if callable(func) else decorator
+
+    def session_restore(self, func: Any = None, *, part: Optional[str] = None) -> Any:
+        """Decorator registering ``func(session, snapshot)``; see ``snapshots``."""
+
+        def decorator(func: F) -> F:
+            self.snapshots.add_restore(func, part)
+            self.version += 1
+            return func
+
+        return decorator(func) if callable(func) else decorator
+
+    def snapshot_covers(self, spec: CommandSpec) -> bool:
+        """Whether a session part with both hooks covers ``spec``'s module."""
+        module = getattr(spec.func, "__module__", None)
+        return isinstance(module, str) and self.snapshots.covers(module)
 
     def get(self, name: str) -> Optional[CommandSpec]:
         """The command registered under ``name``, or ``None``."""
@@ -397,6 +425,20 @@ def command(name: Any = None, *, mutates_session: bool = False, internal: bool =
     ``ValueError``.
     """
     return default_registry.command(name, mutates_session=mutates_session, internal=internal)
+
+
+def session_snapshot(func: Any = None, *, part: Optional[str] = None) -> Any:
+    """Register ``fn(session) -> JSON``: this module's part of a session, as JSON.
+
+    Usable bare or as ``@session_snapshot(part="my_package")``; the part defaults to the
+    function's module. See ``snakepool_worker.snapshots``.
+    """
+    return default_registry.session_snapshot(func, part=part)
+
+
+def session_restore(func: Any = None, *, part: Optional[str] = None) -> Any:
+    """Register ``fn(session, snapshot)``: rebuild this module's part of a fresh session."""
+    return default_registry.session_restore(func, part=part)
 
 
 def on_session_cleanup(func: CleanupHook) -> CleanupHook:

@@ -115,7 +115,7 @@ from .protocol import (
     loads,
 )
 from . import watchdog
-from .registry import SYNC, Context, Registry, default_registry
+from .registry import SYNC, CommandSpec, Context, Registry, default_registry
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -280,11 +280,19 @@ class Runtime:
                     "stream_window": self.stream_window,
                 },
                 "commands": {
-                    name: spec.describe() for name, spec in sorted(self.registry.commands.items())
+                    name: self._describe(spec) for name, spec in sorted(self.registry.commands.items())
                 },
             }
             self._manifest_key = key
         return self._manifest
+
+    def _describe(self, spec: CommandSpec) -> Dict[str, Any]:
+        """A command's manifest entry; a mutating command also says whether a session
+        snapshot covers it (so the host may compact its journal)."""
+        entry = spec.describe()
+        if spec.mutates_session and self.registry.snapshot_covers(spec):
+            entry["snapshot"] = True
+        return entry
 
     def stats(self) -> Dict[str, Any]:
         """Counters reported by ``get_stats``."""

@@ -18,7 +18,10 @@ def test_public_api() -> None:
     assert set(snakepool_worker.__all__) == {
         "command",
         "Context",
+        "Final",
         "on_session_cleanup",
+        "session_restore",
+        "session_snapshot",
         "PROTOCOL_VERSION",
         "__version__",
     }
