@@ -35,6 +35,7 @@ ASYNC = "async"
 STREAM = "stream"
 """Handler kind: a generator function, run as a task one step at a time."""
 ASYNC_STREAM = "async_stream"
+"""Handler kind: an async generator function, run as a task."""
 
 
 class Final:
@@ -49,7 +50,6 @@ class Final:
 
     def __repr__(self) -> str:
         return f"Final({self.value!r:.60})"
-"""Handler kind: an async generator function, run as a task."""
 
 
 def handler_kind(func: Callable[..., Any]) -> str:

@@ -1,6 +1,7 @@
 """A worker runtime with the DSPy commands, driven in-process frame by frame.
 
-``async def`` handlers (``execute_program``) run on an event loop the bridge owns: the
+``async def`` handlers run on an event loop the bridge owns (an async generator handler,
+``execute_program``, as one: its chunks dropped, its ``Final`` value the result): the
 frame-by-frame helpers (``ok``, ``fail`` ...) run each call to completion on it, and the
 ``a``-prefixed helpers (``aok``, ``areply`` ...) are coroutines for tests that overlap
 calls on an event loop of their own.
@@ -17,10 +18,28 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from snakepool_worker.builtins import register_builtins
 from snakepool_worker.dspy import COMMANDS, STATE_KEY, SessionState, cleanup_session_state
-from snakepool_worker.registry import Context, Registry
+from snakepool_worker.registry import Context, Final, Registry
 from snakepool_worker.runtime import Runtime
 
 AsyncHandler = Callable[[Dict[str, Any], Context], Awaitable[Any]]
+
+
+def _final_result(func: Callable[..., Any]) -> AsyncHandler:
+    """An async generator handler as an ``async def`` one: its chunks are dropped, and its
+    result is the value of the ``Final`` it yields (``None`` without one)."""
+
+    @functools.wraps(func)
+    async def handler(args: Dict[str, Any], ctx: Context) -> Any:
+        stream = func(args, ctx)
+        try:
+            async for value in stream:
+                if type(value) is Final:
+                    return value.value
+            return None
+        finally:
+            await stream.aclose()
+
+    return handler
 
 
 class Bridge:
@@ -33,6 +52,8 @@ class Bridge:
         registry = Registry()
         register_builtins(registry)
         for name, func, mutates_session in COMMANDS:
+            if inspect.isasyncgenfunction(func):
+                func = _final_result(func)
             if inspect.iscoroutinefunction(func):
                 self._async[name] = func
                 func = self._blocking(func)

@@ -12,19 +12,23 @@ The one exception is ``execute_program`` of a served program, a plain call. Sess
 isolated: each has its own language model and programs, and programs run under
 ``dspy.context(lm=<the session's LM>, ...)``; nothing here calls ``dspy.configure``.
 
-Concurrency: ``execute_program`` is an ``async`` command. It runs the program with
-DSPy's ``acall``, as a task on the worker's event loop, so one worker overlaps many LM
-calls; the other commands are synchronous and have the worker to themselves. Each run's
-settings (its LM, adapter, response cache, usage tracker and trace) live in DSPy's
-context variable, which every task (and ``asyncio.to_thread``) has a copy of: runs that
-overlap never see each other's LM, cache, usage or trace, and DSPy's history is off.
+Concurrency: ``execute_program`` is an async generator command (the manifest flags it
+``"concurrent": true, "streams": true``). It runs the program with DSPy's ``acall``, as a
+task on the worker's event loop, so one worker overlaps many LM calls, and a cancel from
+the host stops it; with ``stream`` it sends the program's string outputs as chunks while
+the LM writes them. The other commands are synchronous and have the worker to
+themselves. Each run's settings (its LM, adapter, response cache, usage tracker and
+trace) live in DSPy's context variable, which every task (and ``asyncio.to_thread``) has
+a copy of: runs that overlap never see each other's LM, cache, usage or trace, and
+DSPy's history is off.
 
 The package: ``commands`` (the command table, program commands), ``configure``
 (``configure_lm``), ``optimize`` (``optimize_program``), ``policy`` (profiles and client
 settings from the environment), ``caches`` (response caches), ``failures`` (what a failed
 LM call reports), ``signatures``, ``programs``, ``state`` (a session's LM and programs,
 and running a program), ``served`` (served programs), ``dummy`` (the scripted test LM),
-``loader`` (the lazy DSPy import) and ``errors``.
+``loader`` (the lazy DSPy import), ``streaming`` (``execute_program`` with ``stream``) and
+``errors``.
 Argument checks are the runtime's (``snakepool_worker.arguments``).
 
 LM policy (read from the worker's environment, which the host sets):
@@ -126,15 +130,24 @@ program_id?}``
     The DSPex spellings ``id`` and ``program_type`` are accepted. Returns
     ``{program_id, type, signature: {instructions, inputs: [{name, type, desc}],
     outputs}}``.
-``execute_program`` ``{program_id, inputs}``, or as a plain call ``{program, inputs}``
+``execute_program`` ``{program_id, inputs, stream?=false}``, or as a plain call ``{program,
+inputs, stream?=false}``
     Runs the session's program ``program_id`` with the session's LM, or the served
-    program ``program`` (see ``SNAKEPOOL_PROGRAMS``) with its profile's LM; ``async``,
+    program ``program`` (see ``SNAKEPOOL_PROGRAMS``) with its profile's LM; concurrent,
     so runs overlap. Returns ``{outputs, reasoning, usage}``: outputs typed as declared,
     ``reasoning`` for chain of thought (else null), ``usage`` (this call's alone) as
     ``{model: {prompt_tokens, ...}}`` or null. Inputs under reserved names fail with
     ``ReservedFieldName`` before DSPy sees them. ``program`` in a session call fails with
     ``InvalidArgument`` (a session runs its own programs, by ``program_id``); an unknown
     ``program`` fails with ``ProgramNotFound`` listing the served programs.
+    ``stream`` (true or false, else ``InvalidArgument``): with ``true`` the program runs
+    through ``dspy.streamify`` and the call sends a chunk ``{field, predictor, text}`` for
+    each piece of a string output field (and of ``reasoning``, for chain of thought) as
+    the LM writes it, before the same result. ``predictor`` is DSPy's name for the
+    predictor writing the field (``self`` for ``predict``, ``predict`` for chain of
+    thought); a field's texts, joined in order, are its value (its last one may be
+    empty). An answer from the response cache sends no chunk; failures are the same as
+    without ``stream``. Without ``stream`` no chunk is sent.
 ``optimize_program``\\* ``{program_id, trainset, metric?="exact_match",
 optimizer?="bootstrap_few_shot", max_bootstrapped_demos?=4, max_labeled_demos?=16, k?=16}``
     Compiles the program with ``dspy.BootstrapFewShot`` (needs an LM) or

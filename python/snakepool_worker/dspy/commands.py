@@ -3,18 +3,27 @@
 ``create_program`` builds a ``dspy.Predict`` or ``dspy.ChainOfThought`` from a signature
 (see ``signatures``), optionally with demos or a state; ``execute_program`` runs one with
 the session's LM, or a served program (see ``served``) with its profile's LM, through
-DSPy's ``acall``: it is the one ``async`` command, so runs overlap on the worker's event
-loop while they wait for their LMs. The others (all synchronous) list, describe, save,
-load and delete programs. Every command rejects arguments it does not know
-(``InvalidArgument``).
+DSPy's ``acall``: it is the one concurrent command (an async generator), so runs overlap
+on the worker's event loop while they wait for their LMs, and with ``stream`` it sends
+the program's string outputs as chunks first (see ``streaming``). The others (all
+synchronous) list, describe, save, load and delete programs. Every command rejects
+arguments it does not know (``InvalidArgument``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, AsyncIterator, Dict, Tuple
 
-from ..arguments import InvalidArgument, check_known, describe, get_str, names, quoted
-from ..registry import Context, Handler, Registry
+from ..arguments import (
+    InvalidArgument,
+    check_known,
+    describe,
+    get_bool,
+    get_str,
+    names,
+    quoted,
+)
+from ..registry import Context, Final, Handler, Registry
 from .configure import configure_lm
 from .errors import InvalidSignature, MissingInput, UnknownInput
 from .optimize import optimize_program
@@ -24,7 +33,6 @@ from .programs import (
     build_program,
     dump_state,
     examples,
-    jsonable,
     load_state,
 )
 from .served import find_served, served_lm
@@ -39,9 +47,11 @@ from .state import (
     arun,
     cleanup_session_state,
     find_program,
+    program_result,
     require_lm,
     session_state,
 )
+from .streaming import stream_program
 
 _MAX_PROGRAM_ID_CHARS = 200
 
@@ -126,10 +136,29 @@ def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     }
 
 
-async def execute_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
-    """Run a program on args.inputs with the session's LM (or a served program); typed outputs."""
+async def execute_program(args: Dict[str, Any], ctx: Context) -> AsyncIterator[Any]:
+    """Run a program on args.inputs with the session's LM (or a served program); typed outputs.
+
+    With ``args.stream`` true, its string outputs are streamed as chunks first (see
+    ``streaming``); either way the call's result is ``{outputs, reasoning, usage}``.
+    """
+    binding, program, inputs = _run_of(args, ctx)
+    if get_bool(ctx.command, args, "stream", False):
+        chunks = stream_program(binding, program, inputs)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+        return
+    module = program.module
+    prediction = await arun(binding, lambda: module.acall(**inputs))
+    yield Final(program_result(program, prediction))
+
+
+def _run_of(args: Dict[str, Any], ctx: Context) -> Tuple[LMBinding, Program, Dict[str, Any]]:
+    """The LM binding, program and checked inputs ``execute_program`` runs."""
     command = ctx.command
-    binding: LMBinding
     if args.get("program") is not None:
         if ctx.session_id is not None:
             raise InvalidArgument(
@@ -137,30 +166,16 @@ async def execute_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
                 "without a session; in a session, run the session's programs with "
                 "args.program_id"
             )
-        check_known(command, args, ("program", "inputs"))
+        check_known(command, args, ("program", "inputs", "stream"))
         served, program = find_served(get_str(command, args, "program"))
         inputs = _checked_inputs(command, program, args.get("inputs"))
-        binding = served_lm(served, ctx.worker_id, command)
-    else:
-        state = session_state(ctx)
-        check_known(command, args, ("program_id", "inputs"))
-        program = find_program(state, ctx, args)
-        inputs = _checked_inputs(command, program, args.get("inputs"))
-        require_lm(state, ctx)
-        binding = state
-    module = program.module
-    prediction = await arun(binding, lambda: module.acall(**inputs))
-    outputs = {field.name: jsonable(prediction.get(field.name)) for field in program.outputs}
-    reasoning = prediction.get("reasoning") if program.type == "chain_of_thought" else None
-    usage = None
-    get_usage = getattr(prediction, "get_lm_usage", None)
-    if callable(get_usage):
-        usage = get_usage() or None
-    return {
-        "outputs": outputs,
-        "reasoning": None if reasoning is None else str(reasoning),
-        "usage": jsonable(usage),
-    }
+        return served_lm(served, ctx.worker_id, command), program, inputs
+    state = session_state(ctx)
+    check_known(command, args, ("program_id", "inputs", "stream"))
+    program = find_program(state, ctx, args)
+    inputs = _checked_inputs(command, program, args.get("inputs"))
+    require_lm(state, ctx)
+    return state, program, inputs
 
 
 def _checked_inputs(command: str, program: Program, inputs: Any) -> Dict[str, Any]:

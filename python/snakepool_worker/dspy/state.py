@@ -25,7 +25,7 @@ from .errors import (
 from .failures import exhausted_script, lm_call_failure
 from .loader import load_dspy
 from .policy import profile_names
-from .programs import Program
+from .programs import Program, jsonable
 
 STATE_KEY = "dspy"
 """Key of the per-session DSPy state in ``ctx.session``."""
@@ -210,6 +210,25 @@ async def arun(binding: LMBinding, func: Callable[[], Awaitable[Any]]) -> Any:
         if message is None:
             raise
     raise LMCallFailed(message) from None
+
+
+def program_result(program: Program, prediction: Any) -> Dict[str, Any]:
+    """What ``execute_program`` returns for ``prediction``, a run of ``program``.
+
+    ``{outputs, reasoning, usage}``: the declared outputs as JSON, the reasoning of a chain
+    of thought (else null) and the run's LM usage (null when no LM call was made).
+    """
+    outputs = {field.name: jsonable(prediction.get(field.name)) for field in program.outputs}
+    reasoning = prediction.get("reasoning") if program.type == "chain_of_thought" else None
+    usage = None
+    get_usage = getattr(prediction, "get_lm_usage", None)
+    if callable(get_usage):
+        usage = get_usage() or None
+    return {
+        "outputs": outputs,
+        "reasoning": None if reasoning is None else str(reasoning),
+        "usage": jsonable(usage),
+    }
 
 
 def cleanup_session_state(session_id: str, session: Dict[str, Any]) -> None:
