@@ -82,6 +82,14 @@ pub struct Settings {
     pub rebuild_timeout: Option<Duration>,
     /// On how many workers a session's rebuild is tried.
     pub max_rebuild_attempts: Option<u32>,
+    /// Compact a session's journal into a snapshot after this many entries.
+    pub journal_compact_entries: Option<usize>,
+    /// ... or once its entries take this many bytes.
+    pub journal_compact_bytes: Option<usize>,
+    /// Most entries a journal that cannot be compacted may hold.
+    pub journal_max_entries: Option<usize>,
+    /// Most bytes its entries may take.
+    pub journal_max_bytes: Option<usize>,
     /// LM profiles by name (`[lm.NAME]` tables).
     pub lm: Option<BTreeMap<String, LmProfile>>,
     /// Whether callers may give an LM's model, endpoint and key variable themselves.
@@ -215,6 +223,10 @@ impl Settings {
             max_request_timeout,
             rebuild_timeout,
             max_rebuild_attempts,
+            journal_compact_entries,
+            journal_compact_bytes,
+            journal_max_entries,
+            journal_max_bytes,
             lm,
             lm_client_settings,
             lm_cache_dir,
@@ -306,6 +318,15 @@ impl Settings {
                     .unwrap_or(defaults.max_rebuild_attempts),
             );
         }
+        let journal = defaults.journal_limits;
+        b = b.journal_limits(crate::pool::JournalLimits {
+            compact_entries: self
+                .journal_compact_entries
+                .unwrap_or(journal.compact_entries),
+            compact_bytes: self.journal_compact_bytes.unwrap_or(journal.compact_bytes),
+            max_entries: self.journal_max_entries.unwrap_or(journal.max_entries),
+            max_bytes: self.journal_max_bytes.unwrap_or(journal.max_bytes),
+        });
         for (name, profile) in self.lm.iter().flatten() {
             b = b.lm_profile(name, profile.clone());
         }

@@ -156,6 +156,25 @@ pub enum Error {
         /// The failure while replaying its journal.
         source: Box<Error>,
     },
+    /// The session's journal is at its limit and cannot be compacted into a snapshot;
+    /// the call, which would change session state, was not made. Nothing was lost.
+    #[error(
+        "the journal of session `{session_id}` is full ({entries} entries, {bytes} bytes; the limits are {max_entries} entries, {max_bytes} bytes) and cannot be compacted: {reason}"
+    )]
+    JournalFull {
+        /// The session's id.
+        session_id: String,
+        /// Entries in its journal.
+        entries: usize,
+        /// Their size in bytes.
+        bytes: usize,
+        /// The limit on entries.
+        max_entries: usize,
+        /// The limit on bytes.
+        max_bytes: usize,
+        /// Why it cannot be compacted, e.g. the command whose module offers no snapshot.
+        reason: String,
+    },
     /// The pool is shutting down and takes no new calls.
     #[error("the pool is shutting down")]
     ShuttingDown,
@@ -181,6 +200,7 @@ impl Error {
             Error::UnexpectedResult { .. } => "unexpected_result",
             Error::SessionClosed { .. } => "session_closed",
             Error::SessionRebuildFailed { .. } => "session_rebuild_failed",
+            Error::JournalFull { .. } => "journal_full",
             Error::ShuttingDown => "shutting_down",
         }
     }

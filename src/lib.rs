@@ -37,10 +37,10 @@ pub use error::{Error, Result};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
-pub use journal::{JournalEntry, MemoryJournal, SessionJournal};
+pub use journal::{JournalEntry, JournalStats, MemoryJournal, SessionJournal};
 pub use metrics::MetricsSnapshot;
 pub use pool::{
-    Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode, WorkerInfo,
-    ZygoteStatus,
+    JournalLimits, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode,
+    WorkerInfo, ZygoteStatus,
 };
 pub use session::Session;

@@ -62,6 +62,8 @@ pub struct MetricsSnapshot {
     pub health_failures: u64,
     /// Sessions rebuilt on a new worker from their journal.
     pub session_rebuilds: u64,
+    /// Session journals compacted into a snapshot.
+    pub journal_compactions: u64,
 }
 
 /// The live metrics of one pool; cheap to update from any task.
@@ -78,6 +80,7 @@ pub struct Metrics {
     worker_recycles: AtomicU64,
     health_failures: AtomicU64,
     session_rebuilds: AtomicU64,
+    journal_compactions: AtomicU64,
     /// The same latencies in Prometheus buckets, for `/metrics`.
     call_seconds: PromHistogram,
     queue_wait_seconds: PromHistogram,
@@ -113,6 +116,8 @@ pub enum Counter {
     HealthFailure,
     /// A session was rebuilt from its journal.
     SessionRebuild,
+    /// A session's journal was compacted into a snapshot.
+    JournalCompaction,
 }
 
 fn seconds_buckets() -> PromHistogram {
@@ -158,6 +163,7 @@ impl Default for Metrics {
             worker_recycles: AtomicU64::new(0),
             health_failures: AtomicU64::new(0),
             session_rebuilds: AtomicU64::new(0),
+            journal_compactions: AtomicU64::new(0),
             call_seconds: seconds_buckets(),
             queue_wait_seconds: seconds_buckets(),
         }
@@ -208,6 +214,7 @@ impl Metrics {
             Counter::WorkerRecycle => &self.worker_recycles,
             Counter::HealthFailure => &self.health_failures,
             Counter::SessionRebuild => &self.session_rebuilds,
+            Counter::JournalCompaction => &self.journal_compactions,
         };
         cell.fetch_add(1, Ordering::Relaxed);
     }
@@ -226,6 +233,7 @@ impl Metrics {
             worker_recycles: self.worker_recycles.load(Ordering::Relaxed),
             health_failures: self.health_failures.load(Ordering::Relaxed),
             session_rebuilds: self.session_rebuilds.load(Ordering::Relaxed),
+            journal_compactions: self.journal_compactions.load(Ordering::Relaxed),
         }
     }
 }
@@ -236,7 +244,7 @@ impl Metrics {
     pub fn prometheus_text(&self, gauges: PoolGauges) -> String {
         let snap = self.snapshot();
         let mut registry = Registry::with_prefix("snakepool");
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 9] = [
             (
                 "calls",
                 "Calls made, plain and session, failed ones included",
@@ -272,6 +280,11 @@ impl Metrics {
                 "session_rebuilds",
                 "Sessions rebuilt from their journal",
                 snap.session_rebuilds,
+            ),
+            (
+                "journal_compactions",
+                "Session journals compacted into a snapshot",
+                snap.journal_compactions,
             ),
         ];
         for (name, help, value) in counters {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use snakepool::dspy::{Dspy, FieldType, Lm, Metric, Optimizer, ProgramKind, Signature};
 use snakepool::lm_policy::LmProfile;
-use snakepool::{Error, MemoryJournal, PoolEvent, SessionJournal};
+use snakepool::{Error, MemoryJournal, PoolEvent};
 
 /// One request the fake model server received: its Authorization header and body.
 type SeenRequest = (Option<String>, Value);
@@ -114,8 +114,11 @@ async fn a_program_runs_through_the_real_lm_client_against_a_local_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_optimized_program_keeps_its_optimization_after_its_worker_dies() {
-    let journal = Arc::new(MemoryJournal::default());
-    let pool = builder(2).journal(journal.clone()).start().await.unwrap();
+    let pool = builder(2)
+        .journal(Arc::new(MemoryJournal::default()))
+        .start()
+        .await
+        .unwrap();
     let mut events = pool.subscribe();
     let session = pool.session("optimizer");
     let dspy = Dspy::new(session.clone());
@@ -147,12 +150,12 @@ async fn an_optimized_program_keeps_its_optimization_after_its_worker_dies() {
     let optimized = program.call::<_, Text>(&question).await.unwrap();
     assert_eq!(optimized.outputs.answer, "Poseidonia");
 
-    let commands: Vec<String> = journal
-        .entries("optimizer")
+    let commands: Vec<String> = pool
+        .journal_entries("optimizer")
         .await
         .unwrap()
-        .into_iter()
-        .map(|e| e.command)
+        .iter()
+        .map(|e| e.command.clone())
         .collect();
     assert_eq!(
         commands,

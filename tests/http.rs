@@ -158,7 +158,7 @@ async fn every_error_kind_gets_its_status_and_the_pool_keeps_serving() {
     assert_eq!(status, StatusCode::OK);
     let sessions: Value = serde_json::from_str(&sessions).unwrap();
     assert_eq!(sessions["sessions"][0]["id"], "s1");
-    assert_eq!(sessions["sessions"][0]["journal_length"], 1);
+    assert_eq!(sessions["sessions"][0]["journal_entries"], 1);
     let response = server
         .client
         .delete(format!("{}/v1/sessions/s1", server.url))

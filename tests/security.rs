@@ -415,7 +415,7 @@ impl Serve {
             .await
             .into_iter()
             .find(|s| s["id"] == session)
-            .map(|s| s["journal_length"].clone())
+            .map(|s| s["journal_entries"].clone())
             .unwrap_or_else(|| panic!("session {session} is not listed"))
     }
 

@@ -287,9 +287,13 @@ class Runtime:
         return self._manifest
 
     def _describe(self, spec: CommandSpec) -> Dict[str, Any]:
-        """A command's manifest entry; a mutating command also says whether a session
-        snapshot covers it (so the host may compact its journal)."""
+        """A command's manifest entry with the module defining it; a mutating command
+        also says whether a session snapshot covers it (so the host may compact its
+        journal)."""
         entry = spec.describe()
+        module = getattr(spec.func, "__module__", None)
+        if isinstance(module, str):
+            entry["module"] = module
         if spec.mutates_session and self.registry.snapshot_covers(spec):
             entry["snapshot"] = True
         return entry
@@ -452,7 +456,9 @@ class Runtime:
             )
         spec = self.registry.get(name)
         if spec is None:
-            known = ", ".join(self.registry.names())
+            # The pool's own commands are no business of a caller's.
+            commands = self.registry.commands
+            known = ", ".join(n for n in self.registry.names() if not commands[n].internal)
             return self.failure(
                 request_id, "UnknownCommand", f"unknown command {name!r} (known: {known})"
             )

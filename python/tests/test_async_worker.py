@@ -105,16 +105,22 @@ def test_manifest_announces_concurrency_and_per_command_flags(
         "mutates_session": False,
         "doc": "Wait until args.expect calls of rendezvous args.name are in flight at once.",
         "concurrent": True,
+        "module": "async_handlers_for_tests",
     }
     assert commands["count"]["streams"] is True and "concurrent" not in commands["count"]
     assert commands["async_count"]["streams"] is True
     assert commands["async_count"]["concurrent"] is True
     assert commands["async_journaled"]["mutates_session"] is True
-    # Sync commands keep exactly the entry they always had.
-    assert commands["echo"] == {"mutates_session": False, "doc": "Return the arguments unchanged."}
+    # Sync commands have no concurrency flags.
+    assert commands["echo"] == {
+        "mutates_session": False,
+        "doc": "Return the arguments unchanged.",
+        "module": "handlers_for_tests",
+    }
     assert commands["ping"] == {
         "mutates_session": False,
         "doc": "Liveness check; with initialization/manifest set, also returns the manifest.",
+        "module": "snakepool_worker.builtins",
     }
     assert commands["shutdown"]["internal"] is True and "concurrent" not in commands["shutdown"]
 

@@ -79,8 +79,7 @@ def test_unknown_command_lists_known_commands(runtime: Runtime) -> None:
     reply = handle(runtime, {"id": 9, "command": "nope"})
     assert reply["error"] == {
         "type": "UnknownCommand",
-        "message": "unknown command 'nope' (known: cleanup_session, echo, explode, get_stats, "
-        "ping, remember, shutdown)",
+        "message": "unknown command 'nope' (known: echo, explode, get_stats, ping, remember)",
         "traceback": "",
     }
 

@@ -35,9 +35,14 @@ def test_handshake_returns_manifest(spawn_worker: SpawnWorker) -> None:
     assert commands["set_value"] == {
         "mutates_session": True,
         "doc": "Store args.value under args.key in the session.",
+        "module": HANDLERS_MODULE,
     }
-    assert commands["echo"] == {"mutates_session": False, "doc": "Return the arguments unchanged."}
-    assert commands["fail"] == {"mutates_session": False, "doc": ""}
+    assert commands["echo"] == {
+        "mutates_session": False,
+        "doc": "Return the arguments unchanged.",
+        "module": HANDLERS_MODULE,
+    }
+    assert commands["fail"] == {"mutates_session": False, "doc": "", "module": HANDLERS_MODULE}
     # A plain ping is small: no manifest unless asked for.
     plain = process.result("ping")
     assert plain == {"status": "ok", "worker_id": "w1", "pid": process.pid}

@@ -89,6 +89,19 @@ pub struct PoolArgs {
     /// On how many workers a session's rebuild is tried (default 3).
     #[arg(long, env = "SNAKEPOOL_MAX_REBUILD_ATTEMPTS")]
     pub max_rebuild_attempts: Option<u32>,
+    /// Compact a session's journal into a snapshot after this many entries (default
+    /// 256).
+    #[arg(long, env = "SNAKEPOOL_JOURNAL_COMPACT_ENTRIES")]
+    pub journal_compact_entries: Option<usize>,
+    /// ... or once its entries take this many bytes (default 262144).
+    #[arg(long, env = "SNAKEPOOL_JOURNAL_COMPACT_BYTES")]
+    pub journal_compact_bytes: Option<usize>,
+    /// Most entries a journal that cannot be compacted may hold (default 10000).
+    #[arg(long, env = "SNAKEPOOL_JOURNAL_MAX_ENTRIES")]
+    pub journal_max_entries: Option<usize>,
+    /// Most bytes its entries may take (default 16777216).
+    #[arg(long, env = "SNAKEPOOL_JOURNAL_MAX_BYTES")]
+    pub journal_max_bytes: Option<usize>,
     /// LM profile `NAME:model=M[,api_base=URL][,api_key_env=VAR][,temperature=T][,max_tokens=N][,cache=true]`
     /// (repeatable); callers select it with `configure_lm {"profile": NAME}`.
     #[arg(long = "lm-profile", env = "SNAKEPOOL_LM_PROFILE", value_delimiter = ';',
@@ -191,6 +204,10 @@ impl PoolArgs {
             max_request_timeout: self.max_request_timeout,
             rebuild_timeout: self.rebuild_timeout,
             max_rebuild_attempts: self.max_rebuild_attempts,
+            journal_compact_entries: self.journal_compact_entries,
+            journal_compact_bytes: self.journal_compact_bytes,
+            journal_max_entries: self.journal_max_entries,
+            journal_max_bytes: self.journal_max_bytes,
             lm: (!self.lm_profiles.is_empty())
                 .then(|| self.lm_profiles.iter().cloned().collect::<BTreeMap<_, _>>()),
             lm_client_settings: self.allow_client_lm.then_some(true),

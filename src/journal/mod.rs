@@ -1,15 +1,27 @@
 //! Session journals: the calls that rebuild a session's state on a new worker.
 //!
 //! A journal records, in order, each successful call to a command whose manifest flag
-//! says `mutates_session`. It sits behind [`SessionJournal`], which knows nothing of
-//! the pool, so that a store shared between hosts can back it.
+//! says `mutates_session`. When the session's commands are covered by snapshots, the
+//! pool replaces the journal so far by one snapshot entry (a `restore_session` call)
+//! every so many entries or bytes, so a journal stays short however long its session
+//! lives; a rebuild replays the snapshot and the entries after it.
+//!
+//! A journal sits behind [`SessionJournal`], which knows nothing of the pool, so that
+//! a durable store, or one shared between hosts, can back it. Journals are keyed by
+//! session id and epoch (the pool gives each session it opens a new, greater epoch): a
+//! write for an epoch older than the journal's is refused, and one for a newer epoch
+//! starts the journal afresh, so nothing written for a closed session can reach a
+//! later session under the same id.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+mod memory;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use memory::MemoryJournal;
 
 /// One journaled call: replaying the entries in order rebuilds the session's state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -20,6 +32,25 @@ pub struct JournalEntry {
     pub args: Value,
 }
 
+impl JournalEntry {
+    /// The entry's size as it is counted against the journal's limits: its command
+    /// and its arguments as JSON.
+    pub fn size(&self) -> usize {
+        self.command.len() + serde_json::to_vec(&self.args).map_or(0, |v| v.len())
+    }
+}
+
+/// What a journal holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct JournalStats {
+    /// Entries after the snapshot (all of them without one).
+    pub entries: usize,
+    /// Their size in bytes ([`JournalEntry::size`]).
+    pub bytes: usize,
+    /// The snapshot entry's size, if the journal starts with one.
+    pub snapshot_bytes: Option<usize>,
+}
+
 /// A failure of the journal's backing store.
 #[derive(Debug, thiserror::Error)]
 #[error("session journal: {0}")]
@@ -28,72 +59,29 @@ pub struct JournalError(pub String);
 /// Where session journals are kept.
 #[async_trait]
 pub trait SessionJournal: Send + Sync + std::fmt::Debug {
-    /// Appends one entry to the session's journal.
+    /// Appends one entry to the journal of session `id` in `epoch`; returns what the
+    /// journal holds then. An older epoch than the journal's is refused; a newer one
+    /// drops what the journal held before.
     async fn append(
         &self,
-        session_id: &str,
+        id: &str,
+        epoch: u64,
         entry: JournalEntry,
-    ) -> std::result::Result<(), JournalError>;
-    /// The session's entries, oldest first.
-    async fn entries(
+    ) -> Result<JournalStats, JournalError>;
+    /// The session's snapshot (if any) and entries, oldest first; empty for another
+    /// epoch than the journal's.
+    async fn entries(&self, id: &str, epoch: u64) -> Result<Vec<Arc<JournalEntry>>, JournalError>;
+    /// Replaces the snapshot (if any) and the first `replaced` entries after it by
+    /// `snapshot`, which holds the state they built.
+    async fn compact(
         &self,
-        session_id: &str,
-    ) -> std::result::Result<Vec<JournalEntry>, JournalError>;
-    /// Forgets the session.
-    async fn remove(&self, session_id: &str) -> std::result::Result<(), JournalError>;
-    /// How many entries the session has.
-    async fn len(&self, session_id: &str) -> std::result::Result<usize, JournalError>;
-}
-
-/// The default journal: in this process's memory.
-#[derive(Debug, Default)]
-pub struct MemoryJournal {
-    sessions: Mutex<HashMap<String, Vec<JournalEntry>>>,
-}
-
-#[async_trait]
-impl SessionJournal for MemoryJournal {
-    async fn append(
-        &self,
-        session_id: &str,
-        entry: JournalEntry,
-    ) -> std::result::Result<(), JournalError> {
-        self.sessions
-            .lock()
-            .expect("journal poisoned")
-            .entry(session_id.to_owned())
-            .or_default()
-            .push(entry);
-        Ok(())
-    }
-
-    async fn entries(
-        &self,
-        session_id: &str,
-    ) -> std::result::Result<Vec<JournalEntry>, JournalError> {
-        Ok(self
-            .sessions
-            .lock()
-            .expect("journal poisoned")
-            .get(session_id)
-            .cloned()
-            .unwrap_or_default())
-    }
-
-    async fn remove(&self, session_id: &str) -> std::result::Result<(), JournalError> {
-        self.sessions
-            .lock()
-            .expect("journal poisoned")
-            .remove(session_id);
-        Ok(())
-    }
-
-    async fn len(&self, session_id: &str) -> std::result::Result<usize, JournalError> {
-        Ok(self
-            .sessions
-            .lock()
-            .expect("journal poisoned")
-            .get(session_id)
-            .map_or(0, Vec::len))
-    }
+        id: &str,
+        epoch: u64,
+        snapshot: JournalEntry,
+        replaced: usize,
+    ) -> Result<JournalStats, JournalError>;
+    /// What the journal of session `id` in `epoch` holds.
+    async fn stats(&self, id: &str, epoch: u64) -> Result<JournalStats, JournalError>;
+    /// Forgets the session's journal: of `epoch` only, if given.
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError>;
 }

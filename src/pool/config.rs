@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::journal::{MemoryJournal, SessionJournal};
+use crate::journal::{JournalStats, MemoryJournal, SessionJournal};
 use crate::lm_policy::{LmPolicy, LmProfile, ServedProgram};
 use crate::pool::{Pool, SpawnMode};
 use crate::worker::{WorkerProgram, WorkerSpec};
@@ -62,6 +62,46 @@ pub struct PoolConfig {
     /// How long that ping may take before the worker is killed (its calls fail with
     /// `WorkerCrashed` and their sessions are rebuilt).
     pub heartbeat_timeout: Duration,
+    /// When session journals are compacted, and how large they may grow.
+    pub journal_limits: JournalLimits,
+}
+
+/// When a session's journal is compacted into a snapshot, and how large a journal
+/// that cannot be compacted may grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JournalLimits {
+    /// Compact once this many entries follow the snapshot.
+    pub compact_entries: usize,
+    /// Compact once the entries after the snapshot take this many bytes.
+    pub compact_bytes: usize,
+    /// Most entries a journal may hold; past it, calls that would change session
+    /// state fail with `JournalFull`.
+    pub max_entries: usize,
+    /// Most bytes its entries may take.
+    pub max_bytes: usize,
+}
+
+impl Default for JournalLimits {
+    fn default() -> Self {
+        JournalLimits {
+            compact_entries: 256,
+            compact_bytes: 256 * 1024,
+            max_entries: 10_000,
+            max_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl JournalLimits {
+    /// Whether a journal holding `stats` is due for compaction.
+    pub fn compaction_due(&self, stats: &JournalStats) -> bool {
+        stats.entries >= self.compact_entries || stats.bytes >= self.compact_bytes
+    }
+
+    /// Whether a journal holding `stats` has no room for another entry.
+    pub fn full(&self, stats: &JournalStats) -> bool {
+        stats.entries >= self.max_entries || stats.bytes >= self.max_bytes
+    }
 }
 
 impl Default for PoolConfig {
@@ -89,6 +129,7 @@ impl Default for PoolConfig {
             lm: LmPolicy::default(),
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
+            journal_limits: JournalLimits::default(),
         }
     }
 }
@@ -115,6 +156,25 @@ impl PoolConfig {
         }
         if self.worker.max_concurrency == 0 {
             return invalid("max_concurrency", "must be at least 1".into());
+        }
+        let journal = &self.journal_limits;
+        if journal.compact_entries == 0 || journal.compact_entries > journal.max_entries {
+            return invalid(
+                "journal_compact_entries",
+                format!(
+                    "must be at least 1 and at most journal_max_entries ({}), got {}",
+                    journal.max_entries, journal.compact_entries
+                ),
+            );
+        }
+        if journal.compact_bytes == 0 || journal.compact_bytes > journal.max_bytes {
+            return invalid(
+                "journal_compact_bytes",
+                format!(
+                    "must be at least 1 and at most journal_max_bytes ({}), got {}",
+                    journal.max_bytes, journal.compact_bytes
+                ),
+            );
         }
         if self.max_rebuild_attempts == 0 {
             return invalid("max_rebuild_attempts", "must be at least 1".into());
@@ -322,6 +382,12 @@ impl PoolBuilder {
         self
     }
 
+    /// When session journals are compacted, and how large they may grow.
+    pub fn journal_limits(mut self, limits: JournalLimits) -> Self {
+        self.config.journal_limits = limits;
+        self
+    }
+
     /// Most sessions open at once (at least 1).
     pub fn max_sessions(mut self, n: usize) -> Self {
         self.config.max_sessions = n;
@@ -495,6 +561,23 @@ mod tests {
         };
         assert_eq!(setting(Pool::builder().workers(0)), "workers");
         assert_eq!(setting(Pool::builder().max_sessions(0)), "max_sessions");
+        let journal = JournalLimits::default();
+        let too_late = JournalLimits {
+            compact_entries: journal.max_entries + 1,
+            ..journal
+        };
+        assert_eq!(
+            setting(Pool::builder().journal_limits(too_late)),
+            "journal_compact_entries"
+        );
+        let never = JournalLimits {
+            compact_bytes: 0,
+            ..journal
+        };
+        assert_eq!(
+            setting(Pool::builder().journal_limits(never)),
+            "journal_compact_bytes"
+        );
         assert_eq!(
             setting(Pool::builder().max_concurrency(0)),
             "max_concurrency"

@@ -20,13 +20,13 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc};
 
-pub use config::{PoolBuilder, PoolConfig};
+pub use config::{JournalLimits, PoolBuilder, PoolConfig};
 pub use session_table::MAX_SESSION_ID_BYTES;
 pub use spawner::{SpawnMode, ZygoteStatus};
 
 use crate::call::{CallOptions, CallStream};
 use crate::error::{Error, Result};
-use crate::journal::SessionJournal;
+use crate::journal::{JournalEntry, SessionJournal};
 use crate::metrics::{Counter, Metrics, MetricsSnapshot, PoolGauges};
 use crate::session::{Opened, Session};
 use crate::worker::{CallControl, ChunkSource, ExitInfo, Worker, chunk_channel};
@@ -119,6 +119,10 @@ pub struct SessionInfo {
     pub age_s: f64,
     /// Seconds since its last call.
     pub idle_s: f64,
+    /// Entries in its journal after its snapshot (all of them without one).
+    pub journal_entries: usize,
+    /// Their size in bytes.
+    pub journal_bytes: usize,
 }
 
 /// Whether the pool can serve calls now.
@@ -641,20 +645,19 @@ impl Pool {
         self.shared().metrics.prometheus_text(gauges)
     }
 
-    /// How many entries session `id`'s journal holds.
-    pub async fn journal_len(&self, id: &str) -> Result<usize> {
+    /// The journal of open session `id`: its snapshot entry (if compacted) and the
+    /// entries after it, oldest first; empty if it is not open.
+    pub async fn journal_entries(&self, id: &str) -> Result<Vec<Arc<JournalEntry>>> {
+        let Some(epoch) = self.shared().lock().sessions.get(id).map(|e| e.epoch) else {
+            return Ok(Vec::new());
+        };
         self.shared()
             .journal
-            .len(id)
+            .entries(id, epoch)
             .await
-            .map_err(|e| Error::SessionRebuildFailed {
-                session_id: id.to_owned(),
-                entry: None,
-                entry_command: None,
-                source: Box::new(Error::InvalidRequest {
-                    command: "journal".into(),
-                    reason: e.to_string(),
-                }),
+            .map_err(|e| Error::InvalidRequest {
+                command: "journal".into(),
+                reason: e.to_string(),
             })
     }
 
@@ -713,6 +716,8 @@ impl Pool {
                 worker: e.worker.as_deref().map(str::to_owned),
                 age_s: now.duration_since(e.created).as_secs_f64(),
                 idle_s: now.duration_since(e.last_used).as_secs_f64(),
+                journal_entries: e.journal.entries,
+                journal_bytes: e.journal.bytes,
             })
             .collect();
         let more = sessions

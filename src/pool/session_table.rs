@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::journal::JournalStats;
 
 /// The longest session id, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 256;
@@ -51,6 +52,14 @@ pub(crate) struct SessionEntry {
     pub last_used: Instant,
     /// Serialises the session's calls, in the order they were made.
     pub order: Arc<tokio::sync::Mutex<()>>,
+    /// What its journal holds, as of its last write.
+    pub journal: JournalStats,
+    /// The first journaled command no session snapshot covers: the journal cannot be
+    /// compacted and grows up to its limit.
+    pub unsnapshotted: Option<String>,
+    /// Compaction is not tried again before the journal holds this many entries (after
+    /// a snapshot failed); 0 when it may be tried whenever it is due.
+    pub compact_not_before: usize,
 }
 
 /// All open sessions.
@@ -100,6 +109,9 @@ impl SessionTable {
                 created: now,
                 last_used: now,
                 order: order.clone(),
+                journal: JournalStats::default(),
+                unsnapshotted: None,
+                compact_not_before: 0,
             },
         );
         Ok((epoch, order))

@@ -19,6 +19,7 @@ use crate::metrics::Counter;
 use crate::pool::scheduler::{Lease, Mode, State};
 use crate::pool::{PoolEvent, SessionCall, Shared, detached};
 use crate::protocol::JournalHint;
+use crate::worker::Worker;
 
 /// Where a session's next call goes.
 enum Route {
@@ -152,7 +153,7 @@ impl Shared {
         let mut attempts = 0;
         while self.replay_pending(id, epoch) {
             attempts += 1;
-            let failure = match self.replay(id, &mut lease, deadline).await {
+            let failure = match self.replay(id, epoch, &mut lease, deadline).await {
                 Ok(()) => {
                     if let Some(entry) = self.lock().sessions.get_mut(id, epoch) {
                         entry.replay_pending = false;
@@ -191,13 +192,18 @@ impl Shared {
     async fn replay(
         &self,
         id: &str,
+        epoch: u64,
         lease: &mut Lease,
         deadline: Instant,
     ) -> Result<(), ReplayFailure> {
-        let entries = self.journal.entries(id).await.map_err(|e| ReplayFailure {
-            entry: None,
-            error: journal_error(id, e),
-        })?;
+        let entries = self
+            .journal
+            .entries(id, epoch)
+            .await
+            .map_err(|e| ReplayFailure {
+                entry: None,
+                error: journal_error(id, e),
+            })?;
         for (index, entry) in entries.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             let failed = |error| ReplayFailure {
@@ -263,13 +269,14 @@ impl Shared {
         } else {
             self.mode_of(&command)
         };
+        self.check_journal_room(id, epoch, &command)?;
         let lease = self.session_checkout(id, epoch, mode).await?;
         let shared = self.clone();
         let id = id.clone();
         Ok(async move {
             let _turn = turn;
             let lease = shared.rebuild_if_pending(&id, epoch, lease).await?;
-            let worker = lease.worker();
+            let worker = lease.worker().clone();
             let mutates = worker.manifest().mutates_session(&command);
             let original = mutates.then(|| args.clone());
             let result = worker
@@ -287,14 +294,137 @@ impl Shared {
                     }
                     None => JournalEntry { command, args },
                 };
-                shared
-                    .journal
-                    .append(&id, entry)
-                    .await
-                    .map_err(|e| journal_error(&id, e))?;
+                shared.journal_call(&id, epoch, &worker, entry).await?;
             }
             Ok(value)
         })
+    }
+
+    /// Refuses a call that would change session state when the session's journal is
+    /// full and cannot be compacted.
+    fn check_journal_room(&self, id: &str, epoch: u64, command: &str) -> Result<(), Error> {
+        let mutates = self
+            .manifest
+            .get()
+            .is_some_and(|m| m.mutates_session(command));
+        let limits = self.config.journal_limits;
+        let mut st = self.lock();
+        let Some(entry) = st.sessions.get_mut(id, epoch) else {
+            return Ok(());
+        };
+        if !mutates || !limits.full(&entry.journal) {
+            return Ok(());
+        }
+        let reason = match &entry.unsnapshotted {
+            Some(command) => format!(
+                "{command} changes session state and no session snapshot covers it; add \
+                 session_snapshot / session_restore hooks to its module, or close the session"
+            ),
+            None => "its snapshots keep failing (see the server log); close the session".into(),
+        };
+        Err(Error::JournalFull {
+            session_id: id.to_owned(),
+            entries: entry.journal.entries,
+            bytes: entry.journal.bytes,
+            max_entries: limits.max_entries,
+            max_bytes: limits.max_bytes,
+            reason,
+        })
+    }
+
+    /// Journals a call that changed session `id`'s state (served by `worker`), then
+    /// compacts the journal into a snapshot if it is due and can be.
+    async fn journal_call(
+        self: &Arc<Self>,
+        id: &str,
+        epoch: u64,
+        worker: &Worker,
+        entry: JournalEntry,
+    ) -> Result<(), Error> {
+        let covered = worker.manifest().snapshot_covers(&entry.command);
+        let described = worker.manifest().describe_command(&entry.command);
+        let stats = self
+            .journal
+            .append(id, epoch, entry)
+            .await
+            .map_err(|e| journal_error(id, e))?;
+        let limits = self.config.journal_limits;
+        let compact = {
+            let mut st = self.lock();
+            st.sessions.get_mut(id, epoch).map(|session| {
+                session.journal = stats;
+                if !covered && session.unsnapshotted.is_none() {
+                    session.unsnapshotted = Some(described);
+                }
+                session.unsnapshotted.is_none()
+                    && limits.compaction_due(&stats)
+                    && stats.entries >= session.compact_not_before
+            })
+        };
+        match compact {
+            // Closed meanwhile: whatever was written for it goes too.
+            None => {
+                let _ = self.journal.remove(id, Some(epoch)).await;
+            }
+            Some(true) => self.compact(id, epoch, worker, stats.entries).await,
+            Some(false) => {}
+        }
+        Ok(())
+    }
+
+    /// Replaces the first `entries` of the session's journal (all it holds: the
+    /// caller holds the session's turn) by a snapshot taken on `worker`. A failure is
+    /// logged, and compaction is tried again after as many entries more.
+    async fn compact(self: &Arc<Self>, id: &str, epoch: u64, worker: &Worker, entries: usize) {
+        let snapshot = match self.take_snapshot(id, worker).await {
+            Ok(parts) => JournalEntry {
+                command: "restore_session".into(),
+                args: json!({"session_id": id, "parts": parts}),
+            },
+            Err(error) => {
+                tracing::warn!(session = id, %error, "session snapshot failed; the journal keeps growing");
+                let retry_at = entries + self.config.journal_limits.compact_entries;
+                if let Some(session) = self.lock().sessions.get_mut(id, epoch) {
+                    session.compact_not_before = retry_at;
+                }
+                return;
+            }
+        };
+        match self.journal.compact(id, epoch, snapshot, entries).await {
+            Ok(stats) => {
+                self.metrics.bump(Counter::JournalCompaction);
+                if let Some(session) = self.lock().sessions.get_mut(id, epoch) {
+                    session.journal = stats;
+                    session.compact_not_before = 0;
+                }
+            }
+            Err(error) => tracing::warn!(session = id, %error, "journal compaction failed"),
+        }
+    }
+
+    /// The session's state on `worker`, as `snapshot_session` gives it.
+    async fn take_snapshot(self: &Arc<Self>, id: &str, worker: &Worker) -> Result<Value, Error> {
+        let mode = self.mode_of("snapshot_session");
+        let worker_id: Arc<str> = Arc::from(worker.id());
+        let Some(lease) = self.checkout_internal(Some(&worker_id), mode).await? else {
+            return Err(Error::InvalidRequest {
+                command: "snapshot_session".into(),
+                reason: format!("worker {} left the pool", worker.name()),
+            });
+        };
+        let args = json!({"session_id": id});
+        let timeout = self.config.request_timeout;
+        let mut reply = lease
+            .worker()
+            .call("snapshot_session", args, timeout)
+            .await?;
+        match reply.get_mut("parts").map(Value::take) {
+            Some(parts @ Value::Object(_)) => Ok(parts),
+            _ => Err(Error::UnexpectedResult {
+                command: "snapshot_session".into(),
+                reason: format!("expected {{\"parts\": {{...}}}}, got {reply}"),
+            }),
+        }
     }
 
     /// Closes session `id` (only the given epoch, if any): frees its state on its
@@ -305,23 +435,28 @@ impl Shared {
         epoch: Option<u64>,
     ) -> Result<(), Error> {
         match self.take_session(id, epoch) {
-            Some(worker) => self.clean_up_session(id, worker).await,
+            Some((epoch, worker)) => self.clean_up_session(id, epoch, worker).await,
             None => Ok(()),
         }
     }
 
     /// Takes session `id` (only the given epoch, if any) out of the table, so its
-    /// calls fail with `SessionClosed` from now on. `None` if it was not open; else
-    /// the worker holding its state, if that worker can clean it up.
-    pub(crate) fn take_session(&self, id: &str, epoch: Option<u64>) -> Option<Option<Arc<str>>> {
+    /// calls fail with `SessionClosed` from now on. `None` if it was not open; else its
+    /// epoch and the worker holding its state, if that worker can clean it up.
+    pub(crate) fn take_session(
+        &self,
+        id: &str,
+        epoch: Option<u64>,
+    ) -> Option<(u64, Option<Arc<str>>)> {
         let mut st = self.lock();
         let entry = st.sessions.remove(id, epoch)?;
-        Some(entry.worker.filter(|w| {
+        let worker = entry.worker.filter(|w| {
             st.slots.get_mut(w).is_some_and(|slot| {
                 slot.pinned.remove(id);
                 slot.manifest.has_command("cleanup_session")
             })
-        }))
+        });
+        Some((entry.epoch, worker))
     }
 
     /// Drops the journal of a session taken out of the table, then has its worker
@@ -329,11 +464,12 @@ impl Shared {
     pub(crate) async fn clean_up_session(
         self: &Arc<Self>,
         id: &str,
+        epoch: u64,
         worker: Option<Arc<str>>,
     ) -> Result<(), Error> {
         // The journal goes first: a session opened again under this id starts empty.
         self.journal
-            .remove(id)
+            .remove(id, Some(epoch))
             .await
             .map_err(|e| journal_error(id, e))?;
         if let Some(worker) = worker

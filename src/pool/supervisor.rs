@@ -227,7 +227,7 @@ impl Supervisor {
         self.check_memory();
         if let Some(ttl) = config.session_ttl {
             for (id, epoch) in self.shared.expired_sessions(ttl, EXPIRE_PER_TICK) {
-                let Some(worker) = self.shared.take_session(&id, Some(epoch)) else {
+                let Some((epoch, worker)) = self.shared.take_session(&id, Some(epoch)) else {
                     continue;
                 };
                 tracing::info!(session = %id, "session expired");
@@ -238,7 +238,7 @@ impl Supervisor {
                 });
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = shared.clean_up_session(&id, worker).await {
+                    if let Err(error) = shared.clean_up_session(&id, epoch, worker).await {
                         tracing::warn!(session = %id, %error, "cleaning up an expired session failed");
                     }
                 });

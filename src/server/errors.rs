@@ -26,6 +26,7 @@ pub fn status_for(error: &Error) -> StatusCode {
         Error::WorkerError { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::WorkerCrashed { .. } | Error::Protocol { .. } => StatusCode::BAD_GATEWAY,
         Error::SessionRebuildFailed { .. } => StatusCode::BAD_GATEWAY,
+        Error::JournalFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         Error::Saturated { .. }
         | Error::CheckoutTimeout { .. }
         | Error::ShuttingDown
@@ -118,6 +119,15 @@ pub fn error_body(error: &Error) -> Value {
         Error::StartupFailed { worker, .. } => json!({"worker": worker}),
         Error::SessionClosed { session_id } => json!({"session_id": session_id}),
         Error::TooManySessions { limit } => json!({"limit": limit}),
+        Error::JournalFull {
+            session_id,
+            entries,
+            bytes,
+            max_entries,
+            max_bytes,
+            reason,
+        } => json!({"session_id": session_id, "entries": entries, "bytes": bytes,
+                     "max_entries": max_entries, "max_bytes": max_bytes, "reason": reason}),
         Error::SessionRebuildFailed {
             session_id,
             entry,

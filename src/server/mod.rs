@@ -259,14 +259,7 @@ async fn list_sessions(
         Err(message) => return refusal("invalid_request", StatusCode::BAD_REQUEST, message),
     };
     let page = pool.sessions_page(after, limit);
-    let mut sessions = Vec::with_capacity(page.sessions.len());
-    for info in page.sessions {
-        let journal_length = pool.journal_len(&info.id).await.ok();
-        let mut entry = json!(info);
-        entry["journal_length"] = json!(journal_length);
-        sessions.push(entry);
-    }
-    Json(json!({"sessions": sessions, "next_after": page.next_after})).into_response()
+    Json(json!(page)).into_response()
 }
 
 async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {

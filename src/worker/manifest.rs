@@ -21,6 +21,13 @@ pub struct CommandInfo {
     /// Its handler yields chunks before its result (a generator).
     #[serde(default)]
     pub streams: bool,
+    /// A session snapshot covers the state it changes, so a journal holding it can be
+    /// compacted.
+    #[serde(default)]
+    pub snapshot: bool,
+    /// The Python module that defines it.
+    #[serde(default)]
+    pub module: Option<String>,
     /// The first line of the handler's documentation.
     #[serde(default)]
     pub doc: String,
@@ -77,6 +84,23 @@ impl Manifest {
         self.commands
             .get(command)
             .is_some_and(|info| info.mutates_session)
+    }
+
+    /// Whether a session snapshot covers what `command` changes.
+    pub fn snapshot_covers(&self, command: &str) -> bool {
+        self.commands.get(command).is_some_and(|info| info.snapshot)
+    }
+
+    /// `command`, and the module defining it if the worker said, for messages.
+    pub fn describe_command(&self, command: &str) -> String {
+        match self
+            .commands
+            .get(command)
+            .and_then(|info| info.module.as_deref())
+        {
+            Some(module) => format!("`{command}` (module `{module}`)"),
+            None => format!("`{command}`"),
+        }
     }
 
     /// The commands flagged as internal: only the pool may send them.

@@ -1,0 +1,190 @@
+//! The default journal: in this process's memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::{JournalEntry, JournalError, JournalStats, SessionJournal};
+
+/// One session's journal.
+#[derive(Debug, Default)]
+struct Journal {
+    epoch: u64,
+    snapshot: Option<(Arc<JournalEntry>, usize)>,
+    entries: Vec<(Arc<JournalEntry>, usize)>,
+    bytes: usize,
+}
+
+impl Journal {
+    fn stats(&self) -> JournalStats {
+        JournalStats {
+            entries: self.entries.len(),
+            bytes: self.bytes,
+            snapshot_bytes: self.snapshot.as_ref().map(|(_, size)| *size),
+        }
+    }
+}
+
+/// Session journals in this process's memory. Entries are shared, not copied, when
+/// read.
+#[derive(Debug, Default)]
+pub struct MemoryJournal {
+    sessions: Mutex<HashMap<String, Journal>>,
+}
+
+impl MemoryJournal {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Journal>> {
+        self.sessions.lock().expect("journal poisoned")
+    }
+}
+
+/// The journal of `id` for writing in `epoch`: a newer epoch starts it afresh, an
+/// older one is refused.
+fn for_epoch<'a>(
+    sessions: &'a mut HashMap<String, Journal>,
+    id: &str,
+    epoch: u64,
+) -> Result<&'a mut Journal, JournalError> {
+    let journal = sessions.entry(id.to_owned()).or_default();
+    if journal.epoch > epoch {
+        return Err(JournalError(format!(
+            "session `{id}` was closed: epoch {epoch} is older than its journal's {}",
+            journal.epoch
+        )));
+    }
+    if journal.epoch < epoch {
+        *journal = Journal {
+            epoch,
+            ..Journal::default()
+        };
+    }
+    Ok(journal)
+}
+
+#[async_trait]
+impl SessionJournal for MemoryJournal {
+    async fn append(
+        &self,
+        id: &str,
+        epoch: u64,
+        entry: JournalEntry,
+    ) -> Result<JournalStats, JournalError> {
+        let mut sessions = self.lock();
+        let journal = for_epoch(&mut sessions, id, epoch)?;
+        let size = entry.size();
+        journal.entries.push((Arc::new(entry), size));
+        journal.bytes += size;
+        Ok(journal.stats())
+    }
+
+    async fn entries(&self, id: &str, epoch: u64) -> Result<Vec<Arc<JournalEntry>>, JournalError> {
+        let sessions = self.lock();
+        let Some(journal) = sessions.get(id).filter(|j| j.epoch == epoch) else {
+            return Ok(Vec::new());
+        };
+        Ok(journal
+            .snapshot
+            .iter()
+            .chain(&journal.entries)
+            .map(|(entry, _)| entry.clone())
+            .collect())
+    }
+
+    async fn compact(
+        &self,
+        id: &str,
+        epoch: u64,
+        snapshot: JournalEntry,
+        replaced: usize,
+    ) -> Result<JournalStats, JournalError> {
+        let mut sessions = self.lock();
+        let journal = for_epoch(&mut sessions, id, epoch)?;
+        let replaced = replaced.min(journal.entries.len());
+        let dropped: usize = journal
+            .entries
+            .drain(..replaced)
+            .map(|(_, size)| size)
+            .sum();
+        journal.bytes -= dropped;
+        let size = snapshot.size();
+        journal.snapshot = Some((Arc::new(snapshot), size));
+        Ok(journal.stats())
+    }
+
+    async fn stats(&self, id: &str, epoch: u64) -> Result<JournalStats, JournalError> {
+        let sessions = self.lock();
+        Ok(sessions
+            .get(id)
+            .filter(|j| j.epoch == epoch)
+            .map(Journal::stats)
+            .unwrap_or_default())
+    }
+
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError> {
+        let mut sessions = self.lock();
+        if sessions
+            .get(id)
+            .is_some_and(|j| epoch.is_none_or(|e| e == j.epoch))
+        {
+            sessions.remove(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(n: u64) -> JournalEntry {
+        JournalEntry {
+            command: "note".into(),
+            args: json!({"n": n}),
+        }
+    }
+
+    #[tokio::test]
+    async fn epochs_keep_a_closed_sessions_writes_out_of_its_successor() {
+        let journal = MemoryJournal::default();
+        journal.append("s", 1, entry(1)).await.unwrap();
+        // A newer epoch (the id was closed and opened again) starts afresh.
+        let stats = journal.append("s", 2, entry(2)).await.unwrap();
+        assert_eq!(stats.entries, 1);
+        // A late write of the closed session is refused and changes nothing.
+        assert!(journal.append("s", 1, entry(3)).await.is_err());
+        let entries = journal.entries("s", 2).await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(*entries[0], entry(2));
+        assert!(journal.entries("s", 1).await.unwrap().is_empty());
+        // Removing another epoch's journal leaves this one.
+        journal.remove("s", Some(1)).await.unwrap();
+        assert_eq!(journal.stats("s", 2).await.unwrap().entries, 1);
+        journal.remove("s", None).await.unwrap();
+        assert_eq!(
+            journal.stats("s", 2).await.unwrap(),
+            JournalStats::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn compaction_replaces_the_entries_it_covers() {
+        let journal = MemoryJournal::default();
+        for n in 0..5 {
+            journal.append("s", 1, entry(n)).await.unwrap();
+        }
+        let snapshot = JournalEntry {
+            command: "restore_session".into(),
+            args: json!({"parts": {"p": [0, 1, 2, 3]}}),
+        };
+        let stats = journal.compact("s", 1, snapshot.clone(), 4).await.unwrap();
+        assert_eq!(stats.entries, 1);
+        assert_eq!(stats.bytes, entry(4).size());
+        assert_eq!(stats.snapshot_bytes, Some(snapshot.size()));
+        let entries = journal.entries("s", 1).await.unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!((*entries[0]).clone(), snapshot);
+        assert_eq!(*entries[1], entry(4));
+    }
+}

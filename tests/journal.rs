@@ -1,0 +1,167 @@
+//! Bounded session journals: a session whose state has a snapshot keeps a short
+//! journal (compacted into a snapshot every so many entries) and is rebuilt from it;
+//! one without fills up to its limit and then refuses calls that would change it,
+//! saying which command lacks a snapshot; a write for a closed session never reaches
+//! a later session under the same id.
+
+mod common;
+
+use common::{builder, kill9, wait_for_event};
+use serde_json::json;
+use snakepool::{Error, JournalLimits, Pool, PoolEvent};
+
+fn limits() -> JournalLimits {
+    JournalLimits {
+        compact_entries: 10,
+        compact_bytes: 1 << 20,
+        max_entries: 25,
+        max_bytes: 1 << 20,
+    }
+}
+
+async fn pool() -> Pool {
+    builder(2)
+        .module("snapshot_handlers")
+        .journal_limits(limits())
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Kills the worker `session` is pinned to and waits until the pool knows.
+async fn kill_session_worker(pool: &Pool, session: &snakepool::Session) {
+    let mut events = pool.subscribe();
+    let pinned = session.worker_id().unwrap();
+    let pid = pool
+        .status()
+        .workers
+        .iter()
+        .find(|w| w.id == pinned)
+        .unwrap()
+        .pid;
+    kill9(pid);
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshotted_session_keeps_a_short_journal_and_is_rebuilt_from_it() {
+    let pool = pool().await;
+    let session = pool.session("long-lived");
+    for n in 0..105 {
+        session.call("note", json!({"text": n})).await.unwrap();
+    }
+    let info = &pool.sessions()[0];
+    assert!(info.journal_entries < 10, "{info:?}");
+    assert_eq!(pool.metrics().journal_compactions, 10);
+    let journal = pool.journal_entries("long-lived").await.unwrap();
+    assert_eq!(journal[0].command, "restore_session");
+    assert_eq!(
+        journal.len(),
+        1 + 5,
+        "the snapshot of 100 notes, then 5 more"
+    );
+
+    kill_session_worker(&pool, &session).await;
+    let notes = session.call("notes", json!({})).await.unwrap();
+    assert_eq!(notes, json!((0..105).collect::<Vec<_>>()));
+    assert_eq!(pool.metrics().session_rebuilds, 1);
+    // It goes on compacting after the rebuild.
+    for n in 105..110 {
+        session.call("note", json!({"text": n})).await.unwrap();
+    }
+    assert_eq!(pool.metrics().journal_compactions, 11);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_without_snapshots_fills_up_and_then_refuses_changes() {
+    let pool = pool().await;
+    let session = pool.session("unsnapshotted");
+    for n in 0..25 {
+        session
+            .call("set_value", json!({"key": "k", "value": n}))
+            .await
+            .unwrap();
+    }
+    let error = session
+        .call("set_value", json!({"key": "k", "value": 25}))
+        .await
+        .unwrap_err();
+    let Error::JournalFull {
+        entries,
+        max_entries,
+        reason,
+        ..
+    } = &error
+    else {
+        panic!("{error:?}");
+    };
+    assert_eq!((*entries, *max_entries), (25, 25));
+    assert!(
+        reason.contains("`set_value` (module `sp_test_handlers`)"),
+        "{reason}"
+    );
+    assert_eq!(error.kind(), "journal_full");
+    // Nothing was lost: reads still work, the state is the last stored, and it is
+    // rebuilt whole.
+    assert_eq!(
+        session
+            .call("get_value", json!({"key": "k"}))
+            .await
+            .unwrap(),
+        24
+    );
+    kill_session_worker(&pool, &session).await;
+    assert_eq!(
+        session
+            .call("get_value", json!({"key": "k"}))
+            .await
+            .unwrap(),
+        24
+    );
+    assert_eq!(pool.metrics().journal_compactions, 0);
+    // Closing it frees everything; the id starts afresh.
+    session.close().await.unwrap();
+    let again = pool.session("unsnapshotted");
+    again
+        .call("set_value", json!({"key": "k", "value": "new"}))
+        .await
+        .unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_for_a_closed_session_never_reaches_its_successor() {
+    let pool = pool().await;
+    let first = pool.session("reused");
+    let late = {
+        let first = first.clone();
+        tokio::spawn(async move {
+            first
+                .call("note", json!({"text": "late", "delay": 0.5}))
+                .await
+        })
+    };
+    common::wait_until("the slow call to run", common::WAIT, || {
+        pool.status().workers.iter().any(|w| w.in_flight > 0)
+    })
+    .await;
+    // Closed while its call runs; the id is opened again at once.
+    pool.close_session("reused").await.unwrap();
+    let second = pool.session("reused");
+    second.call("note", json!({"text": "fresh"})).await.unwrap();
+    late.await.unwrap().unwrap();
+    let journal = pool.journal_entries("reused").await.unwrap();
+    assert_eq!(journal.len(), 1, "{journal:?}");
+    assert_eq!(journal[0].args["text"], "fresh");
+    kill_session_worker(&pool, &second).await;
+    assert_eq!(
+        second.call("notes", json!({})).await.unwrap(),
+        json!(["fresh"])
+    );
+    pool.shutdown().await;
+}
