@@ -17,13 +17,16 @@
 #   LM_BENCH_CALLERS="64 256"        concurrent callers, loaded in turn
 #   LM_BENCH_DURATION=20s            counted calling time per load
 #   LM_BENCH_LATENCY_MS=200          the fake LM's latency per completion
-#   LM_BENCH_SNAKEPOOL_WORKERS="4"   snakepool worker counts (each is a server of its own)
+#   LM_BENCH_SNAKEPOOL_WORKERS="2"   snakepool worker counts (each is a server of its own)
+#   LM_BENCH_MAX_CONCURRENCY=128     calls one snakepool worker runs at once
 #   LM_BENCH_UVICORN_WORKERS=2       uvicorn worker processes
 #   LM_BENCH_PROGRAM=predict         predict or chain_of_thought, on both sides
-#   LM_BENCH_MODEL=openai/fake       the model name both sides give the fake LM
+#   LM_BENCH_MODEL=openai/gpt-4o-mini  the model name both sides give the fake LM (a known
+#                                    one, so litellm finds it in its local cost map)
 #   LM_BENCH_CHECKOUT_TIMEOUT=120s   snakepool's longest wait in its queue
 #   LM_BENCH_OUT=target/lm-serving   raw results, JSON and markdown
 #   LM_BENCH_NO_REPORT=1             leave BENCHMARKS.md and the plot alone
+#   LM_BENCH_NO_PROFILE=1            skip scripts/lm-serving-profile.sh (where the CPU goes)
 # Everything listens on 127.0.0.1 only. Takes about 5 minutes with the defaults.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,10 +36,11 @@ rounds=${LM_BENCH_ROUNDS:-2}
 callers_list=${LM_BENCH_CALLERS:-"64 256"}
 duration=${LM_BENCH_DURATION:-20s}
 latency_ms=${LM_BENCH_LATENCY_MS:-200}
-snakepool_workers=${LM_BENCH_SNAKEPOOL_WORKERS:-4}
+snakepool_workers=${LM_BENCH_SNAKEPOOL_WORKERS:-2}
+max_concurrency=${LM_BENCH_MAX_CONCURRENCY:-128}
 uvicorn_workers=${LM_BENCH_UVICORN_WORKERS:-2}
 program=${LM_BENCH_PROGRAM:-predict}
-model=${LM_BENCH_MODEL:-openai/fake}
+model=${LM_BENCH_MODEL:-openai/gpt-4o-mini}
 checkout_timeout=${LM_BENCH_CHECKOUT_TIMEOUT:-120s}
 out=${LM_BENCH_OUT:-target/lm-serving}
 started=$(date +%s)
@@ -162,7 +166,7 @@ start_server() {
       ;;
     snakepool)
       "$snakepool" serve --listen 127.0.0.1:0 --workers "$workers" --preload dspy \
-        --checkout-timeout "$checkout_timeout" \
+        --checkout-timeout "$checkout_timeout" --max-concurrency "$max_concurrency" \
         --lm-profile "fake:model=$model,api_base=$lm_url/v1,api_key_env=LM_BENCH_FAKE_KEY" \
         > "$log" 2>&1 &
       server_pid=$!
@@ -219,6 +223,10 @@ print(f\"  {sys.argv[2]:>4} callers: {r['throughput_rps']:7.1f} calls/s, p50 {r[
 done
 
 stop "$lm_pid"
+# Where the CPU goes (quoted by the report).
+if [ -z "${LM_BENCH_NO_PROFILE:-}" ]; then
+  scripts/lm-serving-profile.sh
+fi
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 elapsed=$(($(date +%s) - started))
 
@@ -249,6 +257,7 @@ meta.update({
     "duration": "$duration",
     "latency_ms": $latency_ms,
     "snakepool_workers": "$snakepool_workers",
+    "max_concurrency": $max_concurrency,
     "uvicorn_workers": $uvicorn_workers,
     "program": "$program",
     "model": "$model",

@@ -288,7 +288,9 @@ def section(meta: Dict[str, Any], rows: List[Dict[str, Any]], image: str) -> str
         "as in the tutorial (asyncio loop, h11), access log off. To be driven by the same load "
         "generator it answers snakepool's `POST /v1/call` body; the per-session setup calls "
         "answer at once.",
-        "- **snakepool serve**: the release build, `--workers N --preload dspy`, workers forked "
+        "- **snakepool serve**: the release build, `--workers N --preload dspy "
+        f"--max-concurrency {meta.get('max_concurrency', 32)}` (each worker runs up to that many "
+        "`execute_program` calls at once on its event loop, with DSPy's `acall`), workers forked "
         "from the zygote, `--lm-profile fake:model=MODEL,api_base=...,api_key_env=...` "
         f"and `--checkout-timeout {meta['checkout_timeout']}` (so that no call fails waiting in "
         "the queue: the wait shows in the latency). Each session runs `configure_lm "
@@ -328,26 +330,35 @@ def section(meta: Dict[str, Any], rows: List[Dict[str, Any]], image: str) -> str
     ]
     notes = []
     for row in snake:
-        if row["callers"] != callers[0]:
-            continue
         inflight = row["lm_max_in_flight"]
         if inflight is not None and row["workers"] is not None and inflight <= row["workers"]:
             bound = row["workers"] / (latency / 1000.0)
             notes.append(
                 f"- **{row['label']}** never had more than {inflight:.0f} LM calls in flight: "
-                f"today a worker runs one call at a time, so {row['workers']} workers make at "
-                f"most {row['workers']} ÷ {latency / 1000.0:g} s = {bound:.0f} calls/s whatever "
-                f"the number of callers. It did {row['calls_per_s']:.1f}/s at {row['callers']} "
-                f"callers, the others waiting in its queue (p50 {fmt(row['p50_ms'])} ms). This "
-                "is the baseline before calls run concurrently inside a worker; each worker "
-                f"added raises the bound by {1000.0 / latency:g} calls/s, at the memory of one "
-                "more worker."
+                f"with one call at a time per worker, {row['workers']} workers make at most "
+                f"{row['workers']} ÷ {latency / 1000.0:g} s = {bound:.0f} calls/s whatever the "
+                f"number of callers. It did {row['calls_per_s']:.1f}/s at {row['callers']} "
+                f"callers, the others waiting in its queue (p50 {fmt(row['p50_ms'])} ms)."
             )
-        elif inflight is not None:
-            notes.append(
-                f"- **{row['label']}** had up to {inflight:.0f} LM calls in flight at "
-                f"{row['callers']} callers, {row['calls_per_s']:.1f} calls/s."
-            )
+            continue
+        other = next((r for r in fastapi if r["callers"] == row["callers"]), None)
+        versus = ""
+        if other and other["calls_per_s"]:
+            versus = f" = **{row['calls_per_s'] / other['calls_per_s']:.2f}×** FastAPI's"
+            if row["server_cpu_ms_per_call"] and other["server_cpu_ms_per_call"]:
+                versus += (
+                    f", at {row['server_cpu_ms_per_call'] / other['server_cpu_ms_per_call']:.2f}× "
+                    "its CPU per call"
+                )
+            if row["server_pss_mib"] and other["server_pss_mib"]:
+                versus += f" and {row['server_pss_mib'] / other['server_pss_mib']:.2f}× its memory (PSS)"
+        limit = row["callers"] / (latency / 1000.0)
+        notes.append(
+            f"- **{row['label']}** at {row['callers']} callers: {row['calls_per_s']:.1f} calls/s "
+            f"({row['calls_per_s'] / limit:.2f} of the limit){versus}; up to "
+            f"{fmt(inflight)} LM calls in flight, {fmt(row['server_cpu_ms_per_call'], 2)} ms of "
+            f"CPU per call."
+        )
     for row in fastapi:
         limit = row["callers"] / (latency / 1000.0)
         cpu = row["server_cpu_ms_per_call"]
@@ -391,6 +402,25 @@ def section(meta: Dict[str, Any], rows: List[Dict[str, Any]], image: str) -> str
             "answers any name)."
         )
     lines += ["What the figures say:", ""] + notes + [""]
+    profile = Path(meta["out_dir"]) / "profile" / "summary.txt"
+    if profile.exists():
+        lines += [
+            "**Where the CPU goes** (`scripts/lm-serving-profile.sh`, run after the rounds: "
+            "64 callers on `snakepool serve`; the host process's CPU time from `/proc`, and a "
+            "py-spy profile of one worker with its samples credited to the innermost frame of "
+            "a known library, waiting threads left out):",
+            "",
+            "```text",
+            profile.read_text(encoding="utf-8").strip(),
+            "```",
+            "",
+            "The Rust host (HTTP, JSON, frames, scheduling) is a small part of a call's CPU; "
+            "nearly all of it is in the worker, and there mostly in DSPy (formatting the "
+            "prompt and parsing the answer, its settings and callbacks, its LM client) and "
+            "in the asyncio loop serving the LM's HTTP connections. The worker runtime's own "
+            "share (frames, dispatch, the bridge) is what snakepool adds to DSPy's own work.",
+            "",
+        ]
     lines += [
         "Reproduce (builds the release binary, installs `benches/lm_serving/requirements.txt` "
         "into `.venv` when missing, writes this section, the plot, and "
@@ -404,6 +434,7 @@ def section(meta: Dict[str, Any], rows: List[Dict[str, Any]], image: str) -> str
         f"`LM_BENCH_ROUNDS={meta['rounds']}`, `LM_BENCH_CALLERS=\"{meta['callers']}\"`, "
         f"`LM_BENCH_DURATION={duration}`, `LM_BENCH_LATENCY_MS={latency:.0f}`, "
         f"`LM_BENCH_SNAKEPOOL_WORKERS=\"{meta['snakepool_workers']}\"`, "
+        f"`LM_BENCH_MAX_CONCURRENCY={meta.get('max_concurrency', 32)}`, "
         f"`LM_BENCH_UVICORN_WORKERS={meta['uvicorn_workers']}`, "
         f"`LM_BENCH_PROGRAM={meta['program']}`, "
         f"`LM_BENCH_MODEL={meta.get('model', 'openai/fake')}`. `scripts/benchmarks.sh` rewrites this file "
