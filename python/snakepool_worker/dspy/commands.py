@@ -49,6 +49,7 @@ from .state import (
     find_program,
     program_result,
     require_lm,
+    run,
     session_state,
 )
 from .streaming import stream_program
@@ -152,7 +153,12 @@ async def execute_program(args: Dict[str, Any], ctx: Context) -> AsyncIterator[A
             await chunks.aclose()
         return
     module = program.module
-    prediction = await arun(binding, lambda: module.acall(**inputs))
+    if (binding.lm_info or {}).get("provider") == "dummy":
+        # A scripted LM does no I/O, so nothing would overlap: the sync path is DSPy's
+        # cheaper one (``acall`` adds about 130 µs a run).
+        prediction = run(binding, lambda: module(**inputs))
+    else:
+        prediction = await arun(binding, lambda: module.acall(**inputs))
     yield Final(program_result(program, prediction))
 
 
