@@ -165,7 +165,7 @@ start_server() {
       server_url="http://127.0.0.1:$port"
       ;;
     snakepool)
-      "$snakepool" serve --listen 127.0.0.1:0 --workers "$workers" --preload dspy \
+      "$snakepool" serve --journal memory --listen 127.0.0.1:0 --workers "$workers" --preload dspy \
         --checkout-timeout "$checkout_timeout" --max-concurrency "$max_concurrency" \
         --lm-profile "fake:model=$model,api_base=$lm_url/v1,api_key_env=LM_BENCH_FAKE_KEY" \
         > "$log" 2>&1 &

@@ -47,7 +47,7 @@ export LM_BENCH_FAKE_KEY=x LITELLM_LOCAL_MODEL_COST_MAP=True
 "$python" benches/lm_serving/fake_lm.py --port 0 --latency-ms 200 > "$out/fake_lm.log" 2>&1 &
 pids+=($!)
 lm_url=$(line_after "$out/fake_lm.log" "listening on ")
-"$snakepool" serve --listen 127.0.0.1:0 --workers 2 --preload dspy --python "$python" \
+"$snakepool" serve --journal memory --listen 127.0.0.1:0 --workers 2 --preload dspy --python "$python" \
   --checkout-timeout 120s --max-concurrency "$max_concurrency" \
   --lm-profile "fake:model=$model,api_base=$lm_url/v1,api_key_env=LM_BENCH_FAKE_KEY" \
   > "$out/serve.log" 2>&1 &

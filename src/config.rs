@@ -21,8 +21,37 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::journal::SyncPolicy;
 use crate::lm_policy::{LmProfile, ServedProgram};
 use crate::pool::{PoolBuilder, PoolConfig, SpawnMode};
+
+/// Where session journals are kept.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalKind {
+    /// In the server's memory: lost when it stops.
+    Memory,
+    /// In SQLite in the data directory: sessions survive a restart.
+    Sqlite,
+}
+
+/// The data directory when none is given: `snakepool` under the user's state
+/// directory (`$XDG_STATE_HOME`, else `~/.local/state`), else under the working
+/// directory.
+pub fn default_data_dir() -> PathBuf {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".local").join("state"))
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    state.join("snakepool")
+}
 
 /// One layer of settings; `None` means "not set here".
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -65,6 +94,9 @@ pub struct Settings {
     /// Close sessions idle this long.
     #[serde(default, with = "humantime_serde")]
     pub session_ttl: Option<Duration>,
+    /// Free idle sessions' state on their workers after this long.
+    #[serde(default, with = "humantime_serde")]
+    pub session_idle: Option<Duration>,
     /// Largest frame either way, in bytes.
     pub max_frame_bytes: Option<usize>,
     /// Most sessions open at once.
@@ -90,6 +122,12 @@ pub struct Settings {
     pub journal_max_entries: Option<usize>,
     /// Most bytes its entries may take.
     pub journal_max_bytes: Option<usize>,
+    /// Where session journals are kept: `memory` or `sqlite` (in `data_dir`).
+    pub journal: Option<JournalKind>,
+    /// The directory of the durable journal.
+    pub data_dir: Option<PathBuf>,
+    /// How hard the durable journal's commits try to reach the disk.
+    pub journal_sync: Option<SyncPolicy>,
     /// LM profiles by name (`[lm.NAME]` tables).
     pub lm: Option<BTreeMap<String, LmProfile>>,
     /// Whether callers may give an LM's model, endpoint and key variable themselves.
@@ -216,6 +254,7 @@ impl Settings {
             max_rss_mb,
             health_interval,
             session_ttl,
+            session_idle,
             max_frame_bytes,
             max_sessions,
             max_concurrency,
@@ -227,6 +266,9 @@ impl Settings {
             journal_compact_bytes,
             journal_max_entries,
             journal_max_bytes,
+            journal,
+            data_dir,
+            journal_sync,
             lm,
             lm_client_settings,
             lm_cache_dir,
@@ -293,6 +335,9 @@ impl Settings {
         if self.session_ttl.is_some() {
             b = b.session_ttl(self.session_ttl);
         }
+        if self.session_idle.is_some() {
+            b = b.session_idle(self.session_idle);
+        }
         if let Some(n) = self.max_frame_bytes {
             b = b.max_frame_bytes(n);
         }
@@ -327,6 +372,10 @@ impl Settings {
             max_entries: self.journal_max_entries.unwrap_or(journal.max_entries),
             max_bytes: self.journal_max_bytes.unwrap_or(journal.max_bytes),
         });
+        if self.journal == Some(JournalKind::Sqlite) {
+            let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+            b = b.durable_journal(dir, self.journal_sync.unwrap_or_default());
+        }
         for (name, profile) in self.lm.iter().flatten() {
             b = b.lm_profile(name, profile.clone());
         }

@@ -37,7 +37,10 @@ pub use error::{Error, Result};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
-pub use journal::{JournalEntry, JournalStats, MemoryJournal, SessionJournal};
+pub use journal::{
+    JournalEntry, JournalStats, MemoryJournal, SessionJournal, SqliteJournal, StoredSession,
+    SyncPolicy,
+};
 pub use metrics::MetricsSnapshot;
 pub use pool::{
     JournalLimits, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode,

@@ -64,6 +64,8 @@ pub struct MetricsSnapshot {
     pub session_rebuilds: u64,
     /// Session journals compacted into a snapshot.
     pub journal_compactions: u64,
+    /// Idle sessions evicted from their workers.
+    pub session_evictions: u64,
 }
 
 /// The live metrics of one pool; cheap to update from any task.
@@ -81,6 +83,7 @@ pub struct Metrics {
     health_failures: AtomicU64,
     session_rebuilds: AtomicU64,
     journal_compactions: AtomicU64,
+    session_evictions: AtomicU64,
     /// The same latencies in Prometheus buckets, for `/metrics`.
     call_seconds: PromHistogram,
     queue_wait_seconds: PromHistogram,
@@ -118,6 +121,8 @@ pub enum Counter {
     SessionRebuild,
     /// A session's journal was compacted into a snapshot.
     JournalCompaction,
+    /// An idle session was evicted from its worker.
+    SessionEviction,
 }
 
 fn seconds_buckets() -> PromHistogram {
@@ -164,6 +169,7 @@ impl Default for Metrics {
             health_failures: AtomicU64::new(0),
             session_rebuilds: AtomicU64::new(0),
             journal_compactions: AtomicU64::new(0),
+            session_evictions: AtomicU64::new(0),
             call_seconds: seconds_buckets(),
             queue_wait_seconds: seconds_buckets(),
         }
@@ -215,6 +221,7 @@ impl Metrics {
             Counter::HealthFailure => &self.health_failures,
             Counter::SessionRebuild => &self.session_rebuilds,
             Counter::JournalCompaction => &self.journal_compactions,
+            Counter::SessionEviction => &self.session_evictions,
         };
         cell.fetch_add(1, Ordering::Relaxed);
     }
@@ -234,6 +241,7 @@ impl Metrics {
             health_failures: self.health_failures.load(Ordering::Relaxed),
             session_rebuilds: self.session_rebuilds.load(Ordering::Relaxed),
             journal_compactions: self.journal_compactions.load(Ordering::Relaxed),
+            session_evictions: self.session_evictions.load(Ordering::Relaxed),
         }
     }
 }
@@ -244,7 +252,7 @@ impl Metrics {
     pub fn prometheus_text(&self, gauges: PoolGauges) -> String {
         let snap = self.snapshot();
         let mut registry = Registry::with_prefix("snakepool");
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "calls",
                 "Calls made, plain and session, failed ones included",
@@ -285,6 +293,11 @@ impl Metrics {
                 "journal_compactions",
                 "Session journals compacted into a snapshot",
                 snap.journal_compactions,
+            ),
+            (
+                "session_evictions",
+                "Idle sessions evicted from their workers (kept, rebuilt on their next call)",
+                snap.session_evictions,
             ),
         ];
         for (name, help, value) in counters {

@@ -341,6 +341,7 @@ async fn a_dspy_load_runs_programs_on_a_real_serve_against_a_fake_lm() {
         .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
         .args(["--python", &common::python(), "--lm-profile", &profile])
         .env("SP_BENCH_LM_KEY", "sk-bench")
+        .env("SNAKEPOOL_JOURNAL", "memory")
         .env_remove("SNAKEPOOL_CONFIG")
         .env_remove("SNAKEPOOL_TOKEN")
         .stdout(std::process::Stdio::piped())

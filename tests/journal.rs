@@ -165,3 +165,55 @@ async fn a_write_for_a_closed_session_never_reaches_its_successor() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_leave_their_worker_and_come_back_on_their_next_call() {
+    let pool = builder(1)
+        .module("snapshot_handlers")
+        .journal_limits(limits())
+        .session_idle(Some(std::time::Duration::from_millis(200)))
+        .start()
+        .await
+        .unwrap();
+    let mut events = pool.subscribe();
+    let noted = pool.session("noted");
+    let valued = pool.session("valued");
+    for n in 0..3 {
+        noted.call("note", json!({"text": n})).await.unwrap();
+    }
+    valued
+        .call("set_value", json!({"key": "k", "value": "v"}))
+        .await
+        .unwrap();
+    let worker_sessions = |stats: &serde_json::Value| stats["sessions"].as_u64().unwrap();
+    let before = pool.call("get_stats", json!({})).await.unwrap();
+    assert_eq!(worker_sessions(&before), 2, "{before}");
+    for _ in 0..2 {
+        wait_for_event(&mut events, |e| {
+            matches!(e, PoolEvent::SessionEvicted { .. })
+        })
+        .await;
+    }
+    let after = pool.call("get_stats", json!({})).await.unwrap();
+    assert_eq!(worker_sessions(&after), 0, "their state is freed: {after}");
+    assert!(noted.worker_id().is_none());
+    // The snapshotted one was compacted on its way out.
+    let journal = pool.journal_entries("noted").await.unwrap();
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].command, "restore_session");
+    // Both come back, whole, on their next call.
+    assert_eq!(
+        noted.call("notes", json!({})).await.unwrap(),
+        json!([0, 1, 2])
+    );
+    assert_eq!(
+        valued.call("get_value", json!({"key": "k"})).await.unwrap(),
+        "v"
+    );
+    let metrics = pool.metrics();
+    assert_eq!(
+        (metrics.session_evictions, metrics.session_rebuilds),
+        (2, 2)
+    );
+    pool.shutdown().await;
+}

@@ -50,6 +50,7 @@ fn serve(workers: usize, extra: &[&str]) -> Serve {
     let mut command = Command::new(env!("CARGO_BIN_EXE_snakepool"));
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("SNAKEPOOL_JOURNAL", "memory")
         .args(["--workers", &workers.to_string()])
         .args(["--python", &python()])
         .args(["--python-path", fixtures().to_str().unwrap()])

@@ -142,7 +142,9 @@ impl ServeCmd {
         let stderr_path = dir.path().join("serve.stderr");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_snakepool"));
-        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("SNAKEPOOL_JOURNAL", "memory");
         if self.runtime {
             command
                 .args(["--python", &python()])

@@ -8,9 +8,9 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use snakepool::SpawnMode;
-use snakepool::config::Settings;
+use snakepool::config::{JournalKind, Settings};
 use snakepool::lm_policy::{LmProfile, ServedProgram};
+use snakepool::{SpawnMode, SyncPolicy};
 
 /// Flags shared by the commands that run a pool of their own.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -67,6 +67,10 @@ pub struct PoolArgs {
     /// Close sessions idle this long, e.g. 1h.
     #[arg(long, env = "SNAKEPOOL_SESSION_TTL", value_parser = humantime::parse_duration)]
     pub session_ttl: Option<Duration>,
+    /// Free the state of sessions idle this long on their workers (default 10m); they
+    /// stay open and are rebuilt on their next call.
+    #[arg(long, env = "SNAKEPOOL_SESSION_IDLE", value_parser = humantime::parse_duration)]
+    pub session_idle: Option<Duration>,
     /// Largest frame either way (bytes).
     #[arg(long, env = "SNAKEPOOL_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -102,6 +106,18 @@ pub struct PoolArgs {
     /// Most bytes its entries may take (default 16777216).
     #[arg(long, env = "SNAKEPOOL_JOURNAL_MAX_BYTES")]
     pub journal_max_bytes: Option<usize>,
+    /// Where session journals are kept: `sqlite` in --data-dir (sessions survive a
+    /// restart; the default of `serve`) or `memory`.
+    #[arg(long, env = "SNAKEPOOL_JOURNAL", value_enum)]
+    pub journal: Option<JournalKind>,
+    /// The durable journal's directory (default: `snakepool` under the user's state
+    /// directory). One server per directory.
+    #[arg(long, env = "SNAKEPOOL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `normal` (a commit survives the process being killed) or `full` (also a power
+    /// loss; slower).
+    #[arg(long, env = "SNAKEPOOL_JOURNAL_SYNC")]
+    pub journal_sync: Option<SyncPolicy>,
     /// LM profile `NAME:model=M[,api_base=URL][,api_key_env=VAR][,temperature=T][,max_tokens=N][,cache=true]`
     /// (repeatable); callers select it with `configure_lm {"profile": NAME}`.
     #[arg(long = "lm-profile", env = "SNAKEPOOL_LM_PROFILE", value_delimiter = ';',
@@ -197,6 +213,7 @@ impl PoolArgs {
             max_rss_mb: self.max_rss_mb,
             health_interval: self.health_interval,
             session_ttl: self.session_ttl,
+            session_idle: self.session_idle,
             max_frame_bytes: self.max_frame_bytes,
             max_sessions: self.max_sessions,
             max_concurrency: self.max_concurrency,
@@ -208,6 +225,9 @@ impl PoolArgs {
             journal_compact_bytes: self.journal_compact_bytes,
             journal_max_entries: self.journal_max_entries,
             journal_max_bytes: self.journal_max_bytes,
+            journal: self.journal,
+            data_dir: self.data_dir.clone(),
+            journal_sync: self.journal_sync,
             lm: (!self.lm_profiles.is_empty())
                 .then(|| self.lm_profiles.iter().cloned().collect::<BTreeMap<_, _>>()),
             lm_client_settings: self.allow_client_lm.then_some(true),

@@ -9,7 +9,7 @@ use std::io::Write;
 
 use snakepool::config::{
     DEFAULT_BODY_LIMIT, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, Settings,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, JournalKind, Settings,
 };
 use snakepool::server::{ConnectionLimits, ServerOptions, ServerState, router, serve};
 use tokio::signal::unix::{SignalKind, signal};
@@ -47,7 +47,9 @@ async fn termination() -> &'static str {
 
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), String> {
-    let settings: Settings = args.pool.settings_with(args.server.flags())?;
+    let mut settings: Settings = args.pool.settings_with(args.server.flags())?;
+    // A server keeps its sessions across restarts unless told otherwise.
+    settings.journal.get_or_insert(JournalKind::Sqlite);
     let builder = settings.builder();
     builder.config().map_err(|e| e.to_string())?;
     let addr = settings.listen_addr();

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::{JournalEntry, JournalError, JournalStats, SessionJournal};
+use super::{JournalEntry, JournalError, JournalStats, SessionJournal, StoredSession};
 
 /// One session's journal.
 #[derive(Debug, Default)]
@@ -131,60 +131,16 @@ impl SessionJournal for MemoryJournal {
         }
         Ok(())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn entry(n: u64) -> JournalEntry {
-        JournalEntry {
-            command: "note".into(),
-            args: json!({"n": n}),
-        }
-    }
-
-    #[tokio::test]
-    async fn epochs_keep_a_closed_sessions_writes_out_of_its_successor() {
-        let journal = MemoryJournal::default();
-        journal.append("s", 1, entry(1)).await.unwrap();
-        // A newer epoch (the id was closed and opened again) starts afresh.
-        let stats = journal.append("s", 2, entry(2)).await.unwrap();
-        assert_eq!(stats.entries, 1);
-        // A late write of the closed session is refused and changes nothing.
-        assert!(journal.append("s", 1, entry(3)).await.is_err());
-        let entries = journal.entries("s", 2).await.unwrap();
-        assert_eq!(entries.len(), 1);
-        assert_eq!(*entries[0], entry(2));
-        assert!(journal.entries("s", 1).await.unwrap().is_empty());
-        // Removing another epoch's journal leaves this one.
-        journal.remove("s", Some(1)).await.unwrap();
-        assert_eq!(journal.stats("s", 2).await.unwrap().entries, 1);
-        journal.remove("s", None).await.unwrap();
-        assert_eq!(
-            journal.stats("s", 2).await.unwrap(),
-            JournalStats::default()
-        );
-    }
-
-    #[tokio::test]
-    async fn compaction_replaces_the_entries_it_covers() {
-        let journal = MemoryJournal::default();
-        for n in 0..5 {
-            journal.append("s", 1, entry(n)).await.unwrap();
-        }
-        let snapshot = JournalEntry {
-            command: "restore_session".into(),
-            args: json!({"parts": {"p": [0, 1, 2, 3]}}),
-        };
-        let stats = journal.compact("s", 1, snapshot.clone(), 4).await.unwrap();
-        assert_eq!(stats.entries, 1);
-        assert_eq!(stats.bytes, entry(4).size());
-        assert_eq!(stats.snapshot_bytes, Some(snapshot.size()));
-        let entries = journal.entries("s", 1).await.unwrap();
-        assert_eq!(entries.len(), 2);
-        assert_eq!((*entries[0]).clone(), snapshot);
-        assert_eq!(*entries[1], entry(4));
+    async fn sessions(&self) -> Result<Vec<StoredSession>, JournalError> {
+        Ok(self
+            .lock()
+            .iter()
+            .map(|(id, journal)| StoredSession {
+                id: id.clone(),
+                epoch: journal.epoch,
+                stats: journal.stats(),
+            })
+            .collect())
     }
 }

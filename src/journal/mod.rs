@@ -14,6 +14,7 @@
 //! later session under the same id.
 
 mod memory;
+mod sqlite;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use memory::MemoryJournal;
+pub use sqlite::{SqliteJournal, SyncPolicy};
 
 /// One journaled call: replaying the entries in order rebuilds the session's state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -49,6 +51,17 @@ pub struct JournalStats {
     pub bytes: usize,
     /// The snapshot entry's size, if the journal starts with one.
     pub snapshot_bytes: Option<usize>,
+}
+
+/// A session the store holds, as a pool finds it when it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The session's id.
+    pub id: String,
+    /// The epoch its journal was written in.
+    pub epoch: u64,
+    /// What its journal holds.
+    pub stats: JournalStats,
 }
 
 /// A failure of the journal's backing store.
@@ -84,4 +97,133 @@ pub trait SessionJournal: Send + Sync + std::fmt::Debug {
     async fn stats(&self, id: &str, epoch: u64) -> Result<JournalStats, JournalError>;
     /// Forgets the session's journal: of `epoch` only, if given.
     async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError>;
+    /// Every session the store holds (a pool starting on a durable store resumes them).
+    async fn sessions(&self) -> Result<Vec<StoredSession>, JournalError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(n: u64) -> JournalEntry {
+        JournalEntry {
+            command: "note".into(),
+            args: json!({"n": n}),
+        }
+    }
+
+    /// What every store must do.
+    async fn conformance(journal: &dyn SessionJournal) {
+        // Epochs keep a closed session's writes out of its successor.
+        journal.append("s", 1, entry(1)).await.unwrap();
+        let stats = journal.append("s", 2, entry(2)).await.unwrap();
+        assert_eq!(stats.entries, 1, "a newer epoch starts afresh");
+        assert!(journal.append("s", 1, entry(3)).await.is_err());
+        let entries = journal.entries("s", 2).await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(*entries[0], entry(2));
+        assert!(journal.entries("s", 1).await.unwrap().is_empty());
+        journal.remove("s", Some(1)).await.unwrap();
+        assert_eq!(journal.stats("s", 2).await.unwrap().entries, 1);
+        journal.remove("s", None).await.unwrap();
+        assert_eq!(
+            journal.stats("s", 2).await.unwrap(),
+            JournalStats::default()
+        );
+
+        // Compaction replaces the entries it covers.
+        for n in 0..5 {
+            journal.append("c", 7, entry(n)).await.unwrap();
+        }
+        let snapshot = JournalEntry {
+            command: "restore_session".into(),
+            args: json!({"parts": {"p": [0, 1, 2, 3]}}),
+        };
+        let stats = journal.compact("c", 7, snapshot.clone(), 4).await.unwrap();
+        assert_eq!(stats.entries, 1);
+        assert_eq!(stats.bytes, entry(4).size());
+        assert_eq!(stats.snapshot_bytes, Some(snapshot.size()));
+        let entries = journal.entries("c", 7).await.unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(*entries[0], snapshot);
+        assert_eq!(*entries[1], entry(4));
+        journal.append("c", 7, entry(5)).await.unwrap();
+        let stored = journal.sessions().await.unwrap();
+        assert_eq!(
+            stored,
+            [StoredSession {
+                id: "c".into(),
+                epoch: 7,
+                stats: JournalStats {
+                    entries: 2,
+                    bytes: entry(4).size() + entry(5).size(),
+                    snapshot_bytes: Some(snapshot.size()),
+                },
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_memory_journal_conforms() {
+        conformance(&MemoryJournal::default()).await;
+    }
+
+    #[tokio::test]
+    async fn the_sqlite_journal_conforms_and_keeps_its_journals() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let journal = SqliteJournal::open(dir.path(), SyncPolicy::Normal).unwrap();
+            conformance(&journal).await;
+            // A second journal on the same directory is refused while this one is open.
+            let error = SqliteJournal::open(dir.path(), SyncPolicy::Normal).unwrap_err();
+            assert!(error.0.contains("in use"), "{error}");
+        }
+        // Opened again (the first one's thread has let go of the lock once dropped).
+        let journal = wait_for_reopen(dir.path()).await;
+        let stored = journal.sessions().await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(journal.entries("c", 7).await.unwrap().len(), 3);
+    }
+
+    /// Opens the journal in `dir` once the previous one's thread has closed it.
+    async fn wait_for_reopen(dir: &std::path::Path) -> SqliteJournal {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SqliteJournal::open(dir, SyncPolicy::Full) {
+                Ok(journal) => return journal,
+                Err(error) if std::time::Instant::now() > deadline => {
+                    panic!("the journal was not released: {error}")
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_commits_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(SqliteJournal::open(dir.path(), SyncPolicy::Normal).unwrap());
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let journal = journal.clone();
+                tokio::spawn(async move {
+                    for n in 0..50 {
+                        journal.append(&format!("w{w}"), 1, entry(n)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        for w in 0..8 {
+            let entries = journal.entries(&format!("w{w}"), 1).await.unwrap();
+            let order: Vec<u64> = entries
+                .iter()
+                .map(|e| e.args["n"].as_u64().unwrap())
+                .collect();
+            assert_eq!(order, (0..50).collect::<Vec<_>>());
+        }
+    }
 }

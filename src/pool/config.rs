@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::journal::{JournalStats, MemoryJournal, SessionJournal};
+use crate::journal::{JournalStats, MemoryJournal, SessionJournal, SqliteJournal, SyncPolicy};
 use crate::lm_policy::{LmPolicy, LmProfile, ServedProgram};
 use crate::pool::{Pool, SpawnMode};
 use crate::worker::{WorkerProgram, WorkerSpec};
@@ -34,8 +34,11 @@ pub struct PoolConfig {
     pub health_interval: Option<Duration>,
     /// How long a health ping may take before the worker is replaced.
     pub health_timeout: Duration,
-    /// Close sessions idle for this long.
+    /// Close sessions idle for this long (and drop them from the journal store).
     pub session_ttl: Option<Duration>,
+    /// Free the state of sessions idle for this long on their workers; they stay open
+    /// and are rebuilt on their next call.
+    pub session_idle: Option<Duration>,
     /// First delay before retrying a failed worker start; doubles on each failure.
     pub restart_backoff: Duration,
     /// Longest delay between start attempts.
@@ -64,6 +67,15 @@ pub struct PoolConfig {
     pub heartbeat_timeout: Duration,
     /// When session journals are compacted, and how large they may grow.
     pub journal_limits: JournalLimits,
+}
+
+/// Where a builder's pool keeps its session journals.
+#[derive(Debug)]
+enum JournalChoice {
+    /// A store the caller made.
+    Given(Arc<dyn SessionJournal>),
+    /// SQLite in this directory.
+    Sqlite(PathBuf, SyncPolicy),
 }
 
 /// When a session's journal is compacted into a snapshot, and how large a journal
@@ -118,6 +130,7 @@ impl Default for PoolConfig {
             health_interval: Some(Duration::from_secs(30)),
             health_timeout: Duration::from_secs(5),
             session_ttl: Some(Duration::from_secs(3600)),
+            session_idle: Some(Duration::from_secs(600)),
             restart_backoff: Duration::from_millis(100),
             max_restart_backoff: Duration::from_secs(10),
             spawn_mode: default_spawn_mode(),
@@ -249,7 +262,7 @@ pub struct PoolBuilder {
     python: Option<PathBuf>,
     python_path: Vec<PathBuf>,
     worker_cmd: Option<String>,
-    journal: Option<Arc<dyn SessionJournal>>,
+    journal: Option<JournalChoice>,
 }
 
 impl PoolBuilder {
@@ -357,6 +370,13 @@ impl PoolBuilder {
     /// Close sessions idle for this long (`None`: only explicit close).
     pub fn session_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.config.session_ttl = ttl;
+        self
+    }
+
+    /// Free the state of sessions idle this long on their workers (`None`: never);
+    /// they stay open and are rebuilt on their next call.
+    pub fn session_idle(mut self, idle: Option<Duration>) -> Self {
+        self.config.session_idle = idle;
         self
     }
 
@@ -471,7 +491,15 @@ impl PoolBuilder {
 
     /// Where session journals are kept (default: in memory).
     pub fn journal(mut self, journal: Arc<dyn SessionJournal>) -> Self {
-        self.journal = Some(journal);
+        self.journal = Some(JournalChoice::Given(journal));
+        self
+    }
+
+    /// Keeps session journals in SQLite in `dir` (opened when the pool starts; a
+    /// directory another process uses is refused). A pool started on a directory
+    /// that holds sessions resumes them: each is rebuilt on its first call.
+    pub fn durable_journal(mut self, dir: impl Into<PathBuf>, sync: SyncPolicy) -> Self {
+        self.journal = Some(JournalChoice::Sqlite(dir.into(), sync));
         self
     }
 
@@ -515,9 +543,18 @@ impl PoolBuilder {
     /// worker cannot start; the others are stopped.
     pub async fn start(self) -> Result<Pool> {
         let config = self.config()?;
-        let journal = self
-            .journal
-            .unwrap_or_else(|| Arc::new(MemoryJournal::default()));
+        let journal: Arc<dyn SessionJournal> = match self.journal {
+            None => Arc::new(MemoryJournal::default()),
+            Some(JournalChoice::Given(journal)) => journal,
+            Some(JournalChoice::Sqlite(dir, sync)) => {
+                let journal =
+                    SqliteJournal::open(&dir, sync).map_err(|e| Error::InvalidConfig {
+                        setting: "data_dir",
+                        reason: e.0,
+                    })?;
+                Arc::new(journal)
+            }
+        };
         Pool::start(config, journal).await
     }
 }

@@ -6,6 +6,8 @@
 //! expires idle sessions.
 
 mod config;
+mod eviction;
+mod journaling;
 mod scheduler;
 mod session_table;
 mod sessions;
@@ -71,6 +73,12 @@ pub enum PoolEvent {
     },
     /// A session was closed by its TTL.
     SessionExpired {
+        /// The session.
+        session_id: Arc<str>,
+    },
+    /// An idle session's state was freed on its worker; it stays open and is rebuilt
+    /// on its next call.
+    SessionEvicted {
         /// The session.
         session_id: Arc<str>,
     },
@@ -299,9 +307,14 @@ impl Pool {
         config: PoolConfig,
         journal: Arc<dyn SessionJournal>,
     ) -> Result<Pool> {
+        let stored = journal.sessions().await.map_err(|e| Error::InvalidConfig {
+            setting: "journal",
+            reason: format!("cannot list the stored sessions: {e}"),
+        })?;
         let (events, receiver) = mpsc::unbounded_channel();
         let (notices, _) = broadcast::channel(1024);
         let mut state = State::default();
+        state.sessions.resume(stored);
         let ids: Vec<Arc<str>> = (0..config.workers).map(|_| state.new_worker_id()).collect();
         let spawner = spawner::Spawner::new(config.spawn_mode, &config.worker);
         let shared = Arc::new(Shared {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::journal::JournalStats;
+use crate::journal::{JournalStats, StoredSession};
 
 /// The longest session id, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 256;
@@ -68,6 +68,8 @@ pub(crate) struct SessionTable {
     entries: BTreeMap<Arc<str>, SessionEntry>,
     /// `(last_used, epoch, id)` of every entry, oldest first.
     by_last_use: BTreeSet<(Instant, u64, Arc<str>)>,
+    /// The same for the entries pinned to a worker (whose state a worker holds).
+    resident: BTreeSet<(Instant, u64, Arc<str>)>,
     next_epoch: u64,
 }
 
@@ -117,6 +119,36 @@ impl SessionTable {
         Ok((epoch, order))
     }
 
+    /// Takes in the sessions a durable store holds (a pool starting again): each is
+    /// open, pinned to no worker, and rebuilt from its journal on its first call. New
+    /// sessions get greater epochs than any of them.
+    pub fn resume(&mut self, stored: Vec<StoredSession>) {
+        let now = Instant::now();
+        for session in stored {
+            let Ok(()) = check_session_id(&session.id) else {
+                continue;
+            };
+            self.next_epoch = self.next_epoch.max(session.epoch);
+            let id: Arc<str> = Arc::from(session.id);
+            self.by_last_use.insert((now, session.epoch, id.clone()));
+            self.entries.insert(
+                id,
+                SessionEntry {
+                    epoch: session.epoch,
+                    worker: None,
+                    replay_pending: true,
+                    broken: None,
+                    created: now,
+                    last_used: now,
+                    order: Arc::new(tokio::sync::Mutex::new(())),
+                    journal: session.stats,
+                    unsnapshotted: None,
+                    compact_not_before: 0,
+                },
+            );
+        }
+    }
+
     /// The open session `id`, whatever its epoch.
     pub fn get(&self, id: &str) -> Option<&SessionEntry> {
         self.entries.get(id)
@@ -138,10 +170,50 @@ impl SessionTable {
         let key = key.clone();
         let entry = self.entries.get_mut(id).expect("looked up above");
         let now = Instant::now();
-        self.by_last_use
-            .remove(&(entry.last_used, entry.epoch, key.clone()));
+        let old = (entry.last_used, entry.epoch, key.clone());
+        self.by_last_use.remove(&old);
+        if self.resident.remove(&old) {
+            self.resident.insert((now, epoch, key.clone()));
+        }
         entry.last_used = now;
         self.by_last_use.insert((now, epoch, key));
+    }
+
+    /// Pins session `id` (of `epoch`) to `worker`; returns whether it is open.
+    pub fn pin(&mut self, id: &str, epoch: u64, worker: &Arc<str>) -> bool {
+        let Some((key, entry)) = self.entries.get_key_value(id) else {
+            return false;
+        };
+        if entry.epoch != epoch {
+            return false;
+        }
+        let slot = (entry.last_used, entry.epoch, key.clone());
+        let entry = self.entries.get_mut(id).expect("looked up above");
+        entry.worker = Some(worker.clone());
+        self.resident.insert(slot);
+        true
+    }
+
+    /// Sessions pinned to a worker and idle for at least `idle`, not in a call: up to
+    /// `most` of `(id, epoch, worker)`, oldest first.
+    pub fn idle_resident(&self, idle: Duration, most: usize) -> Vec<(Arc<str>, u64, Arc<str>)> {
+        let Some(cutoff) = Instant::now().checked_sub(idle) else {
+            return Vec::new();
+        };
+        self.resident
+            .iter()
+            .take_while(|(used, _, _)| *used <= cutoff)
+            .filter_map(|(_, epoch, id)| {
+                let entry = self.entries.get(id)?;
+                let worker = entry.worker.clone()?;
+                entry
+                    .order
+                    .try_lock()
+                    .is_ok()
+                    .then(|| (id.clone(), *epoch, worker))
+            })
+            .take(most)
+            .collect()
     }
 
     /// Removes session `id` (only of `epoch`, if given).
@@ -150,8 +222,9 @@ impl SessionTable {
         if epoch.is_some_and(|e| e != entry.epoch) {
             return None;
         }
-        self.by_last_use
-            .remove(&(entry.last_used, entry.epoch, key.clone()));
+        let slot = (entry.last_used, entry.epoch, key.clone());
+        self.by_last_use.remove(&slot);
+        self.resident.remove(&slot);
         self.entries.remove(id)
     }
 
@@ -189,8 +262,8 @@ impl SessionTable {
             .take(limit)
     }
 
-    /// Unpins `sessions` from `worker`, which is gone: each is rebuilt from its
-    /// journal before its next call.
+    /// Unpins `sessions` from `worker` (gone, or no longer holding them): each is
+    /// rebuilt from its journal before its next call.
     pub fn unpin(&mut self, worker: &str, sessions: impl IntoIterator<Item = Arc<str>>) {
         for id in sessions {
             if let Some(entry) = self.entries.get_mut(&id)
@@ -198,6 +271,7 @@ impl SessionTable {
             {
                 entry.worker = None;
                 entry.replay_pending = true;
+                self.resident.remove(&(entry.last_used, entry.epoch, id));
             }
         }
     }

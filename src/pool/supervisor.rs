@@ -225,6 +225,12 @@ impl Supervisor {
         }
         self.heartbeats();
         self.check_memory();
+        if let Some(idle) = config.session_idle {
+            for (id, epoch, worker) in self.shared.idle_resident_sessions(idle, EXPIRE_PER_TICK) {
+                let shared = self.shared.clone();
+                tokio::spawn(async move { shared.evict_session(id, epoch, worker).await });
+            }
+        }
         if let Some(ttl) = config.session_ttl {
             for (id, epoch) in self.shared.expired_sessions(ttl, EXPIRE_PER_TICK) {
                 let Some((epoch, worker)) = self.shared.take_session(&id, Some(epoch)) else {

@@ -185,6 +185,8 @@ pub fn spawn_serve(extra: &[&str]) -> ServeProcess {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_snakepool"))
         .args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"])
+        // Sessions in memory unless `extra` names a durable journal.
+        .env("SNAKEPOOL_JOURNAL", "memory")
         .args(["--python", &python()])
         .args(["--python-path", fixtures().to_str().unwrap()])
         .args(["--module", "sp_test_handlers"])

@@ -1,0 +1,492 @@
+//! A durable journal: SQLite in WAL mode, in a data directory.
+//!
+//! One thread owns the database connection. Calls from any task are queued to it; it
+//! takes every operation waiting at that moment, runs them in one transaction (each in a
+//! savepoint of its own, so one failing operation fails alone), commits, and only then
+//! answers them: concurrent appends share one commit (group commit), and an append is
+//! answered only once it is stored. With [`SyncPolicy::Normal`] a committed entry
+//! survives the process being killed; with [`SyncPolicy::Full`] it also survives the
+//! machine losing power.
+//!
+//! The data directory holds `journal.sqlite3` (and SQLite's `-wal` and `-shm` files)
+//! and a `journal.lock` file, locked while a journal is open on the directory: a second
+//! process opening the same directory is refused rather than mixing its sessions in.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::oneshot;
+
+use super::{JournalEntry, JournalError, JournalStats, SessionJournal, StoredSession};
+
+/// Most operations committed together.
+const MAX_BATCH: usize = 512;
+
+/// How hard a commit tries to reach the disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncPolicy {
+    /// WAL with `synchronous = NORMAL`: a committed entry survives the process being
+    /// killed, not necessarily a power loss.
+    #[default]
+    Normal,
+    /// `synchronous = FULL`: every commit is flushed to the disk before it is answered.
+    Full,
+}
+
+impl std::str::FromStr for SyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "normal" => Ok(SyncPolicy::Normal),
+            "full" => Ok(SyncPolicy::Full),
+            other => Err(format!("unknown sync policy `{other}`: normal or full")),
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
+
+/// An operation for the database thread.
+enum Op {
+    Append(String, u64, JournalEntry, Reply<JournalStats>),
+    Entries(String, u64, Reply<Vec<Arc<JournalEntry>>>),
+    Compact(String, u64, JournalEntry, usize, Reply<JournalStats>),
+    Stats(String, u64, Reply<JournalStats>),
+    Remove(String, Option<u64>, Reply<()>),
+    Sessions(Reply<Vec<StoredSession>>),
+}
+
+/// Session journals in SQLite (see the module documentation).
+#[derive(Debug)]
+pub struct SqliteJournal {
+    ops: Mutex<std::sync::mpsc::Sender<Op>>,
+    path: PathBuf,
+}
+
+fn sql_error(context: &str) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
+    move |e| JournalError(format!("{context}: {e}"))
+}
+
+impl SqliteJournal {
+    /// Opens (creating if needed) the journal in `dir`.
+    pub fn open(dir: &Path, sync: SyncPolicy) -> Result<SqliteJournal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            JournalError(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let lock = lock_dir(dir)?;
+        let path = dir.join("journal.sqlite3");
+        let context = format!("cannot open {}", path.display());
+        let conn = Connection::open(&path).map_err(sql_error(&context))?;
+        let synchronous = match sync {
+            SyncPolicy::Normal => "NORMAL",
+            SyncPolicy::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = {synchronous};
+             CREATE TABLE IF NOT EXISTS sessions (
+                 id TEXT PRIMARY KEY,
+                 epoch INTEGER NOT NULL,
+                 snapshot TEXT,
+                 snapshot_bytes INTEGER,
+                 entries INTEGER NOT NULL DEFAULT 0,
+                 bytes INTEGER NOT NULL DEFAULT 0,
+                 next_seq INTEGER NOT NULL DEFAULT 0
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS entries (
+                 id TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 entry TEXT NOT NULL,
+                 bytes INTEGER NOT NULL,
+                 PRIMARY KEY (id, seq)
+             ) WITHOUT ROWID;"
+        ))
+        .map_err(sql_error(&context))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("snakepool-journal".into())
+            .spawn(move || {
+                let _lock = lock;
+                serve(conn, rx);
+            })
+            .map_err(|e| JournalError(format!("cannot start the journal thread: {e}")))?;
+        Ok(SqliteJournal {
+            ops: Mutex::new(tx),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, JournalError> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .ops
+            .lock()
+            .expect("journal queue poisoned")
+            .send(op(tx));
+        if sent.is_err() {
+            return Err(JournalError("the journal thread has stopped".into()));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(JournalError("the journal thread has stopped".into())))
+    }
+}
+
+/// Takes the data directory's lock file, or says who holds it.
+fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    let path = dir.join("journal.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| JournalError(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock has no memory-safety preconditions; the descriptor is open.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked {
+        return Err(JournalError(format!(
+            "the data directory {} is in use by another snakepool process (its journal is \
+             locked); give each server a data directory of its own",
+            dir.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// The database thread: batches of operations, one transaction each.
+fn serve(mut conn: Connection, ops: std::sync::mpsc::Receiver<Op>) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch);
+    }
+}
+
+/// A finished operation waiting for its batch's commit to be answered.
+type Answer = Box<dyn FnOnce(Option<&JournalError>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, JournalError>) -> Answer {
+    Box::new(move |failed_commit| {
+        let result = match (result, failed_commit) {
+            (Ok(_), Some(error)) => Err(JournalError(error.0.clone())),
+            (result, _) => result,
+        };
+        let _ = reply.send(result);
+    })
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Op>) {
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let error = JournalError(format!("cannot begin a transaction: {e}"));
+            for op in batch {
+                fail(op, &error);
+            }
+            return;
+        }
+    };
+    let answers: Vec<Answer> = batch.into_iter().map(|op| run_op(&tx, op)).collect();
+    let committed = tx
+        .commit()
+        .err()
+        .map(|e| JournalError(format!("commit failed: {e}")));
+    for answer in answers {
+        answer(committed.as_ref());
+    }
+}
+
+fn fail(op: Op, error: &JournalError) {
+    fn send<T>(reply: Reply<T>, error: &JournalError) {
+        let _ = reply.send(Err(JournalError(error.0.clone())));
+    }
+    match op {
+        Op::Append(.., reply) | Op::Compact(.., reply) | Op::Stats(.., reply) => send(reply, error),
+        Op::Entries(.., reply) => send(reply, error),
+        Op::Remove(.., reply) => send(reply, error),
+        Op::Sessions(reply) => send(reply, error),
+    }
+}
+
+/// Runs one operation in a savepoint of its own.
+fn run_op(tx: &Transaction<'_>, op: Op) -> Answer {
+    fn within<T>(
+        tx: &Transaction<'_>,
+        body: impl FnOnce(&Transaction<'_>) -> Result<T, JournalError>,
+    ) -> Result<T, JournalError> {
+        tx.execute_batch("SAVEPOINT op")
+            .map_err(sql_error("savepoint"))?;
+        let result = body(tx);
+        let end = if result.is_ok() {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        tx.execute_batch(end).map_err(sql_error("savepoint"))?;
+        result
+    }
+    match op {
+        Op::Append(id, epoch, entry, reply) => {
+            answer(reply, within(tx, |tx| append(tx, &id, epoch, &entry)))
+        }
+        Op::Entries(id, epoch, reply) => answer(reply, within(tx, |tx| entries(tx, &id, epoch))),
+        Op::Compact(id, epoch, snapshot, replaced, reply) => answer(
+            reply,
+            within(tx, |tx| compact(tx, &id, epoch, &snapshot, replaced)),
+        ),
+        Op::Stats(id, epoch, reply) => answer(reply, within(tx, |tx| stats(tx, &id, epoch))),
+        Op::Remove(id, epoch, reply) => answer(reply, within(tx, |tx| remove(tx, &id, epoch))),
+        Op::Sessions(reply) => answer(reply, within(tx, sessions)),
+    }
+}
+
+/// The session's row, started afresh for a newer epoch; a write of an older epoch is
+/// refused.
+fn for_epoch(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<(), JournalError> {
+    let stored: Option<i64> = tx
+        .query_row("SELECT epoch FROM sessions WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql_error("read session"))?;
+    let epoch = epoch as i64;
+    match stored {
+        Some(stored) if stored > epoch => Err(JournalError(format!(
+            "session `{id}` was closed: epoch {epoch} is older than its journal's {stored}"
+        ))),
+        Some(stored) if stored == epoch => Ok(()),
+        _ => {
+            tx.execute("DELETE FROM entries WHERE id = ?1", [id])
+                .map_err(sql_error("reset session"))?;
+            tx.execute(
+                "INSERT OR REPLACE INTO sessions (id, epoch) VALUES (?1, ?2)",
+                params![id, epoch],
+            )
+            .map_err(sql_error("reset session"))?;
+            Ok(())
+        }
+    }
+}
+
+fn row_stats(tx: &Transaction<'_>, id: &str) -> Result<JournalStats, JournalError> {
+    tx.query_row(
+        "SELECT entries, bytes, snapshot_bytes FROM sessions WHERE id = ?1",
+        [id],
+        |r| {
+            Ok(JournalStats {
+                entries: r.get::<_, i64>(0)? as usize,
+                bytes: r.get::<_, i64>(1)? as usize,
+                snapshot_bytes: r.get::<_, Option<i64>>(2)?.map(|b| b as usize),
+            })
+        },
+    )
+    .map_err(sql_error("read session"))
+}
+
+fn encode(entry: &JournalEntry) -> Result<String, JournalError> {
+    serde_json::to_string(entry).map_err(|e| JournalError(format!("entry is not JSON: {e}")))
+}
+
+fn decode(text: &str) -> Result<Arc<JournalEntry>, JournalError> {
+    serde_json::from_str(text)
+        .map(Arc::new)
+        .map_err(|e| JournalError(format!("a stored entry is not a journal entry: {e}")))
+}
+
+fn append(
+    tx: &Transaction<'_>,
+    id: &str,
+    epoch: u64,
+    entry: &JournalEntry,
+) -> Result<JournalStats, JournalError> {
+    for_epoch(tx, id, epoch)?;
+    let size = entry.size() as i64;
+    tx.execute(
+        "INSERT INTO entries (id, seq, entry, bytes)
+         SELECT ?1, next_seq, ?2, ?3 FROM sessions WHERE id = ?1",
+        params![id, encode(entry)?, size],
+    )
+    .map_err(sql_error("append"))?;
+    tx.execute(
+        "UPDATE sessions SET entries = entries + 1, bytes = bytes + ?2, next_seq = next_seq + 1
+         WHERE id = ?1",
+        params![id, size],
+    )
+    .map_err(sql_error("append"))?;
+    row_stats(tx, id)
+}
+
+fn entries(
+    tx: &Transaction<'_>,
+    id: &str,
+    epoch: u64,
+) -> Result<Vec<Arc<JournalEntry>>, JournalError> {
+    let snapshot: Option<Option<String>> = tx
+        .query_row(
+            "SELECT snapshot FROM sessions WHERE id = ?1 AND epoch = ?2",
+            params![id, epoch as i64],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql_error("read session"))?;
+    let Some(snapshot) = snapshot else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    if let Some(text) = snapshot {
+        out.push(decode(&text)?);
+    }
+    let mut query = tx
+        .prepare_cached("SELECT entry FROM entries WHERE id = ?1 ORDER BY seq")
+        .map_err(sql_error("read entries"))?;
+    let rows = query
+        .query_map([id], |r| r.get::<_, String>(0))
+        .map_err(sql_error("read entries"))?;
+    for row in rows {
+        out.push(decode(&row.map_err(sql_error("read entries"))?)?);
+    }
+    Ok(out)
+}
+
+fn compact(
+    tx: &Transaction<'_>,
+    id: &str,
+    epoch: u64,
+    snapshot: &JournalEntry,
+    replaced: usize,
+) -> Result<JournalStats, JournalError> {
+    for_epoch(tx, id, epoch)?;
+    tx.execute(
+        "DELETE FROM entries WHERE id = ?1 AND seq IN
+             (SELECT seq FROM entries WHERE id = ?1 ORDER BY seq LIMIT ?2)",
+        params![id, replaced as i64],
+    )
+    .map_err(sql_error("compact"))?;
+    tx.execute(
+        "UPDATE sessions SET snapshot = ?2, snapshot_bytes = ?3,
+             entries = (SELECT COUNT(*) FROM entries WHERE id = ?1),
+             bytes = (SELECT COALESCE(SUM(bytes), 0) FROM entries WHERE id = ?1)
+         WHERE id = ?1",
+        params![id, encode(snapshot)?, snapshot.size() as i64],
+    )
+    .map_err(sql_error("compact"))?;
+    row_stats(tx, id)
+}
+
+fn stats(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<JournalStats, JournalError> {
+    let current: Option<i64> = tx
+        .query_row("SELECT epoch FROM sessions WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql_error("read session"))?;
+    match current {
+        Some(stored) if stored == epoch as i64 => row_stats(tx, id),
+        _ => Ok(JournalStats::default()),
+    }
+}
+
+fn remove(tx: &Transaction<'_>, id: &str, epoch: Option<u64>) -> Result<(), JournalError> {
+    let matches: bool = match epoch {
+        None => true,
+        Some(epoch) => tx
+            .query_row(
+                "SELECT 1 FROM sessions WHERE id = ?1 AND epoch = ?2",
+                params![id, epoch as i64],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(sql_error("read session"))?
+            .is_some(),
+    };
+    if matches {
+        tx.execute("DELETE FROM entries WHERE id = ?1", [id])
+            .map_err(sql_error("remove"))?;
+        tx.execute("DELETE FROM sessions WHERE id = ?1", [id])
+            .map_err(sql_error("remove"))?;
+    }
+    Ok(())
+}
+
+fn sessions(tx: &Transaction<'_>) -> Result<Vec<StoredSession>, JournalError> {
+    let mut query = tx
+        .prepare("SELECT id, epoch, entries, bytes, snapshot_bytes FROM sessions")
+        .map_err(sql_error("list sessions"))?;
+    let rows = query
+        .query_map([], |r| {
+            Ok(StoredSession {
+                id: r.get(0)?,
+                epoch: r.get::<_, i64>(1)? as u64,
+                stats: JournalStats {
+                    entries: r.get::<_, i64>(2)? as usize,
+                    bytes: r.get::<_, i64>(3)? as usize,
+                    snapshot_bytes: r.get::<_, Option<i64>>(4)?.map(|b| b as usize),
+                },
+            })
+        })
+        .map_err(sql_error("list sessions"))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(sql_error("list sessions"))
+}
+
+#[async_trait]
+impl SessionJournal for SqliteJournal {
+    async fn append(
+        &self,
+        id: &str,
+        epoch: u64,
+        entry: JournalEntry,
+    ) -> Result<JournalStats, JournalError> {
+        self.ask(|reply| Op::Append(id.to_owned(), epoch, entry, reply))
+            .await
+    }
+
+    async fn entries(&self, id: &str, epoch: u64) -> Result<Vec<Arc<JournalEntry>>, JournalError> {
+        self.ask(|reply| Op::Entries(id.to_owned(), epoch, reply))
+            .await
+    }
+
+    async fn compact(
+        &self,
+        id: &str,
+        epoch: u64,
+        snapshot: JournalEntry,
+        replaced: usize,
+    ) -> Result<JournalStats, JournalError> {
+        self.ask(|reply| Op::Compact(id.to_owned(), epoch, snapshot, replaced, reply))
+            .await
+    }
+
+    async fn stats(&self, id: &str, epoch: u64) -> Result<JournalStats, JournalError> {
+        self.ask(|reply| Op::Stats(id.to_owned(), epoch, reply))
+            .await
+    }
+
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError> {
+        self.ask(|reply| Op::Remove(id.to_owned(), epoch, reply))
+            .await
+    }
+
+    async fn sessions(&self) -> Result<Vec<StoredSession>, JournalError> {
+        self.ask(Op::Sessions).await
+    }
+}

@@ -1,0 +1,74 @@
+//! Idle sessions leave their workers: after `session_idle` without a call, a session's
+//! journal is compacted (if it can be), its state is freed on its worker, and it is
+//! unpinned; it stays open, in the journal store, and its next call rebuilds it on any
+//! worker. A worker's memory then follows its active sessions, not every session ever
+//! opened on it.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::metrics::Counter;
+use crate::pool::scheduler::Mode;
+use crate::pool::{PoolEvent, Shared};
+
+impl Shared {
+    /// Up to `most` sessions idle past `idle` that a worker still holds: `(id, epoch,
+    /// worker)`.
+    pub(crate) fn idle_resident_sessions(
+        &self,
+        idle: std::time::Duration,
+        most: usize,
+    ) -> Vec<(Arc<str>, u64, Arc<str>)> {
+        self.lock().sessions.idle_resident(idle, most)
+    }
+
+    /// Evicts session `id` (of `epoch`) from `worker`, unless a call of it is running
+    /// or due (its turn is taken) or it moved meanwhile.
+    pub(crate) async fn evict_session(
+        self: &Arc<Self>,
+        id: Arc<str>,
+        epoch: u64,
+        worker: Arc<str>,
+    ) {
+        let turn = {
+            let mut st = self.lock();
+            let Some(entry) = st.sessions.get_mut(&id, epoch) else {
+                return;
+            };
+            if entry.worker.as_deref() != Some(&*worker) {
+                return;
+            }
+            let Ok(turn) = entry.order.clone().try_lock_owned() else {
+                return;
+            };
+            (turn, entry.journal, entry.unsnapshotted.is_none())
+        };
+        let (_turn, journal, compactable) = turn;
+        if compactable && journal.entries > 0 {
+            self.compact(&id, epoch, &worker, journal.entries).await;
+        }
+        let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await else {
+            return;
+        };
+        let args = json!({"session_id": &*id});
+        let cleaned = lease
+            .worker()
+            .call("cleanup_session", args, self.config.request_timeout)
+            .await;
+        drop(lease);
+        if let Err(error) = cleaned {
+            tracing::warn!(session = %id, %error, "evicting an idle session failed; it stays on its worker");
+            return;
+        }
+        {
+            let mut st = self.lock();
+            if let Some(slot) = st.slots.get_mut(&worker) {
+                slot.pinned.remove(&id);
+            }
+            st.sessions.unpin(&worker, [id.clone()]);
+        }
+        self.metrics.bump(Counter::SessionEviction);
+        self.notify(PoolEvent::SessionEvicted { session_id: id });
+    }
+}

@@ -1,0 +1,141 @@
+//! Sessions survive the server: `serve` keeps its session journals in SQLite in its
+//! data directory, so after it is killed with SIGKILL and started again on the same
+//! directory every session answers its next call with its state (rebuilt from its
+//! journal on a worker), and a second server cannot open a directory in use.
+
+mod common;
+
+use std::io::Read;
+
+use common::{ServeProcess, spawn_serve};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const SESSIONS: usize = 24;
+
+fn durable(dir: &std::path::Path) -> ServeProcess {
+    spawn_serve(&[
+        "--journal",
+        "sqlite",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--module",
+        "snakepool_worker.dspy",
+    ])
+}
+
+async fn call(
+    client: &reqwest::Client,
+    url: &str,
+    session: &str,
+    command: &str,
+    args: Value,
+) -> Value {
+    let response = client
+        .post(format!("{url}/v1/call"))
+        .json(&json!({"command": command, "session_id": session, "args": args}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{session} {command}: {body}");
+    body["result"].clone()
+}
+
+fn answer(n: usize) -> String {
+    format!("answer number {n}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_answer_with_their_state_after_the_server_is_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let mut first = durable(dir.path());
+    for n in 0..SESSIONS {
+        let session = format!("user-{n}");
+        let script = json!({"provider": "dummy", "answers": vec![json!({"answer": answer(n)}); 4]});
+        call(&client, &first.url, &session, "configure_lm", script).await;
+        let created = call(
+            &client,
+            &first.url,
+            &session,
+            "create_program",
+            json!({"signature": "question -> answer"}),
+        )
+        .await;
+        assert_eq!(created["program_id"], "prog_1");
+        call(
+            &client,
+            &first.url,
+            &session,
+            "set_value",
+            json!({"key": "n", "value": n}),
+        )
+        .await;
+    }
+
+    // A second server may not share the directory.
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_snakepool"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .args(["--python", &common::python()])
+        .args([
+            "--journal",
+            "sqlite",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env_remove("SNAKEPOOL_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = second.wait().unwrap();
+    let mut stderr = String::new();
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("in use"), "{stderr}");
+
+    // No goodbye: the process is killed.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let mut again = durable(dir.path());
+    for n in 0..SESSIONS {
+        let session = format!("user-{n}");
+        let value = call(
+            &client,
+            &again.url,
+            &session,
+            "get_value",
+            json!({"key": "n"}),
+        )
+        .await;
+        assert_eq!(value, json!(n), "{session}");
+        let run = call(
+            &client,
+            &again.url,
+            &session,
+            "execute_program",
+            json!({"program_id": "prog_1", "inputs": {"question": "who are you?"}}),
+        )
+        .await;
+        assert_eq!(run["outputs"]["answer"], json!(answer(n)), "{session}");
+    }
+    let sessions: Value = client
+        .get(format!("{}/v1/sessions?limit=1000", again.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sessions["sessions"].as_array().unwrap().len(), SESSIONS);
+    again.child.kill().unwrap();
+    again.child.wait().unwrap();
+}
