@@ -217,3 +217,56 @@ async fn idle_sessions_leave_their_worker_and_come_back_on_their_next_call() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dspy_session_is_compacted_and_rebuilt_from_its_snapshot() {
+    let pool = builder(2)
+        .module("snakepool_worker.dspy")
+        .journal_limits(JournalLimits {
+            compact_entries: 2,
+            ..limits()
+        })
+        .start()
+        .await
+        .unwrap();
+    let session = pool.session("dspy-long");
+    let script = json!({"provider": "dummy", "answers": vec![json!({"answer": "yes"}); 8]});
+    session.call("configure_lm", script).await.unwrap();
+    for _ in 0..3 {
+        session
+            .call("create_program", json!({"signature": "question -> answer"}))
+            .await
+            .unwrap();
+    }
+    assert_eq!(pool.metrics().journal_compactions, 2);
+    let journal = pool.journal_entries("dspy-long").await.unwrap();
+    assert_eq!(journal[0].command, "restore_session");
+    assert!(journal.len() <= 2, "{journal:?}");
+
+    kill_session_worker(&pool, &session).await;
+    let listed = session.call("list_programs", json!({})).await.unwrap();
+    let ids: Vec<&str> = listed["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["program_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["prog_1", "prog_2", "prog_3"]);
+    let run = session
+        .call(
+            "execute_program",
+            json!({"program_id": "prog_3", "inputs": {"question": "still here?"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(run["outputs"]["answer"], "yes");
+    let created = session
+        .call("create_program", json!({"signature": "question -> answer"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        created["program_id"], "prog_4",
+        "the id counter came back too"
+    );
+    pool.shutdown().await;
+}

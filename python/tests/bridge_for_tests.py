@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from snakepool_worker.builtins import register_builtins
-from snakepool_worker.dspy import COMMANDS, STATE_KEY, SessionState, cleanup_session_state
+from snakepool_worker.dspy import COMMANDS, STATE_KEY, SessionState, register_session_hooks
 from snakepool_worker.registry import Context, Final, Registry
 from snakepool_worker.runtime import Runtime
 
@@ -58,7 +58,7 @@ class Bridge:
                 self._async[name] = func
                 func = self._blocking(func)
             registry.register(name, func, mutates_session=mutates_session)
-        registry.on_session_cleanup(cleanup_session_state)
+        register_session_hooks(registry)
         self.runtime = Runtime(registry, worker_id="unit")
         self._next_id = 0
 

@@ -27,8 +27,8 @@ The package: ``commands`` (the command table, program commands), ``configure``
 settings from the environment), ``caches`` (response caches), ``failures`` (what a failed
 LM call reports), ``signatures``, ``programs``, ``state`` (a session's LM and programs,
 and running a program), ``served`` (served programs), ``dummy`` (the scripted test LM),
-``loader`` (the lazy DSPy import), ``streaming`` (``execute_program`` with ``stream``) and
-``errors``.
+``loader`` (the lazy DSPy import), ``streaming`` (``execute_program`` with ``stream``),
+``snapshot`` (session snapshots) and ``errors``.
 Argument checks are the runtime's (``snakepool_worker.arguments``).
 
 LM policy (read from the worker's environment, which the host sets):
@@ -86,6 +86,12 @@ by the sessions and served programs that use that profile on this worker, or non
 program runs it stores nothing (or uses a cache something configured before DSPy was
 loaded here). So no answer crosses from one profile, endpoint or client LM to another,
 even between runs that overlap, and no worker writes to the home directory.
+
+Session snapshots (see ``snapshot``) cover every command: the part
+``snakepool_worker.dspy`` of a session is its LM settings as ``configure_lm`` accepted
+them (never a key; a dummy LM with how far its script has got), its programs as
+``dump_program_state`` gives them and its program-id counter, so the host may replace a
+long journal by one snapshot.
 
 Commands (``*`` = ``mutates_session``, journaled by the host):
 
@@ -192,7 +198,7 @@ from __future__ import annotations
 
 from ..registry import default_registry
 from .caches import NO_STORE, PROFILE_CACHE_ENTRIES
-from .commands import COMMAND_NAMES, COMMANDS, register_commands
+from .commands import COMMAND_NAMES, COMMANDS, register_commands, register_session_hooks
 from .configure import PROVIDERS
 from .errors import (
     ApiKeyMissing,
@@ -230,6 +236,7 @@ from .policy import (
 from .programs import PROGRAM_TYPES, Program
 from .served import PROGRAMS_ENV, load_if_configured
 from .signatures import ALLOWED_TYPES, RESERVED_FIELD_NAMES, FieldSpec
+from .snapshot import SNAPSHOT_PART, restore_session_state, snapshot_session_state
 from .state import STATE_KEY, SessionState, cleanup_session_state
 
 __all__ = [
@@ -265,6 +272,7 @@ __all__ = [
     "ProgramNotFound",
     "RESERVED_FIELD_NAMES",
     "ReservedFieldName",
+    "SNAPSHOT_PART",
     "STATE_KEY",
     "ServedProgramInvalid",
     "SessionRequired",
@@ -278,6 +286,9 @@ __all__ = [
     "lm_profiles",
     "parse_profiles",
     "register_commands",
+    "register_session_hooks",
+    "restore_session_state",
+    "snapshot_session_state",
 ]
 
 register_commands(default_registry)

@@ -8,6 +8,10 @@ on the worker's event loop while they wait for their LMs, and with ``stream`` it
 the program's string outputs as chunks first (see ``streaming``). The others (all
 synchronous) list, describe, save, load and delete programs. Every command rejects
 arguments it does not know (``InvalidArgument``).
+
+``register_commands`` registers the commands with their session hooks: the cleanup hook,
+and the snapshot and restore hooks of the part ``snakepool_worker.dspy`` (see
+``snapshot``), which cover every DSPy command.
 """
 
 from __future__ import annotations
@@ -25,23 +29,12 @@ from ..arguments import (
 )
 from ..registry import Context, Final, Handler, Registry
 from .configure import configure_lm
-from .errors import InvalidSignature, MissingInput, UnknownInput
+from .errors import MissingInput, UnknownInput
 from .optimize import optimize_program
-from .programs import (
-    PROGRAM_TYPES,
-    Program,
-    build_program,
-    dump_state,
-    examples,
-    load_state,
-)
+from .programs import Program, load_state, program_from_args, program_record
 from .served import find_served, served_lm
-from .signatures import (
-    RESERVED_FIELD_NAMES,
-    parse_signature_dict,
-    parse_signature_text,
-    reserved_error,
-)
+from .signatures import RESERVED_FIELD_NAMES, reserved_error
+from .snapshot import SNAPSHOT_PART, restore_session_state, snapshot_session_state
 from .state import (
     LMBinding,
     arun,
@@ -79,11 +72,6 @@ def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             if name in args and args[name] != args[alias]:
                 raise InvalidArgument(f"{command}: give args.{name} or args.{alias}, not both")
             args = {**args, name: args[alias]}
-    program_type = get_str(command, args, "type", "predict")
-    if program_type not in PROGRAM_TYPES:
-        raise InvalidArgument(
-            f"{command}: unknown program type {program_type!r}; allowed: {names(PROGRAM_TYPES)}"
-        )
     program_id = get_str(command, args, "program_id", None)
     if program_id is not None:
         if len(program_id) > _MAX_PROGRAM_ID_CHARS:
@@ -95,39 +83,7 @@ def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
                 f"{command}: program {program_id!r} already exists in session "
                 f"{ctx.session_id!r}; delete it first or choose another id"
             )
-
-    signature = args.get("signature")
-    instructions = get_str(command, args, "instructions", None)
-    if isinstance(signature, str):
-        inputs, outputs = parse_signature_text(signature)
-    elif isinstance(signature, dict):
-        if instructions is not None:
-            raise InvalidArgument(
-                f"{command}: args.instructions goes with a string signature; put it in "
-                "signature.instructions"
-            )
-        inputs, outputs, instructions = parse_signature_dict(signature)
-    elif signature is None:
-        raise InvalidArgument(
-            f"{command}: args.signature is required: a string such as 'question -> answer' or "
-            "an object {instructions?, inputs: [{name, type?, desc?}], outputs: [...]}"
-        )
-    else:
-        raise InvalidSignature(
-            f"signature must be a string or an object, got {describe(signature)}"
-        )
-    demos = args.get("demos")
-    program_state = args.get("state")
-    if demos is not None and program_state is not None:
-        raise InvalidArgument(f"{command}: give args.demos or args.state, not both")
-
-    program = build_program(program_type, inputs, outputs, instructions, program_id or "")
-    if demos is not None:
-        demo_examples = examples(command, demos, "demos", program)
-        for _, predictor in program.predictors():
-            predictor.demos = list(demo_examples)
-    if program_state is not None:
-        load_state(command, program, program_state)
+    program = program_from_args(command, args, program_id or "")
     program.program_id = program_id or state.next_program_id()
     state.programs[program.program_id] = program
     return {
@@ -220,13 +176,7 @@ def dump_program_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     """
     state = session_state(ctx)
     check_known(ctx.command, args, ("program_id",))
-    program = find_program(state, ctx, args)
-    return {
-        "program_id": program.program_id,
-        "type": program.type,
-        "signature": program.describe_signature(),
-        "state": dump_state(program),
-    }
+    return program_record(find_program(state, ctx, args))
 
 
 def load_program_state(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
@@ -306,7 +256,15 @@ COMMAND_NAMES: Tuple[str, ...] = tuple(name for name, _, _ in COMMANDS)
 
 
 def register_commands(registry: Registry) -> None:
-    """Register the DSPy commands and the session cleanup hook into ``registry``."""
+    """Register the DSPy commands and their session hooks into ``registry``."""
     for name, func, mutates_session in COMMANDS:
         registry.register(name, func, mutates_session=mutates_session)
+    register_session_hooks(registry)
+
+
+def register_session_hooks(registry: Registry) -> None:
+    """Register the session cleanup hook and the session snapshot and restore hooks of the
+    DSPy commands into ``registry``, the registry of the commands."""
     registry.on_session_cleanup(cleanup_session_state)
+    registry.session_snapshot(snapshot_session_state, part=SNAPSHOT_PART)
+    registry.session_restore(restore_session_state, part=SNAPSHOT_PART)

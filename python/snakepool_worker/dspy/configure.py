@@ -10,11 +10,14 @@ the client's own settings.
   only with ``SNAKEPOOL_LM_CLIENT_SETTINGS=allow``, else ``LMSettingsForbidden``; the
   response cache is always off for it (``cache: true`` is refused).
 
-A key variable starting with ``SNAKEPOOL_`` is refused in every form.
+A key variable starting with ``SNAKEPOOL_`` is refused in every form. The session keeps
+the arguments it accepted (``SessionState.lm_settings``): a session snapshot holds them,
+and restoring it configures the same LM again (see ``snapshot``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Optional, Tuple
 
 from ..arguments import (
@@ -58,10 +61,16 @@ _PROFILE_FIXED = ("model", "api_base", "api_key_env", "num_retries", "cache")
 
 def configure_lm(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     """Set the session's language model: {profile, ...}, {provider: "dummy"} or {model, ...}."""
-    state = session_state(ctx)
-    command = ctx.command
+    return set_session_lm(session_state(ctx), args, ctx.command, ctx.worker_id)
+
+
+def set_session_lm(
+    state: SessionState, args: Dict[str, Any], command: str, worker_id: str
+) -> Dict[str, Any]:
+    """Install the LM ``args`` (``configure_lm``'s arguments) describe in ``state``; return
+    its info. ``command`` and ``worker_id`` name the caller in errors."""
     if args.get("profile") is not None:
-        return _configure_profile(state, ctx, args)
+        return _configure_profile(state, command, worker_id, args)
     provider = get_str(command, args, "provider", None)
     model = get_str(command, args, "model", None)
     if provider is None:
@@ -72,7 +81,7 @@ def configure_lm(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         )
     # Arguments are checked before DSPy is imported: a mistake costs no import.
     if provider == "dummy":
-        return _configure_dummy(state, ctx, args, model)
+        return _configure_dummy(state, command, args, model)
     if model is None:
         direct = ", or args.model" if client_settings_allowed() else ""
         raise InvalidArgument(
@@ -86,13 +95,22 @@ def configure_lm(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             f"{profile_names()}. The operator can allow client LM settings with "
             f"{CLIENT_SETTINGS_ENV}=allow"
         )
-    return _configure_direct(state, ctx, args, model)
+    return _configure_direct(state, command, worker_id, args, model)
+
+
+def _accepted(args: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of the arguments ``configure_lm`` accepted, without the session id and nulls:
+    what configures the same LM again."""
+    return {
+        key: copy.deepcopy(value)
+        for key, value in args.items()
+        if key != "session_id" and value is not None
+    }
 
 
 def _configure_dummy(
-    state: SessionState, ctx: Context, args: Dict[str, Any], model: Optional[str]
+    state: SessionState, command: str, args: Dict[str, Any], model: Optional[str]
 ) -> Dict[str, Any]:
-    command = ctx.command
     check_known(command, args, _DUMMY_ARGS)
     if model not in (None, "dummy"):
         raise InvalidArgument(
@@ -109,7 +127,7 @@ def _configure_dummy(
         "answers": len(answers),
         "follow_examples": follow_examples,
     }
-    state.set_lm(lm, info, adapter)
+    state.set_lm(lm, info, _accepted(args), adapter)
     return dict(info)
 
 
@@ -122,8 +140,9 @@ def _make_lm(command: str, model: str, kwargs: Dict[str, Any]) -> Any:
         raise InvalidArgument(f"{command}: DSPy rejected the LM settings: {exc}") from None
 
 
-def _configure_profile(state: SessionState, ctx: Context, args: Dict[str, Any]) -> Dict[str, Any]:
-    command = ctx.command
+def _configure_profile(
+    state: SessionState, command: str, worker_id: str, args: Dict[str, Any]
+) -> Dict[str, Any]:
     name = get_str(command, args, "profile")
     fixed = [key for key in _PROFILE_FIXED if key in args]
     if fixed:
@@ -145,8 +164,8 @@ def _configure_profile(state: SessionState, ctx: Context, args: Dict[str, Any]) 
                 f"{command}: max_tokens {max_tokens} is above the limit of {where} "
                 f"({profile.max_tokens})"
             )
-    lm, info, cache = profile_lm(command, profile, ctx.worker_id, where, temperature, max_tokens)
-    state.set_lm(lm, info, None, cache)
+    lm, info, cache = profile_lm(command, profile, worker_id, where, temperature, max_tokens)
+    state.set_lm(lm, info, _accepted(args), None, cache)
     return dict(info)
 
 
@@ -201,9 +220,8 @@ NO_KEY = "no-key"
 
 
 def _configure_direct(
-    state: SessionState, ctx: Context, args: Dict[str, Any], model: str
+    state: SessionState, command: str, worker_id: str, args: Dict[str, Any], model: str
 ) -> Dict[str, Any]:
-    command = ctx.command
     check_known(command, args, _DIRECT_ARGS)
     api_base = get_str(command, args, "api_base", None)
     api_key_env = get_str(command, args, "api_key_env", None)
@@ -230,7 +248,7 @@ def _configure_direct(
                 f"digits, underscores), got {api_key_env!r}"
             )
         refuse_pool_variable(api_key_env, f"{command}: args.api_key_env")
-        kwargs["api_key"] = api_key(api_key_env, ctx.worker_id, "args.api_key_env", name_it=True)
+        kwargs["api_key"] = api_key(api_key_env, worker_id, "args.api_key_env", name_it=True)
     elif api_base is not None:
         # Without a key of its own, litellm would fall back to the provider's usual
         # variable (OPENAI_API_KEY, ...) and send the operator's key to the client's
@@ -247,5 +265,5 @@ def _configure_direct(
         "num_retries": num_retries,
         "cache": False,
     }
-    state.set_lm(lm, info, None)
+    state.set_lm(lm, info, _accepted(args), None)
     return dict(info)

@@ -6,12 +6,15 @@ call after the list is used up fails with ``DummyAnswersExhausted`` (DSPy's Dumm
 would answer "No more responses"). With ``follow_examples`` the LM answers from a demo
 whose input matches the call, and when none matches, from the script (DSPy's own DummyLM
 would fail the call instead).
+
+A list script knows how many of its answers are used (``Script.used``), and a session
+snapshot keeps that number so that a restored LM answers on from the same point.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..arguments import InvalidArgument, describe
 from .errors import DummyAnswersExhausted
@@ -39,6 +42,24 @@ class Script:
         answer = self._answers[self._next]
         self._next += 1
         return answer
+
+    @property
+    def used(self) -> int:
+        """How many answers have been consumed."""
+        return self._next
+
+    def resume(self, used: int) -> None:
+        """Continue after the first ``used`` answers, as a script that has consumed them."""
+        total = len(self._answers)
+        if isinstance(used, bool) or not isinstance(used, int) or not 0 <= used <= total:
+            raise ValueError(f"a script of {total} answers cannot resume after {used!r} of them")
+        self._next = used
+
+
+def script_of(lm: Any) -> Optional[Script]:
+    """The list script of a dummy LM, or ``None`` (another LM, or a prompt -> answer object)."""
+    answers = getattr(lm, "answers", None)
+    return answers if isinstance(answers, Script) else None
 
 
 def scripted_lm_class() -> Any:

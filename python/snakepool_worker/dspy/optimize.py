@@ -141,6 +141,10 @@ def optimize_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
         teleprompter = dspy.LabeledFewShot(k=get_int(command, args, "k", DEFAULT_LABELED_K))
     with _no_progress_bars():
         compiled = run(state, lambda: teleprompter.compile(program.module, trainset=trainset))
+    # DSPy flags a compiled module and will not compile it again. The same program rebuilt
+    # from its state (a replayed journal, a restored snapshot) has no flag: drop it here too,
+    # so that a session and its rebuilt copy both take another optimizer run.
+    compiled._compiled = False
     program.module = compiled
     dumped = dump_state(program)
     ctx.journal_as("load_program_state", {"program_id": program.program_id, "state": dumped})

@@ -1,5 +1,7 @@
 """Programs: a DSPy module with its declared fields, plus the data that goes in and out.
 
+``program_from_args`` builds a program from ``create_program``'s arguments, and
+``program_record`` is what ``dump_program_state`` returns for it (such arguments again);
 ``examples`` turns demos and trainsets (objects holding every input and output field)
 into ``dspy.Example``; ``load_state`` checks a ``dump_program_state`` state against the
 program before loading it (a state never gives a program its own LM, and its fields
@@ -10,12 +12,18 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..arguments import InvalidArgument, describe, names, quoted
-from .errors import InvalidState
+from ..arguments import InvalidArgument, describe, get_str, names, quoted
+from .errors import InvalidSignature, InvalidState
 from .loader import load_dspy
-from .signatures import FieldSpec, build_signature, check_field_set
+from .signatures import (
+    FieldSpec,
+    build_signature,
+    check_field_set,
+    parse_signature_dict,
+    parse_signature_text,
+)
 
 PROGRAM_TYPES: Tuple[str, ...] = ("predict", "chain_of_thought")
 
@@ -123,6 +131,64 @@ def build_program(
     else:
         module = dspy.ChainOfThought(signature)
     return Program(program_id, program_type, inputs, outputs, module)
+
+
+def _signature_of(
+    command: str, args: Mapping[str, Any]
+) -> Tuple[List[FieldSpec], List[FieldSpec], Optional[str]]:
+    """``(inputs, outputs, instructions)`` from ``args.signature`` and ``args.instructions``."""
+    signature = args.get("signature")
+    instructions = get_str(command, args, "instructions", None)
+    if isinstance(signature, str):
+        inputs, outputs = parse_signature_text(signature)
+        return inputs, outputs, instructions
+    if isinstance(signature, dict):
+        if instructions is not None:
+            raise InvalidArgument(
+                f"{command}: args.instructions goes with a string signature; put it in "
+                "signature.instructions"
+            )
+        return parse_signature_dict(signature)
+    if signature is None:
+        raise InvalidArgument(
+            f"{command}: args.signature is required: a string such as 'question -> answer' or "
+            "an object {instructions?, inputs: [{name, type?, desc?}], outputs: [...]}"
+        )
+    raise InvalidSignature(f"signature must be a string or an object, got {describe(signature)}")
+
+
+def program_from_args(command: str, args: Mapping[str, Any], program_id: str = "") -> Program:
+    """A program from ``create_program``'s ``type``, ``signature``, ``instructions`` and
+    ``demos`` or ``state`` (the other arguments are the caller's); ``program_id`` names it."""
+    program_type = get_str(command, args, "type", "predict")
+    if program_type not in PROGRAM_TYPES:
+        raise InvalidArgument(
+            f"{command}: unknown program type {program_type!r}; allowed: {names(PROGRAM_TYPES)}"
+        )
+    inputs, outputs, instructions = _signature_of(command, args)
+    demos = args.get("demos")
+    program_state = args.get("state")
+    if demos is not None and program_state is not None:
+        raise InvalidArgument(f"{command}: give args.demos or args.state, not both")
+    program = build_program(program_type, inputs, outputs, instructions, program_id)
+    if demos is not None:
+        demo_examples = examples(command, demos, "demos", program)
+        for _, predictor in program.predictors():
+            predictor.demos = list(demo_examples)
+    if program_state is not None:
+        load_state(command, program, program_state)
+    return program
+
+
+def program_record(program: Program) -> Dict[str, Any]:
+    """``{program_id, type, signature, state}``: what ``dump_program_state`` returns, and
+    ``create_program`` arguments that make the same program again."""
+    return {
+        "program_id": program.program_id,
+        "type": program.type,
+        "signature": program.describe_signature(),
+        "state": dump_state(program),
+    }
 
 
 def _check_record(

@@ -35,32 +35,52 @@ _log = logging.getLogger(__package__)
 
 
 class SessionState:
-    """A session's language model (with its response cache) and programs."""
+    """A session's language model (with its response cache) and programs.
 
-    __slots__ = ("lm", "lm_info", "adapter", "response_cache", "programs", "counter")
+    ``lm_settings`` are the ``configure_lm`` arguments the LM was made from (see
+    ``configure``), which configure the same LM again on another worker.
+    """
+
+    __slots__ = (
+        "lm",
+        "lm_info",
+        "lm_settings",
+        "adapter",
+        "response_cache",
+        "programs",
+        "counter",
+    )
 
     def __init__(self) -> None:
         self.lm: Any = None
         self.lm_info: Optional[Dict[str, Any]] = None
+        self.lm_settings: Optional[Dict[str, Any]] = None
         self.adapter: Any = None
         self.response_cache: Any = None
         self.programs: Dict[str, Program] = {}
         self.counter = 0
 
     def set_lm(
-        self, lm: Any, info: Dict[str, Any], adapter: Any, response_cache: Any = None
+        self,
+        lm: Any,
+        info: Dict[str, Any],
+        settings: Dict[str, Any],
+        adapter: Any,
+        response_cache: Any = None,
     ) -> None:
-        """Install the session's LM; ``response_cache`` is its profile's cache, if any."""
+        """Install the session's LM, made from ``settings``; ``response_cache`` is its
+        profile's cache, if any."""
         self.close_lm()
         self.lm = lm
         self.lm_info = info
+        self.lm_settings = settings
         self.adapter = adapter
         self.response_cache = response_cache
 
     def close_lm(self) -> bool:
         """Drop the LM (closing its connections); return whether there was one."""
         lm = self.lm
-        self.lm = self.lm_info = self.adapter = self.response_cache = None
+        self.lm = self.lm_info = self.lm_settings = self.adapter = self.response_cache = None
         if lm is None:
             return False
         close = getattr(lm, "close", None)
