@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 pub use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::pool::SessionState;
 use crate::worker::ChunkSource;
 
 /// Options of one call. The default is the pool's request timeout and no way to
@@ -61,6 +62,8 @@ pub struct CallStream {
     outcome: Option<oneshot::Receiver<Result<Value>>>,
     /// The outcome, once it arrived while chunks may still be waiting.
     ended: Option<Result<Value>>,
+    /// For a session call: what it found its session to be.
+    session: Option<SessionState>,
 }
 
 impl CallStream {
@@ -77,7 +80,19 @@ impl CallStream {
             chunks,
             outcome: Some(rx),
             ended: None,
+            session: None,
         }
+    }
+
+    /// The stream of a session call that found its session `state`.
+    pub(crate) fn in_session(mut self, state: SessionState) -> CallStream {
+        self.session = Some(state);
+        self
+    }
+
+    /// For a session call: whether its session was created, resumed or rebuilt.
+    pub fn session_state(&self) -> Option<SessionState> {
+        self.session
     }
 }
 

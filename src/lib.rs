@@ -43,7 +43,7 @@ pub use journal::{
 };
 pub use metrics::MetricsSnapshot;
 pub use pool::{
-    JournalLimits, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SpawnMode,
-    WorkerInfo, ZygoteStatus,
+    JournalLimits, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SessionReply,
+    SessionState, SpawnMode, WorkerInfo, ZygoteStatus,
 };
 pub use session::Session;

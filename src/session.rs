@@ -8,7 +8,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::call::{CallOptions, CallStream};
 use crate::error::{Error, Result};
-use crate::pool::{Pool, SessionCall};
+use crate::pool::{Pool, SessionCall, SessionReply};
 use crate::worker::{CallControl, ChunkSink, chunk_channel};
 
 /// A handle on one session of a pool. Clones share the session.
@@ -74,6 +74,20 @@ impl Session {
         args: Value,
         options: CallOptions,
     ) -> Result<Value> {
+        self.call_reporting(command, args, options)
+            .await
+            .map(|reply| reply.result)
+    }
+
+    /// Like [`Session::call_with`], also saying whether the call found the session
+    /// new (created), with its state on its worker (resumed), or rebuilt from its
+    /// journal first.
+    pub async fn call_reporting(
+        &self,
+        command: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<SessionReply> {
         let (opened, turn, call) = self.take_turn(command, args, options, None).await?;
         self.pool.session_call(self, opened.epoch, turn, call).await
     }

@@ -148,12 +148,13 @@ async fn every_error_kind_gets_its_status_and_the_pool_keeps_serving() {
     std::fs::write(dir.path().join("released"), b"").unwrap();
     assert_eq!(held.await.unwrap(), StatusCode::OK);
 
-    // A closed session is gone, not silently re-opened empty.
-    let (status, _, _) = server
+    // A session call says what it found: here a new session.
+    let (status, _, headers) = server
         .call(json!({"command": "set_value", "session_id": "s1",
                      "args": {"key": "k", "value": 1}}))
         .await;
     assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-session-state"], "created");
     let (status, sessions) = server.get("/v1/sessions").await;
     assert_eq!(status, StatusCode::OK);
     let sessions: Value = serde_json::from_str(&sessions).unwrap();
@@ -166,11 +167,27 @@ async fn every_error_kind_gets_its_status_and_the_pool_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let (status, body, _) = server
+    // Its id is free at once: the next call opens a new, empty session, and says so.
+    let (status, body, headers) = server
         .call(json!({"command": "get_value", "session_id": "s1", "args": {"key": "k"}}))
         .await;
-    assert_eq!(status, StatusCode::GONE);
-    assert_eq!(body["error"]["kind"], "session_closed");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["python_type"], "KeyError");
+    let (status, _, headers_after) = server
+        .call(json!({"command": "set_value", "session_id": "s1",
+                     "args": {"key": "k", "value": 2}}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // (A failed first call still created it.)
+    assert_eq!(headers.get("x-session-state"), None);
+    assert_eq!(headers_after["x-session-state"], "resumed");
+    let (status, info) = server.get("/v1/sessions/s1").await;
+    assert_eq!(status, StatusCode::OK);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        (info["id"].clone(), info["journal_entries"].clone()),
+        (json!("s1"), json!(1))
+    );
     let response = server
         .client
         .delete(format!("{}/v1/sessions/never-opened", server.url))

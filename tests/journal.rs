@@ -8,7 +8,7 @@ mod common;
 
 use common::{builder, kill9, wait_for_event};
 use serde_json::json;
-use snakepool::{Error, JournalLimits, Pool, PoolEvent};
+use snakepool::{CallOptions, Error, JournalLimits, Pool, PoolEvent, SessionState};
 
 fn limits() -> JournalLimits {
     JournalLimits {
@@ -178,9 +178,19 @@ async fn idle_sessions_leave_their_worker_and_come_back_on_their_next_call() {
     let mut events = pool.subscribe();
     let noted = pool.session("noted");
     let valued = pool.session("valued");
-    for n in 0..3 {
-        noted.call("note", json!({"text": n})).await.unwrap();
-    }
+    let states: Vec<SessionState> = {
+        let mut states = Vec::new();
+        for n in 0..3 {
+            let reply = noted
+                .call_reporting("note", json!({"text": n}), CallOptions::default())
+                .await
+                .unwrap();
+            states.push(reply.state);
+        }
+        states
+    };
+    use SessionState::{Created, Rebuilt, Resumed};
+    assert_eq!(states, [Created, Resumed, Resumed]);
     valued
         .call("set_value", json!({"key": "k", "value": "v"}))
         .await
@@ -202,10 +212,11 @@ async fn idle_sessions_leave_their_worker_and_come_back_on_their_next_call() {
     assert_eq!(journal.len(), 1);
     assert_eq!(journal[0].command, "restore_session");
     // Both come back, whole, on their next call.
-    assert_eq!(
-        noted.call("notes", json!({})).await.unwrap(),
-        json!([0, 1, 2])
-    );
+    let back = noted
+        .call_reporting("notes", json!({}), CallOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((back.result, back.state), (json!([0, 1, 2]), Rebuilt));
     assert_eq!(
         valued.call("get_value", json!({"key": "k"})).await.unwrap(),
         "v"

@@ -124,6 +124,7 @@ impl Shared {
                 if let Some(session) = self.lock().sessions.get_mut(id, epoch) {
                     session.journal = stats;
                     session.compact_not_before = 0;
+                    session.compacted_at = Some(std::time::Instant::now());
                 }
             }
             Err(error) => tracing::warn!(session = id, %error, "journal compaction failed"),

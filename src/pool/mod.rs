@@ -131,6 +131,12 @@ pub struct SessionInfo {
     pub journal_entries: usize,
     /// Their size in bytes.
     pub journal_bytes: usize,
+    /// The size of the snapshot its journal starts with, if it has one.
+    pub snapshot_bytes: Option<usize>,
+    /// Seconds since its journal was last compacted into a snapshot.
+    pub compacted_s: Option<f64>,
+    /// Times it was rebuilt on a new worker.
+    pub rebuilds: u32,
 }
 
 /// Whether the pool can serve calls now.
@@ -186,6 +192,20 @@ pub(crate) async fn detached<T: Send + 'static>(
     }
 }
 
+fn session_info(id: &str, e: &session_table::SessionEntry, now: Instant) -> SessionInfo {
+    SessionInfo {
+        id: id.to_owned(),
+        worker: e.worker.as_deref().map(str::to_owned),
+        age_s: now.duration_since(e.created).as_secs_f64(),
+        idle_s: now.duration_since(e.last_used).as_secs_f64(),
+        journal_entries: e.journal.entries,
+        journal_bytes: e.journal.bytes,
+        snapshot_bytes: e.journal.snapshot_bytes,
+        compacted_s: e.compacted_at.map(|t| now.duration_since(t).as_secs_f64()),
+        rebuilds: e.rebuilds,
+    }
+}
+
 /// Runs a call on its leased worker; the lease is held until the call settles.
 async fn run_leased(
     lease: Lease,
@@ -202,6 +222,39 @@ async fn run_leased(
         .call_controlled(command, args, timeout, lease.into_hold(), control)
         .await
         .map(|(result, _)| result)
+}
+
+/// What a session call found its session to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// New: the call is its first (the id was not open, or was closed before).
+    Created,
+    /// Open, with its state on its worker.
+    Resumed,
+    /// Open, and rebuilt from its journal before the call (its worker was lost, it
+    /// was evicted while idle, or the server restarted).
+    Rebuilt,
+}
+
+impl SessionState {
+    /// `created`, `resumed` or `rebuilt`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Created => "created",
+            SessionState::Resumed => "resumed",
+            SessionState::Rebuilt => "rebuilt",
+        }
+    }
+}
+
+/// A session call's result, with what the call found its session to be.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionReply {
+    /// The command's result.
+    pub result: Value,
+    /// Created, resumed or rebuilt.
+    pub state: SessionState,
 }
 
 /// A session call as its caller made it.
@@ -518,14 +571,16 @@ impl Pool {
         epoch: u64,
         turn: tokio::sync::OwnedMutexGuard<()>,
         call: SessionCall,
-    ) -> Result<Value> {
+    ) -> Result<SessionReply> {
         let started = Instant::now();
         let result = match self
             .shared()
             .start_session_call(&session.id, epoch, turn, call)
             .await
         {
-            Ok(run) => detached(run).await,
+            Ok((run, state)) => detached(run)
+                .await
+                .map(|result| SessionReply { result, state }),
             Err(error) => Err(error),
         };
         self.finish(result, started)
@@ -542,18 +597,17 @@ impl Pool {
         chunks: ChunkSource,
     ) -> Result<CallStream> {
         let started = Instant::now();
-        let run = match self
+        let (run, state) = match self
             .shared()
             .start_session_call(&session.id, epoch, turn, call)
             .await
         {
-            Ok(run) => run,
+            Ok(started) => started,
             Err(error) => return self.finish(Err(error), started),
         };
         let pool = self.clone();
-        Ok(CallStream::spawn(chunks, async move {
-            pool.finish(run.await, started)
-        }))
+        let stream = CallStream::spawn(chunks, async move { pool.finish(run.await, started) });
+        Ok(stream.in_session(state))
     }
 
     /// A handle on session `id`, opening it if it is not open. Its calls always go
@@ -717,6 +771,13 @@ impl Pool {
         self.sessions_page(None, usize::MAX).sessions
     }
 
+    /// Session `id`, if it is open.
+    pub fn session_info(&self, id: &str) -> Option<SessionInfo> {
+        let st = self.shared().lock();
+        let (key, entry) = st.sessions.get_key_value(id)?;
+        Some(session_info(key, entry, Instant::now()))
+    }
+
     /// Up to `limit` open sessions whose ids come after `after`, in id order.
     pub fn sessions_page(&self, after: Option<&str>, limit: usize) -> SessionPage {
         let st = self.shared().lock();
@@ -724,14 +785,7 @@ impl Pool {
         let sessions: Vec<SessionInfo> = st
             .sessions
             .page(after, limit)
-            .map(|(id, e)| SessionInfo {
-                id: id.to_string(),
-                worker: e.worker.as_deref().map(str::to_owned),
-                age_s: now.duration_since(e.created).as_secs_f64(),
-                idle_s: now.duration_since(e.last_used).as_secs_f64(),
-                journal_entries: e.journal.entries,
-                journal_bytes: e.journal.bytes,
-            })
+            .map(|(id, e)| session_info(id, e, now))
             .collect();
         let more = sessions
             .last()

@@ -60,6 +60,12 @@ pub(crate) struct SessionEntry {
     /// Compaction is not tried again before the journal holds this many entries (after
     /// a snapshot failed); 0 when it may be tried whenever it is due.
     pub compact_not_before: usize,
+    /// No call of the session has started yet.
+    pub fresh: bool,
+    /// Times it was rebuilt on a new worker.
+    pub rebuilds: u32,
+    /// When its journal was last compacted into a snapshot.
+    pub compacted_at: Option<Instant>,
 }
 
 /// All open sessions.
@@ -70,6 +76,10 @@ pub(crate) struct SessionTable {
     by_last_use: BTreeSet<(Instant, u64, Arc<str>)>,
     /// The same for the entries pinned to a worker (whose state a worker holds).
     resident: BTreeSet<(Instant, u64, Arc<str>)>,
+    /// Ids whose closed session's state is still being freed on its worker: locked
+    /// until it is. A session opened again under such an id takes the lock as its turn,
+    /// so its first call waits for the clean-up (which would otherwise wipe it).
+    closing: std::collections::HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>,
     next_epoch: u64,
 }
 
@@ -97,7 +107,11 @@ impl SessionTable {
         }
         self.next_epoch += 1;
         let epoch = self.next_epoch;
-        let order = Arc::new(tokio::sync::Mutex::new(()));
+        let order = self
+            .closing
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(tokio::sync::Mutex::new(())));
         let now = Instant::now();
         let id: Arc<str> = Arc::from(id);
         self.by_last_use.insert((now, epoch, id.clone()));
@@ -114,6 +128,9 @@ impl SessionTable {
                 journal: JournalStats::default(),
                 unsnapshotted: None,
                 compact_not_before: 0,
+                fresh: true,
+                rebuilds: 0,
+                compacted_at: None,
             },
         );
         Ok((epoch, order))
@@ -144,6 +161,9 @@ impl SessionTable {
                     journal: session.stats,
                     unsnapshotted: None,
                     compact_not_before: 0,
+                    fresh: false,
+                    rebuilds: 0,
+                    compacted_at: None,
                 },
             );
         }
@@ -152,6 +172,11 @@ impl SessionTable {
     /// The open session `id`, whatever its epoch.
     pub fn get(&self, id: &str) -> Option<&SessionEntry> {
         self.entries.get(id)
+    }
+
+    /// The open session `id` with its id as the table holds it.
+    pub fn get_key_value(&self, id: &str) -> Option<(&Arc<str>, &SessionEntry)> {
+        self.entries.get_key_value(id)
     }
 
     /// The open session `id` if it is still the one of `epoch`.
@@ -216,16 +241,38 @@ impl SessionTable {
             .collect()
     }
 
-    /// Removes session `id` (only of `epoch`, if given).
-    pub fn remove(&mut self, id: &str, epoch: Option<u64>) -> Option<SessionEntry> {
+    /// Removes session `id` (only of `epoch`, if given). Its id stays closing, and a
+    /// session opened again under it waits, until the returned guard is dropped (once
+    /// the removed session's state is freed on its worker).
+    pub fn remove(
+        &mut self,
+        id: &str,
+        epoch: Option<u64>,
+    ) -> Option<(SessionEntry, tokio::sync::OwnedMutexGuard<()>)> {
         let (key, entry) = self.entries.get_key_value(id)?;
         if epoch.is_some_and(|e| e != entry.epoch) {
             return None;
         }
+        let key = key.clone();
         let slot = (entry.last_used, entry.epoch, key.clone());
         self.by_last_use.remove(&slot);
         self.resident.remove(&slot);
-        self.entries.remove(id)
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let guard = gate.clone().try_lock_owned().expect("a new lock is free");
+        self.closing.insert(key, gate);
+        self.entries.remove(id).map(|entry| (entry, guard))
+    }
+
+    /// The clean-up behind `guard` (from [`SessionTable::remove`]) is done: id `id` is
+    /// no longer closing (unless closed again since).
+    pub fn closed(&mut self, id: &str, guard: tokio::sync::OwnedMutexGuard<()>) {
+        if self
+            .closing
+            .get(id)
+            .is_some_and(|gate| Arc::ptr_eq(gate, tokio::sync::OwnedMutexGuard::mutex(&guard)))
+        {
+            self.closing.remove(id);
+        }
     }
 
     /// Up to `most` sessions idle for at least `ttl` and not in a call: `(id,

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::journal::JournalEntry;
 use crate::metrics::Counter;
 use crate::pool::scheduler::{Lease, Mode, State};
-use crate::pool::{PoolEvent, SessionCall, Shared, detached};
+use crate::pool::{PoolEvent, SessionCall, SessionState, Shared, detached};
 use crate::protocol::JournalHint;
 
 /// Where a session's next call goes.
@@ -156,6 +156,7 @@ impl Shared {
                 Ok(()) => {
                     if let Some(entry) = self.lock().sessions.get_mut(id, epoch) {
                         entry.replay_pending = false;
+                        entry.rebuilds += 1;
                     }
                     break;
                 }
@@ -252,14 +253,20 @@ impl Shared {
     /// Starts one call in session `id`, holding the session's `turn`: waits for the
     /// session's worker, then returns the rest of the call (rebuild if due, the call,
     /// its journal entry if the command mutates session state) to run on a task of
-    /// its own.
+    /// its own, and what the call finds the session to be.
     pub(crate) async fn start_session_call(
         self: &Arc<Self>,
         id: &Arc<str>,
         epoch: u64,
         turn: OwnedMutexGuard<()>,
         call: SessionCall,
-    ) -> Result<impl Future<Output = Result<Value, Error>> + Send + 'static, Error> {
+    ) -> Result<
+        (
+            impl Future<Output = Result<Value, Error>> + Send + 'static,
+            SessionState,
+        ),
+        Error,
+    > {
         let SessionCall {
             command,
             mut args,
@@ -283,9 +290,19 @@ impl Shared {
         };
         self.check_journal_room(id, epoch, &command)?;
         let lease = self.session_checkout(id, epoch, mode).await?;
+        let fresh = self
+            .lock()
+            .sessions
+            .get_mut(id, epoch)
+            .is_some_and(|entry| std::mem::take(&mut entry.fresh));
+        let state = match (fresh, rebuild) {
+            (true, _) => SessionState::Created,
+            (false, true) => SessionState::Rebuilt,
+            (false, false) => SessionState::Resumed,
+        };
         let shared = self.clone();
         let id = id.clone();
-        Ok(async move {
+        let run = async move {
             let _turn = turn;
             let lease = shared.rebuild_if_pending(&id, epoch, lease).await?;
             let worker = lease.worker().clone();
@@ -309,7 +326,8 @@ impl Shared {
                 shared.journal_call(&id, epoch, &worker, entry).await?;
             }
             Ok(value)
-        })
+        };
+        Ok((run, state))
     }
 
     /// Closes session `id` (only the given epoch, if any): frees its state on its
@@ -320,44 +338,51 @@ impl Shared {
         epoch: Option<u64>,
     ) -> Result<(), Error> {
         match self.take_session(id, epoch) {
-            Some((epoch, worker)) => self.clean_up_session(id, epoch, worker).await,
+            Some(closing) => self.clean_up_session(id, closing).await,
             None => Ok(()),
         }
     }
 
     /// Takes session `id` (only the given epoch, if any) out of the table, so its
-    /// calls fail with `SessionClosed` from now on. `None` if it was not open; else its
-    /// epoch and the worker holding its state, if that worker can clean it up.
-    pub(crate) fn take_session(
-        &self,
-        id: &str,
-        epoch: Option<u64>,
-    ) -> Option<(u64, Option<Arc<str>>)> {
+    /// calls fail with `SessionClosed` from now on; `None` if it was not open. A
+    /// session opened again under its id waits until [`Shared::clean_up_session`] is
+    /// done with the returned [`Closing`].
+    pub(crate) fn take_session(&self, id: &str, epoch: Option<u64>) -> Option<Closing> {
         let mut st = self.lock();
-        let entry = st.sessions.remove(id, epoch)?;
+        let (entry, gate) = st.sessions.remove(id, epoch)?;
         let worker = entry.worker.filter(|w| {
             st.slots.get_mut(w).is_some_and(|slot| {
                 slot.pinned.remove(id);
                 slot.manifest.has_command("cleanup_session")
             })
         });
-        Some((entry.epoch, worker))
+        Some(Closing {
+            epoch: entry.epoch,
+            worker,
+            gate,
+        })
     }
 
     /// Drops the journal of a session taken out of the table, then has its worker
-    /// free its state.
+    /// free its state; then its id is free for a new session's calls.
     pub(crate) async fn clean_up_session(
         self: &Arc<Self>,
         id: &str,
-        epoch: u64,
-        worker: Option<Arc<str>>,
+        closing: Closing,
     ) -> Result<(), Error> {
+        let Closing {
+            epoch,
+            worker,
+            gate,
+        } = closing;
         // The journal goes first: a session opened again under this id starts empty.
-        self.journal
+        let removed = self
+            .journal
             .remove(id, Some(epoch))
             .await
-            .map_err(|e| journal_error(id, e))?;
-        if let Some(worker) = worker
+            .map_err(|e| journal_error(id, e));
+        if removed.is_ok()
+            && let Some(worker) = worker
             && let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await
         {
             let args = json!({"session_id": id});
@@ -370,7 +395,8 @@ impl Shared {
                 tracing::warn!(session = id, %error, "cleanup_session failed");
             }
         }
-        Ok(())
+        self.lock().sessions.closed(id, gate);
+        removed
     }
 
     /// Up to `most` sessions idle past the TTL and not in a call, oldest first:
@@ -378,6 +404,15 @@ impl Shared {
     pub(crate) fn expired_sessions(&self, ttl: Duration, most: usize) -> Vec<(Arc<str>, u64)> {
         self.lock().sessions.expired(ttl, most)
     }
+}
+
+/// A session taken out of the table whose state is yet to be freed.
+pub(crate) struct Closing {
+    epoch: u64,
+    /// The worker holding its state, if it can clean it up.
+    worker: Option<Arc<str>>,
+    /// Held until the clean-up is done (see [`SessionTable::remove`]).
+    gate: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// Pins session `id` (of `epoch`) to `worker`.

@@ -233,7 +233,7 @@ impl Supervisor {
         }
         if let Some(ttl) = config.session_ttl {
             for (id, epoch) in self.shared.expired_sessions(ttl, EXPIRE_PER_TICK) {
-                let Some((epoch, worker)) = self.shared.take_session(&id, Some(epoch)) else {
+                let Some(closing) = self.shared.take_session(&id, Some(epoch)) else {
                     continue;
                 };
                 tracing::info!(session = %id, "session expired");
@@ -244,7 +244,7 @@ impl Supervisor {
                 });
                 let shared = self.shared.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = shared.clean_up_session(&id, epoch, worker).await {
+                    if let Err(error) = shared.clean_up_session(&id, closing).await {
                         tracing::warn!(session = %id, %error, "cleaning up an expired session failed");
                     }
                 });

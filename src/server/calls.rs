@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -28,8 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::errors::{error_body, refusal};
 use super::{RequestId, ServerState, answer_error};
 use crate::call::{CallOptions, CallStream, StreamEvent};
-use crate::error::Error;
-use crate::pool::Pool;
+use crate::pool::{Pool, SessionState};
 
 /// The calls in flight, by request id.
 #[derive(Debug, Default)]
@@ -150,14 +149,6 @@ pub(super) async fn call(
     if let Err(error) = pool.check_call(&body.command, &body.args) {
         return answer_error(&error, &request_id);
     }
-    if let Some(id) = &body.session_id
-        && state.is_tombstoned(id)
-    {
-        let closed = Error::SessionClosed {
-            session_id: id.clone(),
-        };
-        return answer_error(&closed, &request_id);
-    }
     let cancel = CancellationToken::new();
     let Some(registration) = register(&state, &request_id, &body.command, cancel.clone()) else {
         return refusal(
@@ -172,25 +163,46 @@ pub(super) async fn call(
     };
     if wants_events(&headers) {
         return match start_stream(&pool, body, options).await {
-            Ok(stream) => events(stream, request_id, registration).into_response(),
+            Ok(stream) => {
+                let session = stream.session_state();
+                let mut response = events(stream, request_id, registration).into_response();
+                tell_session_state(&mut response, session);
+                response
+            }
             Err(error) => answer_error(&error, &request_id),
         };
     }
     // A client that hangs up drops this future: its call is cancelled.
     let cancel_if_gone = cancel.drop_guard();
     let result = match &body.session_id {
-        Some(id) => {
-            pool.session(id)
-                .call_with(&body.command, body.args, options)
-                .await
-        }
-        None => pool.call_with(&body.command, body.args, options).await,
+        Some(id) => pool
+            .session(id)
+            .call_reporting(&body.command, body.args, options)
+            .await
+            .map(|reply| (reply.result, Some(reply.state))),
+        None => pool
+            .call_with(&body.command, body.args, options)
+            .await
+            .map(|result| (result, None)),
     };
     cancel_if_gone.disarm();
     drop(registration);
     match result {
-        Ok(result) => Json(json!({"result": result})).into_response(),
+        Ok((result, session)) => {
+            let mut response = Json(json!({"result": result})).into_response();
+            tell_session_state(&mut response, session);
+            response
+        }
         Err(error) => answer_error(&error, &request_id),
+    }
+}
+
+/// Says in `X-Session-State` what a session call found its session to be.
+fn tell_session_state(response: &mut Response, state: Option<SessionState>) {
+    if let Some(state) = state {
+        response
+            .headers_mut()
+            .insert("x-session-state", HeaderValue::from_static(state.as_str()));
     }
 }
 

@@ -5,28 +5,27 @@
 //!   the kind; with `Accept: text/event-stream`, Server-Sent Events once a worker has
 //!   the call (`chunk` events, then `result` or `error`). `DELETE
 //!   /v1/calls/{request_id}` cancels a call in flight (see [`calls`]).
-//! - `DELETE /v1/sessions/{id}`, `GET /v1/sessions?limit=&after=`, `GET /v1/pool`,
-//!   `GET /health` (200 ready; 503 starting, degraded or shutting down),
-//!   `GET /metrics`.
+//! - `DELETE /v1/sessions/{id}`, `GET /v1/sessions?limit=&after=`, `GET
+//!   /v1/sessions/{id}`, `GET /v1/pool`, `GET /health` (200 ready; 503 starting,
+//!   degraded or shutting down), `GET /metrics`.
 //!
 //! With a token, every route but `/health` needs `Authorization: Bearer <token>`; with
 //! an admin token as well, the routes that show every client's sessions and the pool
-//! (`GET /v1/sessions`, `GET /v1/pool`, `GET /metrics`) need that one instead.
+//! (`GET /v1/sessions[/{id}]`, `GET /v1/pool`, `GET /metrics`) need that one instead.
 //! Every answer carries an `X-Request-Id`; failures are logged under it with what the
 //! client is not shown (a worker's stderr). A caller's `timeout_ms` is clamped to the
 //! pool's range, and a client that disconnects mid-call cancels it if its command is
-//! cancellable; any other runs to completion (see [`Pool::call`]). A session closed by `DELETE` or by its TTL answers `410 Gone`
-//! for ten minutes, rather than a later call silently opening a new, empty session
-//! under its id.
+//! cancellable; any other runs to completion (see [`Pool::call`]). A session call's
+//! answer says in `X-Session-State` whether the session was `created` by it (a new id,
+//! or one closed by `DELETE` or its TTL), `resumed`, or `rebuilt` from its journal.
 
 mod calls;
 mod errors;
 mod listen;
-mod tombstones;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -36,16 +35,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use errors::{error_body, public_message, status_for};
 pub use listen::{ConnectionLimits, serve};
 
 use crate::error::Error;
-use crate::pool::{Pool, PoolEvent};
+use crate::pool::Pool;
 use errors::{error_response, refusal};
-use tombstones::Tombstones;
 
 const STARTING: u8 = 0;
 const READY: u8 = 1;
@@ -92,9 +89,6 @@ pub struct ServerState {
     pool: OnceLock<Pool>,
     phase: AtomicU8,
     failure: OnceLock<String>,
-    /// Recently closed (or expired) session ids: a call naming one is refused rather
-    /// than silently opening a new, empty session.
-    closed: Mutex<Tombstones>,
     /// The calls in flight, for `DELETE /v1/calls/{request_id}`.
     in_flight: calls::InFlight,
 }
@@ -107,20 +101,6 @@ impl ServerState {
 
     /// The pool is ready: start serving calls.
     pub fn ready(self: &Arc<Self>, pool: Pool) {
-        let mut events = pool.subscribe();
-        let state = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(PoolEvent::SessionExpired { session_id }) => match state.upgrade() {
-                        Some(state) => state.tombstone(&session_id),
-                        None => return,
-                    },
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
         let _ = self.pool.set(pool);
         let _ = self
             .phase
@@ -136,17 +116,6 @@ impl ServerState {
     /// Stop taking calls (shutdown has begun).
     pub fn drain(&self) {
         self.phase.store(DRAINING, Ordering::SeqCst);
-    }
-
-    fn tombstone(&self, id: &str) {
-        self.closed.lock().expect("tombstones poisoned").insert(id);
-    }
-
-    fn is_tombstoned(&self, id: &str) -> bool {
-        self.closed
-            .lock()
-            .expect("tombstones poisoned")
-            .contains(id)
     }
 
     /// Why the pool could not start, if it could not.
@@ -215,7 +184,6 @@ async fn close_session(
             format!("no open session `{}`", id.escape_debug()),
         );
     }
-    state.tombstone(&id);
     match pool.close_session(&id).await {
         Ok(()) => Json(json!({"closed": id})).into_response(),
         Err(error) => answer_error(&error, &request_id),
@@ -260,6 +228,21 @@ async fn list_sessions(
     };
     let page = pool.sessions_page(after, limit);
     Json(json!(page)).into_response()
+}
+
+async fn session_info(State(state): State<Arc<ServerState>>, Path(id): Path<String>) -> Response {
+    let pool = match state.serving_pool() {
+        Ok(pool) => pool,
+        Err(unavailable) => return unavailable.into_response(),
+    };
+    match pool.session_info(&id) {
+        Some(info) => Json(json!(info)).into_response(),
+        None => refusal(
+            "session_not_found",
+            StatusCode::NOT_FOUND,
+            format!("no open session `{}`", id.escape_debug()),
+        ),
+    }
 }
 
 async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
@@ -458,6 +441,7 @@ pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
         .route("/v1/sessions/{id}", delete(close_session));
     let mut admin = Router::new()
         .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{id}", get(session_info))
         .route("/v1/pool", get(pool_status))
         .route("/metrics", get(metrics));
     let client_tokens: Vec<String> = options
