@@ -216,6 +216,7 @@ impl PoolConfig {
         let shortest = [
             self.health_interval,
             self.session_ttl,
+            self.session_idle,
             Some(self.heartbeat_interval),
         ]
         .into_iter()

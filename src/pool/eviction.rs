@@ -13,8 +13,8 @@ use crate::pool::scheduler::Mode;
 use crate::pool::{PoolEvent, Shared};
 
 impl Shared {
-    /// Up to `most` sessions idle past `idle` that a worker still holds: `(id, epoch,
-    /// worker)`.
+    /// Picks up to `most` sessions idle past `idle` that a worker still holds, for
+    /// eviction: `(id, epoch, worker)`.
     pub(crate) fn idle_resident_sessions(
         &self,
         idle: std::time::Duration,
@@ -31,12 +31,17 @@ impl Shared {
         epoch: u64,
         worker: Arc<str>,
     ) {
+        self.try_evict(&id, epoch, &worker).await;
+        self.lock().sessions.evicted(&id, epoch);
+    }
+
+    async fn try_evict(self: &Arc<Self>, id: &Arc<str>, epoch: u64, worker: &Arc<str>) {
         let turn = {
             let mut st = self.lock();
-            let Some(entry) = st.sessions.get_mut(&id, epoch) else {
+            let Some(entry) = st.sessions.get_mut(id, epoch) else {
                 return;
             };
-            if entry.worker.as_deref() != Some(&*worker) {
+            if entry.worker.as_deref() != Some(&**worker) {
                 return;
             }
             let Ok(turn) = entry.order.clone().try_lock_owned() else {
@@ -46,12 +51,12 @@ impl Shared {
         };
         let (_turn, journal, compactable) = turn;
         if compactable && journal.entries > 0 {
-            self.compact(&id, epoch, &worker, journal.entries).await;
+            self.compact(id, epoch, worker, journal.entries).await;
         }
-        let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await else {
+        let Ok(Some(lease)) = self.checkout_internal(Some(worker), Mode::Exclusive).await else {
             return;
         };
-        let args = json!({"session_id": &*id});
+        let args = json!({"session_id": &**id});
         let cleaned = lease
             .worker()
             .call("cleanup_session", args, self.config.request_timeout)
@@ -63,12 +68,14 @@ impl Shared {
         }
         {
             let mut st = self.lock();
-            if let Some(slot) = st.slots.get_mut(&worker) {
-                slot.pinned.remove(&id);
+            if let Some(slot) = st.slots.get_mut(worker) {
+                slot.pinned.remove(id);
             }
-            st.sessions.unpin(&worker, [id.clone()]);
+            st.sessions.unpin(worker, [id.clone()]);
         }
         self.metrics.bump(Counter::SessionEviction);
-        self.notify(PoolEvent::SessionEvicted { session_id: id });
+        self.notify(PoolEvent::SessionEvicted {
+            session_id: id.clone(),
+        });
     }
 }

@@ -66,6 +66,8 @@ pub(crate) struct SessionEntry {
     pub rebuilds: u32,
     /// When its journal was last compacted into a snapshot.
     pub compacted_at: Option<Instant>,
+    /// Being evicted from its worker (picked by [`SessionTable::idle_resident`]).
+    pub evicting: bool,
 }
 
 /// All open sessions.
@@ -131,6 +133,7 @@ impl SessionTable {
                 fresh: true,
                 rebuilds: 0,
                 compacted_at: None,
+                evicting: false,
             },
         );
         Ok((epoch, order))
@@ -164,6 +167,7 @@ impl SessionTable {
                     fresh: false,
                     rebuilds: 0,
                     compacted_at: None,
+                    evicting: false,
                 },
             );
         }
@@ -219,26 +223,38 @@ impl SessionTable {
         true
     }
 
-    /// Sessions pinned to a worker and idle for at least `idle`, not in a call: up to
-    /// `most` of `(id, epoch, worker)`, oldest first.
-    pub fn idle_resident(&self, idle: Duration, most: usize) -> Vec<(Arc<str>, u64, Arc<str>)> {
+    /// Picks sessions pinned to a worker, idle for at least `idle`, not in a call and
+    /// not already being evicted, for eviction: up to `most` of `(id, epoch, worker)`,
+    /// oldest first. Each stays marked `evicting` until [`SessionTable::evicted`].
+    pub fn idle_resident(&mut self, idle: Duration, most: usize) -> Vec<(Arc<str>, u64, Arc<str>)> {
         let Some(cutoff) = Instant::now().checked_sub(idle) else {
             return Vec::new();
         };
-        self.resident
+        let picked: Vec<(Arc<str>, u64, Arc<str>)> = self
+            .resident
             .iter()
             .take_while(|(used, _, _)| *used <= cutoff)
             .filter_map(|(_, epoch, id)| {
                 let entry = self.entries.get(id)?;
                 let worker = entry.worker.clone()?;
-                entry
-                    .order
-                    .try_lock()
-                    .is_ok()
-                    .then(|| (id.clone(), *epoch, worker))
+                let free = !entry.evicting && entry.order.try_lock().is_ok();
+                free.then(|| (id.clone(), *epoch, worker))
             })
             .take(most)
-            .collect()
+            .collect();
+        for (id, _, _) in &picked {
+            if let Some(entry) = self.entries.get_mut(id) {
+                entry.evicting = true;
+            }
+        }
+        picked
+    }
+
+    /// The eviction of session `id` (of `epoch`) is over, whatever its outcome.
+    pub fn evicted(&mut self, id: &str, epoch: u64) {
+        if let Some(entry) = self.get_mut(id, epoch) {
+            entry.evicting = false;
+        }
     }
 
     /// Removes session `id` (only of `epoch`, if given). Its id stays closing, and a

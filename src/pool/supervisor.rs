@@ -18,6 +18,8 @@ use crate::worker::{ExitInfo, Worker};
 /// Most sessions closed by their TTL per maintenance tick, so a wave of expiries
 /// cannot flood the workers with cleanups.
 const EXPIRE_PER_TICK: usize = 256;
+/// Most idle sessions evicted from their workers per maintenance tick.
+const EVICT_PER_TICK: usize = 1024;
 
 /// What the supervisor reacts to.
 #[derive(Debug)]
@@ -226,7 +228,7 @@ impl Supervisor {
         self.heartbeats();
         self.check_memory();
         if let Some(idle) = config.session_idle {
-            for (id, epoch, worker) in self.shared.idle_resident_sessions(idle, EXPIRE_PER_TICK) {
+            for (id, epoch, worker) in self.shared.idle_resident_sessions(idle, EVICT_PER_TICK) {
                 let shared = self.shared.clone();
                 tokio::spawn(async move { shared.evict_session(id, epoch, worker).await });
             }
