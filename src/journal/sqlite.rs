@@ -1,10 +1,11 @@
 //! A durable journal: SQLite in WAL mode, in a data directory.
 //!
 //! One thread owns the database connection. Calls from any task are queued to it; it
-//! takes every operation waiting at that moment, runs them in one transaction (each in a
-//! savepoint of its own, so one failing operation fails alone), commits, and only then
-//! answers them: concurrent appends share one commit (group commit), and an append is
-//! answered only once it is stored. With [`SyncPolicy::Normal`] a committed entry
+//! takes every operation waiting at that moment, runs them in one transaction, commits,
+//! and only then answers them: concurrent appends share one commit (group commit), and
+//! an append is answered only once it is stored. An operation refused for what it asks
+//! (a stale epoch) writes nothing and fails alone; a failing statement rolls the whole
+//! batch back and fails every operation in it. With [`SyncPolicy::Normal`] a committed entry
 //! survives the process being killed; with [`SyncPolicy::Full`] it also survives the
 //! machine losing power.
 //!
@@ -205,13 +206,32 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>) {
             return;
         }
     };
-    let answers: Vec<Answer> = batch.into_iter().map(|op| run_op(&tx, op)).collect();
-    let committed = tx
-        .commit()
-        .err()
-        .map(|e| JournalError(format!("commit failed: {e}")));
+    // An operation refused for what it asks (a stale epoch) writes nothing; a failing
+    // statement, though, may leave part of an operation written, so it fails the whole
+    // batch, rolled back.
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let mut broken: Option<JournalError> = None;
+    for op in batch {
+        match &broken {
+            Some(error) => fail(op, error),
+            None => match run_op(&tx, op) {
+                Ok(answer) => answers.push(answer),
+                Err(error) => broken = Some(error),
+            },
+        }
+    }
+    let outcome = match broken {
+        Some(error) => {
+            let _ = tx.rollback();
+            Some(error)
+        }
+        None => tx
+            .commit()
+            .err()
+            .map(|e| JournalError(format!("commit failed: {e}"))),
+    };
     for answer in answers {
-        answer(committed.as_ref());
+        answer(outcome.as_ref());
     }
 }
 
@@ -227,89 +247,108 @@ fn fail(op: Op, error: &JournalError) {
     }
 }
 
-/// Runs one operation in a savepoint of its own.
-fn run_op(tx: &Transaction<'_>, op: Op) -> Answer {
-    fn within<T>(
-        tx: &Transaction<'_>,
-        body: impl FnOnce(&Transaction<'_>) -> Result<T, JournalError>,
-    ) -> Result<T, JournalError> {
-        tx.execute_batch("SAVEPOINT op")
-            .map_err(sql_error("savepoint"))?;
-        let result = body(tx);
-        let end = if result.is_ok() {
-            "RELEASE op"
-        } else {
-            "ROLLBACK TO op; RELEASE op"
-        };
-        tx.execute_batch(end).map_err(sql_error("savepoint"))?;
-        result
-    }
-    match op {
+/// A statement failed: the batch is broken.
+type Broken = JournalError;
+
+/// Runs one operation: its answer (its own refusal included), or the failure of a
+/// statement, which breaks the batch.
+fn run_op(tx: &Transaction<'_>, op: Op) -> Result<Answer, Broken> {
+    Ok(match op {
         Op::Append(id, epoch, entry, reply) => {
-            answer(reply, within(tx, |tx| append(tx, &id, epoch, &entry)))
+            answer(reply, split(append(tx, &id, epoch, &entry))?)
         }
-        Op::Entries(id, epoch, reply) => answer(reply, within(tx, |tx| entries(tx, &id, epoch))),
-        Op::Compact(id, epoch, snapshot, replaced, reply) => answer(
-            reply,
-            within(tx, |tx| compact(tx, &id, epoch, &snapshot, replaced)),
-        ),
-        Op::Stats(id, epoch, reply) => answer(reply, within(tx, |tx| stats(tx, &id, epoch))),
-        Op::Remove(id, epoch, reply) => answer(reply, within(tx, |tx| remove(tx, &id, epoch))),
-        Op::Sessions(reply) => answer(reply, within(tx, sessions)),
+        Op::Entries(id, epoch, reply) => answer(reply, split(entries(tx, &id, epoch))?),
+        Op::Compact(id, epoch, snapshot, replaced, reply) => {
+            answer(reply, split(compact(tx, &id, epoch, &snapshot, replaced))?)
+        }
+        Op::Stats(id, epoch, reply) => answer(reply, split(stats(tx, &id, epoch))?),
+        Op::Remove(id, epoch, reply) => answer(reply, split(remove(tx, &id, epoch))?),
+        Op::Sessions(reply) => answer(reply, split(sessions(tx))?),
+    })
+}
+
+/// What an operation asks can be refused (`Ok(Err(..))`, nothing written) or a
+/// statement can fail (`Err(..)`).
+enum Failure {
+    Refused(JournalError),
+    Broken(JournalError),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Self {
+        Failure::Broken(JournalError(format!("SQLite: {e}")))
     }
 }
 
-/// The session's row, started afresh for a newer epoch; a write of an older epoch is
-/// refused.
-fn for_epoch(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<(), JournalError> {
-    let stored: Option<i64> = tx
-        .query_row("SELECT epoch FROM sessions WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(sql_error("read session"))?;
-    let epoch = epoch as i64;
-    match stored {
-        Some(stored) if stored > epoch => Err(JournalError(format!(
-            "session `{id}` was closed: epoch {epoch} is older than its journal's {stored}"
-        ))),
-        Some(stored) if stored == epoch => Ok(()),
-        _ => {
-            tx.execute("DELETE FROM entries WHERE id = ?1", [id])
-                .map_err(sql_error("reset session"))?;
-            tx.execute(
-                "INSERT OR REPLACE INTO sessions (id, epoch) VALUES (?1, ?2)",
-                params![id, epoch],
-            )
-            .map_err(sql_error("reset session"))?;
-            Ok(())
-        }
+fn split<T>(result: Result<T, Failure>) -> Result<Result<T, JournalError>, Broken> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(Failure::Refused(error)) => Ok(Err(error)),
+        Err(Failure::Broken(error)) => Err(error),
     }
 }
 
-fn row_stats(tx: &Transaction<'_>, id: &str) -> Result<JournalStats, JournalError> {
-    tx.query_row(
-        "SELECT entries, bytes, snapshot_bytes FROM sessions WHERE id = ?1",
-        [id],
-        |r| {
-            Ok(JournalStats {
-                entries: r.get::<_, i64>(0)? as usize,
-                bytes: r.get::<_, i64>(1)? as usize,
-                snapshot_bytes: r.get::<_, Option<i64>>(2)?.map(|b| b as usize),
+/// A session's row.
+struct Row {
+    epoch: i64,
+    stats: JournalStats,
+    next_seq: i64,
+}
+
+fn row(tx: &Transaction<'_>, id: &str) -> Result<Option<Row>, Failure> {
+    let mut query = tx.prepare_cached(
+        "SELECT epoch, entries, bytes, snapshot_bytes, next_seq FROM sessions WHERE id = ?1",
+    )?;
+    Ok(query
+        .query_row([id], |r| {
+            Ok(Row {
+                epoch: r.get(0)?,
+                stats: JournalStats {
+                    entries: r.get::<_, i64>(1)? as usize,
+                    bytes: r.get::<_, i64>(2)? as usize,
+                    snapshot_bytes: r.get::<_, Option<i64>>(3)?.map(|b| b as usize),
+                },
+                next_seq: r.get(4)?,
             })
-        },
-    )
-    .map_err(sql_error("read session"))
+        })
+        .optional()?)
 }
 
-fn encode(entry: &JournalEntry) -> Result<String, JournalError> {
-    serde_json::to_string(entry).map_err(|e| JournalError(format!("entry is not JSON: {e}")))
+/// The session's row for a write in `epoch`: started afresh for a newer epoch; a
+/// write of an older epoch is refused.
+fn for_epoch(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<Row, Failure> {
+    let epoch = epoch as i64;
+    match row(tx, id)? {
+        Some(row) if row.epoch > epoch => Err(Failure::Refused(JournalError(format!(
+            "session `{id}` was closed: epoch {epoch} is older than its journal's {}",
+            row.epoch
+        )))),
+        Some(row) if row.epoch == epoch => Ok(row),
+        _ => {
+            tx.prepare_cached("DELETE FROM entries WHERE id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("INSERT OR REPLACE INTO sessions (id, epoch) VALUES (?1, ?2)")?
+                .execute(params![id, epoch])?;
+            Ok(Row {
+                epoch,
+                stats: JournalStats::default(),
+                next_seq: 0,
+            })
+        }
+    }
 }
 
-fn decode(text: &str) -> Result<Arc<JournalEntry>, JournalError> {
-    serde_json::from_str(text)
-        .map(Arc::new)
-        .map_err(|e| JournalError(format!("a stored entry is not a journal entry: {e}")))
+fn encode(entry: &JournalEntry) -> Result<String, Failure> {
+    serde_json::to_string(entry)
+        .map_err(|e| Failure::Refused(JournalError(format!("entry is not JSON: {e}"))))
+}
+
+fn decode(text: &str) -> Result<Arc<JournalEntry>, Failure> {
+    serde_json::from_str(text).map(Arc::new).map_err(|e| {
+        Failure::Refused(JournalError(format!(
+            "a stored entry is not a journal entry: {e}"
+        )))
+    })
 }
 
 fn append(
@@ -317,37 +356,32 @@ fn append(
     id: &str,
     epoch: u64,
     entry: &JournalEntry,
-) -> Result<JournalStats, JournalError> {
-    for_epoch(tx, id, epoch)?;
-    let size = entry.size() as i64;
-    tx.execute(
-        "INSERT INTO entries (id, seq, entry, bytes)
-         SELECT ?1, next_seq, ?2, ?3 FROM sessions WHERE id = ?1",
-        params![id, encode(entry)?, size],
-    )
-    .map_err(sql_error("append"))?;
-    tx.execute(
-        "UPDATE sessions SET entries = entries + 1, bytes = bytes + ?2, next_seq = next_seq + 1
-         WHERE id = ?1",
-        params![id, size],
-    )
-    .map_err(sql_error("append"))?;
-    row_stats(tx, id)
+) -> Result<JournalStats, Failure> {
+    let text = encode(entry)?;
+    let row = for_epoch(tx, id, epoch)?;
+    let size = entry.size();
+    tx.prepare_cached("INSERT INTO entries (id, seq, entry, bytes) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![id, row.next_seq, text, size as i64])?;
+    let stats = JournalStats {
+        entries: row.stats.entries + 1,
+        bytes: row.stats.bytes + size,
+        snapshot_bytes: row.stats.snapshot_bytes,
+    };
+    tx.prepare_cached("UPDATE sessions SET entries = ?2, bytes = ?3, next_seq = ?4 WHERE id = ?1")?
+        .execute(params![
+            id,
+            stats.entries as i64,
+            stats.bytes as i64,
+            row.next_seq + 1
+        ])?;
+    Ok(stats)
 }
 
-fn entries(
-    tx: &Transaction<'_>,
-    id: &str,
-    epoch: u64,
-) -> Result<Vec<Arc<JournalEntry>>, JournalError> {
+fn entries(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<Vec<Arc<JournalEntry>>, Failure> {
     let snapshot: Option<Option<String>> = tx
-        .query_row(
-            "SELECT snapshot FROM sessions WHERE id = ?1 AND epoch = ?2",
-            params![id, epoch as i64],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(sql_error("read session"))?;
+        .prepare_cached("SELECT snapshot FROM sessions WHERE id = ?1 AND epoch = ?2")?
+        .query_row(params![id, epoch as i64], |r| r.get(0))
+        .optional()?;
     let Some(snapshot) = snapshot else {
         return Ok(Vec::new());
     };
@@ -355,14 +389,10 @@ fn entries(
     if let Some(text) = snapshot {
         out.push(decode(&text)?);
     }
-    let mut query = tx
-        .prepare_cached("SELECT entry FROM entries WHERE id = ?1 ORDER BY seq")
-        .map_err(sql_error("read entries"))?;
-    let rows = query
-        .query_map([id], |r| r.get::<_, String>(0))
-        .map_err(sql_error("read entries"))?;
-    for row in rows {
-        out.push(decode(&row.map_err(sql_error("read entries"))?)?);
+    let mut query = tx.prepare_cached("SELECT entry FROM entries WHERE id = ?1 ORDER BY seq")?;
+    let rows = query.query_map([id], |r| r.get::<_, String>(0))?;
+    for text in rows {
+        out.push(decode(&text?)?);
     }
     Ok(out)
 }
@@ -373,79 +403,58 @@ fn compact(
     epoch: u64,
     snapshot: &JournalEntry,
     replaced: usize,
-) -> Result<JournalStats, JournalError> {
+) -> Result<JournalStats, Failure> {
+    let text = encode(snapshot)?;
     for_epoch(tx, id, epoch)?;
-    tx.execute(
+    tx.prepare_cached(
         "DELETE FROM entries WHERE id = ?1 AND seq IN
              (SELECT seq FROM entries WHERE id = ?1 ORDER BY seq LIMIT ?2)",
-        params![id, replaced as i64],
-    )
-    .map_err(sql_error("compact"))?;
-    tx.execute(
+    )?
+    .execute(params![id, replaced as i64])?;
+    tx.prepare_cached(
         "UPDATE sessions SET snapshot = ?2, snapshot_bytes = ?3,
              entries = (SELECT COUNT(*) FROM entries WHERE id = ?1),
              bytes = (SELECT COALESCE(SUM(bytes), 0) FROM entries WHERE id = ?1)
          WHERE id = ?1",
-        params![id, encode(snapshot)?, snapshot.size() as i64],
-    )
-    .map_err(sql_error("compact"))?;
-    row_stats(tx, id)
+    )?
+    .execute(params![id, text, snapshot.size() as i64])?;
+    Ok(row(tx, id)?.map(|r| r.stats).unwrap_or_default())
 }
 
-fn stats(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<JournalStats, JournalError> {
-    let current: Option<i64> = tx
-        .query_row("SELECT epoch FROM sessions WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(sql_error("read session"))?;
-    match current {
-        Some(stored) if stored == epoch as i64 => row_stats(tx, id),
-        _ => Ok(JournalStats::default()),
-    }
+fn stats(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<JournalStats, Failure> {
+    Ok(row(tx, id)?
+        .filter(|r| r.epoch == epoch as i64)
+        .map(|r| r.stats)
+        .unwrap_or_default())
 }
 
-fn remove(tx: &Transaction<'_>, id: &str, epoch: Option<u64>) -> Result<(), JournalError> {
-    let matches: bool = match epoch {
-        None => true,
-        Some(epoch) => tx
-            .query_row(
-                "SELECT 1 FROM sessions WHERE id = ?1 AND epoch = ?2",
-                params![id, epoch as i64],
-                |_| Ok(()),
-            )
-            .optional()
-            .map_err(sql_error("read session"))?
-            .is_some(),
+fn remove(tx: &Transaction<'_>, id: &str, epoch: Option<u64>) -> Result<(), Failure> {
+    let Some(row) = row(tx, id)? else {
+        return Ok(());
     };
-    if matches {
-        tx.execute("DELETE FROM entries WHERE id = ?1", [id])
-            .map_err(sql_error("remove"))?;
-        tx.execute("DELETE FROM sessions WHERE id = ?1", [id])
-            .map_err(sql_error("remove"))?;
+    if epoch.is_none_or(|e| e as i64 == row.epoch) {
+        tx.prepare_cached("DELETE FROM entries WHERE id = ?1")?
+            .execute([id])?;
+        tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+            .execute([id])?;
     }
     Ok(())
 }
 
-fn sessions(tx: &Transaction<'_>) -> Result<Vec<StoredSession>, JournalError> {
-    let mut query = tx
-        .prepare("SELECT id, epoch, entries, bytes, snapshot_bytes FROM sessions")
-        .map_err(sql_error("list sessions"))?;
-    let rows = query
-        .query_map([], |r| {
-            Ok(StoredSession {
-                id: r.get(0)?,
-                epoch: r.get::<_, i64>(1)? as u64,
-                stats: JournalStats {
-                    entries: r.get::<_, i64>(2)? as usize,
-                    bytes: r.get::<_, i64>(3)? as usize,
-                    snapshot_bytes: r.get::<_, Option<i64>>(4)?.map(|b| b as usize),
-                },
-            })
+fn sessions(tx: &Transaction<'_>) -> Result<Vec<StoredSession>, Failure> {
+    let mut query = tx.prepare("SELECT id, epoch, entries, bytes, snapshot_bytes FROM sessions")?;
+    let rows = query.query_map([], |r| {
+        Ok(StoredSession {
+            id: r.get(0)?,
+            epoch: r.get::<_, i64>(1)? as u64,
+            stats: JournalStats {
+                entries: r.get::<_, i64>(2)? as usize,
+                bytes: r.get::<_, i64>(3)? as usize,
+                snapshot_bytes: r.get::<_, Option<i64>>(4)?.map(|b| b as usize),
+            },
         })
-        .map_err(sql_error("list sessions"))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(sql_error("list sessions"))
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
 #[async_trait]
