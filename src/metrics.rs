@@ -87,6 +87,8 @@ pub struct Metrics {
     /// The same latencies in Prometheus buckets, for `/metrics`.
     call_seconds: PromHistogram,
     queue_wait_seconds: PromHistogram,
+    rebuild_seconds: PromHistogram,
+    journal_write_seconds: PromHistogram,
 }
 
 /// The pool's state at scrape time, exported as gauges next to the metrics.
@@ -102,6 +104,10 @@ pub struct PoolGauges {
     pub queued: usize,
     /// Open sessions.
     pub sessions: usize,
+    /// Entries in their journals (after their snapshots).
+    pub journal_entries: usize,
+    /// Bytes of those entries and of the snapshots.
+    pub journal_bytes: usize,
 }
 
 /// One of the pool's plain counters.
@@ -172,6 +178,8 @@ impl Default for Metrics {
             session_evictions: AtomicU64::new(0),
             call_seconds: seconds_buckets(),
             queue_wait_seconds: seconds_buckets(),
+            rebuild_seconds: seconds_buckets(),
+            journal_write_seconds: seconds_buckets(),
         }
     }
 }
@@ -209,6 +217,16 @@ impl Metrics {
             .expect("histogram poisoned")
             .record(micros(wait));
         self.queue_wait_seconds.observe(wait.as_secs_f64());
+    }
+
+    /// Records how long rebuilding a session on a new worker took.
+    pub fn record_rebuild(&self, took: Duration) {
+        self.rebuild_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Records how long the journal store took to write (an append or a compaction).
+    pub fn record_journal_write(&self, took: Duration) {
+        self.journal_write_seconds.observe(took.as_secs_f64());
     }
 
     /// Adds one to a plain counter.
@@ -322,6 +340,16 @@ impl Metrics {
                 gauges.queued,
             ),
             ("sessions", "Open sessions", gauges.sessions),
+            (
+                "journal_entries",
+                "Entries in the open sessions' journals, after their snapshots",
+                gauges.journal_entries,
+            ),
+            (
+                "journal_bytes",
+                "Bytes of the open sessions' journals, snapshots included",
+                gauges.journal_bytes,
+            ),
         ];
         for (name, help, value) in gauge_values {
             let gauge = Gauge::<i64>::default();
@@ -337,6 +365,16 @@ impl Metrics {
             "queue_wait_seconds",
             "Time from asking for a worker to getting one",
             self.queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "session_rebuild_seconds",
+            "Time of rebuilding a session on a new worker from its journal",
+            self.rebuild_seconds.clone(),
+        );
+        registry.register(
+            "journal_write_seconds",
+            "Time the journal store took to store an entry or a compaction",
+            self.journal_write_seconds.clone(),
         );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry)

@@ -226,6 +226,18 @@ async fn idle_sessions_leave_their_worker_and_come_back_on_their_next_call() {
         (metrics.session_evictions, metrics.session_rebuilds),
         (2, 2)
     );
+    let text = pool.prometheus_text();
+    for line in [
+        "snakepool_session_evictions_total 2",
+        "snakepool_session_rebuild_seconds_count 2",
+        "snakepool_journal_entries 1",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    assert!(
+        text.contains("snakepool_journal_write_seconds_count"),
+        "{text}"
+    );
     pool.shutdown().await;
 }
 

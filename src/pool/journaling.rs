@@ -62,11 +62,13 @@ impl Shared {
     ) -> Result<(), Error> {
         let covered = worker.manifest().snapshot_covers(&entry.command);
         let described = worker.manifest().describe_command(&entry.command);
+        let started = std::time::Instant::now();
         let stats = self
             .journal
             .append(id, epoch, entry)
             .await
             .map_err(|e| journal_error(id, e))?;
+        self.metrics.record_journal_write(started.elapsed());
         let limits = self.config.journal_limits;
         let compact = {
             let mut st = self.lock();
@@ -118,7 +120,10 @@ impl Shared {
                 return;
             }
         };
-        match self.journal.compact(id, epoch, snapshot, entries).await {
+        let started = std::time::Instant::now();
+        let compacted = self.journal.compact(id, epoch, snapshot, entries).await;
+        self.metrics.record_journal_write(started.elapsed());
+        match compacted {
             Ok(stats) => {
                 self.metrics.bump(Counter::JournalCompaction);
                 if let Some(session) = self.lock().sessions.get_mut(id, epoch) {

@@ -702,12 +702,15 @@ impl Pool {
     /// The pool's metrics and state in the Prometheus text format.
     pub fn prometheus_text(&self) -> String {
         let status = self.status();
+        let (journal_entries, journal_bytes) = self.shared().lock().sessions.journal_totals();
         let gauges = PoolGauges {
             workers: status.workers.len(),
             busy: status.workers.iter().filter(|w| w.state != "idle").count(),
             starting: status.starting,
             queued: status.queued,
             sessions: status.sessions,
+            journal_entries,
+            journal_bytes,
         };
         self.shared().metrics.prometheus_text(gauges)
     }

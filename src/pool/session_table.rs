@@ -173,6 +173,17 @@ impl SessionTable {
         }
     }
 
+    /// Entries and bytes (snapshots included) of every open session's journal.
+    pub fn journal_totals(&self) -> (usize, usize) {
+        self.entries.values().fold((0, 0), |(entries, bytes), e| {
+            let snapshot = e.journal.snapshot_bytes.unwrap_or(0);
+            (
+                entries + e.journal.entries,
+                bytes + e.journal.bytes + snapshot,
+            )
+        })
+    }
+
     /// The open session `id`, whatever its epoch.
     pub fn get(&self, id: &str) -> Option<&SessionEntry> {
         self.entries.get(id)

@@ -148,7 +148,8 @@ impl Shared {
         epoch: u64,
         mut lease: Lease,
     ) -> Result<Lease, Error> {
-        let deadline = Instant::now() + self.config.rebuild_timeout;
+        let started = Instant::now();
+        let deadline = started + self.config.rebuild_timeout;
         let mut attempts = 0;
         while self.replay_pending(id, epoch) {
             attempts += 1;
@@ -158,6 +159,7 @@ impl Shared {
                         entry.replay_pending = false;
                         entry.rebuilds += 1;
                     }
+                    self.metrics.record_rebuild(started.elapsed());
                     break;
                 }
                 Err(failure) => failure,
