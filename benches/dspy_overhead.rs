@@ -17,6 +17,8 @@ use snakepool::dspy::{Dspy, Lm, ProgramKind};
 
 mod support;
 
+use support::env_usize;
+
 const DIRECT: &str = r#"
 import json, os, sys, time
 os.sched_setaffinity(0, {0})
@@ -44,13 +46,6 @@ print(json.dumps(medians))
 
 fn pin_host() {
     support::set_affinity(0, &[0]);
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn median(values: &mut [f64]) -> f64 {

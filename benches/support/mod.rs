@@ -1,5 +1,5 @@
-//! What several benchmarks share: CPU pinning and the raw pipe worker they measure the
-//! pool against.
+//! What several benchmarks share: CPU pinning, the raw pipe worker they measure the
+//! pool against, settings from the environment and processes' memory.
 
 #![allow(dead_code)]
 
@@ -7,6 +7,26 @@ use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde_json::{Value, json};
+
+/// The value of environment variable `name` as a number, or `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The resident memory of process `pid`, KiB (0 if it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
 
 /// Restricts thread or process `pid` (0: the calling thread) to `cpus`; processes and
 /// threads started from it afterwards inherit that.
