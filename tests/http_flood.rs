@@ -219,7 +219,7 @@ fn malformed(i: usize) -> Malformed {
                 (Method::DELETE, "/v1/pool"),
                 (Method::PATCH, "/metrics"),
                 (Method::POST, "/v1/sessions"),
-                (Method::GET, "/v1/sessions/s1"),
+                (Method::PUT, "/v1/sessions/s1"),
                 (Method::OPTIONS, "/v1/pool"),
             ][v % 9]
                 .clone();
