@@ -155,7 +155,7 @@ async fn an_optimized_program_keeps_its_optimization_after_its_worker_dies() {
         .await
         .unwrap()
         .iter()
-        .map(|e| e.command.clone())
+        .map(|e| e.command().to_owned())
         .collect();
     assert_eq!(
         commands,

@@ -58,7 +58,7 @@ async fn a_snapshotted_session_keeps_a_short_journal_and_is_rebuilt_from_it() {
     assert!(info.journal_entries < 10, "{info:?}");
     assert_eq!(pool.metrics().journal_compactions, 10);
     let journal = pool.journal_entries("long-lived").await.unwrap();
-    assert_eq!(journal[0].command, "restore_session");
+    assert_eq!(journal[0].command(), "restore_session");
     assert_eq!(
         journal.len(),
         1 + 5,
@@ -157,7 +157,7 @@ async fn a_write_for_a_closed_session_never_reaches_its_successor() {
     late.await.unwrap().unwrap();
     let journal = pool.journal_entries("reused").await.unwrap();
     assert_eq!(journal.len(), 1, "{journal:?}");
-    assert_eq!(journal[0].args["text"], "fresh");
+    assert_eq!(journal[0].args()["text"], "fresh");
     kill_session_worker(&pool, &second).await;
     assert_eq!(
         second.call("notes", json!({})).await.unwrap(),
@@ -210,7 +210,7 @@ async fn idle_sessions_leave_their_worker_and_come_back_on_their_next_call() {
     // The snapshotted one was compacted on its way out.
     let journal = pool.journal_entries("noted").await.unwrap();
     assert_eq!(journal.len(), 1);
-    assert_eq!(journal[0].command, "restore_session");
+    assert_eq!(journal[0].command(), "restore_session");
     // Both come back, whole, on their next call.
     let back = noted
         .call_reporting("notes", json!({}), CallOptions::default())
@@ -263,7 +263,7 @@ async fn a_dspy_session_is_compacted_and_rebuilt_from_its_snapshot() {
     }
     assert_eq!(pool.metrics().journal_compactions, 2);
     let journal = pool.journal_entries("dspy-long").await.unwrap();
-    assert_eq!(journal[0].command, "restore_session");
+    assert_eq!(journal[0].command(), "restore_session");
     assert!(journal.len() <= 2, "{journal:?}");
 
     kill_session_worker(&pool, &session).await;

@@ -21,24 +21,51 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use memory::MemoryJournal;
 pub use sqlite::{SqliteJournal, SyncPolicy};
 
 /// One journaled call: replaying the entries in order rebuilds the session's state.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// The arguments are kept as JSON text: a small object as a `serde_json::Value` costs
+/// several hundred bytes of tree nodes, as text about its length, and a journal entry
+/// is only read back to be replayed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JournalEntry {
-    /// The command.
-    pub command: String,
-    /// Its arguments, `session_id` included, as they were sent.
-    pub args: Value,
+    command: String,
+    args: Box<RawValue>,
+}
+
+impl PartialEq for JournalEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.command == other.command && self.args.get() == other.args.get()
+    }
 }
 
 impl JournalEntry {
+    /// The entry of a call of `command` with `args` (`session_id` included, as sent).
+    pub fn new(command: impl Into<String>, args: &Value) -> JournalEntry {
+        JournalEntry {
+            command: command.into(),
+            args: serde_json::value::to_raw_value(args).expect("a JSON value serialises"),
+        }
+    }
+
+    /// The command.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// Its arguments.
+    pub fn args(&self) -> Value {
+        serde_json::from_str(self.args.get()).expect("stored arguments are JSON")
+    }
+
     /// The entry's size as it is counted against the journal's limits: its command
     /// and its arguments as JSON.
     pub fn size(&self) -> usize {
-        self.command.len() + serde_json::to_vec(&self.args).map_or(0, |v| v.len())
+        self.command.len() + self.args.get().len()
     }
 }
 
@@ -107,10 +134,7 @@ mod tests {
     use serde_json::json;
 
     fn entry(n: u64) -> JournalEntry {
-        JournalEntry {
-            command: "note".into(),
-            args: json!({"n": n}),
-        }
+        JournalEntry::new("note", &json!({"n": n}))
     }
 
     /// What every store must do.
@@ -136,10 +160,7 @@ mod tests {
         for n in 0..5 {
             journal.append("c", 7, entry(n)).await.unwrap();
         }
-        let snapshot = JournalEntry {
-            command: "restore_session".into(),
-            args: json!({"parts": {"p": [0, 1, 2, 3]}}),
-        };
+        let snapshot = JournalEntry::new("restore_session", &json!({"parts": {"p": [0, 1, 2, 3]}}));
         let stats = journal.compact("c", 7, snapshot.clone(), 4).await.unwrap();
         assert_eq!(stats.entries, 1);
         assert_eq!(stats.bytes, entry(4).size());
@@ -221,7 +242,7 @@ mod tests {
             let entries = journal.entries(&format!("w{w}"), 1).await.unwrap();
             let order: Vec<u64> = entries
                 .iter()
-                .map(|e| e.args["n"].as_u64().unwrap())
+                .map(|e| e.args()["n"].as_u64().unwrap())
                 .collect();
             assert_eq!(order, (0..50).collect::<Vec<_>>());
         }

@@ -60,8 +60,8 @@ impl Shared {
         worker: &Worker,
         entry: JournalEntry,
     ) -> Result<(), Error> {
-        let covered = worker.manifest().snapshot_covers(&entry.command);
-        let described = worker.manifest().describe_command(&entry.command);
+        let covered = worker.manifest().snapshot_covers(entry.command());
+        let described = worker.manifest().describe_command(entry.command());
         let started = std::time::Instant::now();
         let stats = self
             .journal
@@ -107,10 +107,10 @@ impl Shared {
         entries: usize,
     ) {
         let snapshot = match self.take_snapshot(id, worker).await {
-            Ok(parts) => JournalEntry {
-                command: "restore_session".into(),
-                args: json!({"session_id": id, "parts": parts}),
-            },
+            Ok(parts) => JournalEntry::new(
+                "restore_session",
+                &json!({"session_id": id, "parts": parts}),
+            ),
             Err(error) => {
                 tracing::warn!(session = id, %error, "session snapshot failed; the journal keeps growing");
                 let retry_at = entries + self.config.journal_limits.compact_entries;

@@ -211,31 +211,31 @@ impl Shared {
         let manifest = lease.worker().manifest().clone();
         let uncovered = entries
             .iter()
-            .find(|e| e.command != "restore_session" && !manifest.snapshot_covers(&e.command));
+            .find(|e| e.command() != "restore_session" && !manifest.snapshot_covers(e.command()));
         if let Some(entry) = uncovered
             && let Some(session) = self.lock().sessions.get_mut(id, epoch)
         {
             session
                 .unsnapshotted
-                .get_or_insert_with(|| manifest.describe_command(&entry.command));
+                .get_or_insert_with(|| manifest.describe_command(entry.command()));
         }
         for (index, entry) in entries.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             let failed = |error| ReplayFailure {
-                entry: Some((index, entry.command.clone())),
+                entry: Some((index, entry.command().to_owned())),
                 error,
             };
             if left.is_zero() {
                 return Err(failed(Error::RequestTimeout {
                     worker: lease.worker().name(),
-                    command: entry.command.clone(),
+                    command: entry.command().to_owned(),
                     timeout: self.config.rebuild_timeout,
                     killed: false,
                 }));
             }
             lease
                 .worker()
-                .call(&entry.command, entry.args.clone(), left)
+                .call(entry.command(), entry.args(), left)
                 .await
                 .map_err(failed)?;
         }
@@ -321,9 +321,9 @@ impl Shared {
                         if let Some(map) = args.as_object_mut() {
                             map.insert("session_id".into(), json!(&*id));
                         }
-                        JournalEntry { command, args }
+                        JournalEntry::new(command, &args)
                     }
-                    None => JournalEntry { command, args },
+                    None => JournalEntry::new(command, &args),
                 };
                 shared.journal_call(&id, epoch, &worker, entry).await?;
             }
