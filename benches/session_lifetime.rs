@@ -9,6 +9,8 @@
 //! 3. **Idle eviction**: `EVICT_SESSIONS` (default 100,000) sessions opened with one
 //!    such call each, then evicted when idle: host and worker memory at the start, with
 //!    the sessions on the workers, and after every one was evicted.
+//!    Then `EVICT_DSPY_SESSIONS` (default 2,000) DSPy sessions (a dummy LM and a program
+//!    each) the same way: the workers' memory.
 //! 4. **Restart**: `RESTART_SESSIONS` (default 10,000) sessions stored in SQLite, the
 //!    pool stopped and started again on the same directory: time to ready and to the
 //!    first answered call of a stored session.
@@ -258,6 +260,54 @@ async fn idle_eviction(python: &str, sessions: usize) {
     pool.shutdown().await;
 }
 
+async fn idle_dspy_eviction(python: &str, sessions: usize) {
+    let pool = builder(python)
+        .module("snakepool_worker.dspy")
+        .preload("dspy")
+        .session_idle(Some(Duration::from_secs(2)))
+        .start()
+        .await
+        .unwrap();
+    pool.call("ping", json!({})).await.unwrap();
+    let (_, workers_idle) = memory(&pool);
+    futures::stream::iter(0..sessions)
+        .map(|i| {
+            let session = pool.session(&format!("dspy-{i:06}"));
+            async move {
+                let script = json!({"provider": "dummy", "answers": [{"answer": "42"}]});
+                session.call("configure_lm", script).await.unwrap();
+                session
+                    .call("create_program", json!({"signature": "question -> answer"}))
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let (_, workers_full) = memory(&pool);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while (pool.metrics().session_evictions as usize) < sessions {
+        assert!(
+            Instant::now() < deadline,
+            "DSPy sessions not evicted in 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The workers collect what dropped sessions left in cycles a second after the
+    // last one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, workers_after) = memory(&pool);
+    println!(
+        "  {sessions} DSPy sessions (a dummy LM and a program each): workers RSS {:.1} -> \
+         {:.1} -> {:.1} MiB (idle, with the sessions, after eviction)",
+        mib(workers_idle),
+        mib(workers_full),
+        mib(workers_after),
+    );
+    pool.shutdown().await;
+}
+
 async fn restart(python: &str, sessions: usize) {
     let dir = tempfile::tempdir().unwrap();
     let pool = builder(python)
@@ -316,6 +366,7 @@ fn main() {
         journal_growth(&python, env_usize("BUMPS", 1_000_000)).await;
         durable_appends(&python, env_usize("ROUNDS", 3), env_usize("APPENDS", 2_000)).await;
         idle_eviction(&python, env_usize("EVICT_SESSIONS", 100_000)).await;
+        idle_dspy_eviction(&python, env_usize("EVICT_DSPY_SESSIONS", 2_000)).await;
         restart(&python, env_usize("RESTART_SESSIONS", 10_000)).await;
     });
 }

@@ -83,6 +83,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import gc
 import importlib
 import importlib.util
 import io
@@ -116,6 +117,9 @@ from .protocol import (
 )
 from . import watchdog
 from .registry import SYNC, CommandSpec, Context, Registry, default_registry
+
+COLLECT_DELAY = 1.0
+"""Seconds between dropping a session and collecting what it left in cycles."""
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -233,6 +237,7 @@ class Runtime:
         self.stopping = False
         self.in_handshake = False
         self._handshake_done = False
+        self._collection_due = False
         self._launcher: Optional[Launcher] = None
         self._manifest_key: Optional[Tuple[Any, ...]] = None
         self._manifest: Dict[str, Any] = {}
@@ -324,7 +329,28 @@ class Runtime:
         session = self.sessions.pop(session_id, None)
         existed = session is not None
         self.registry.run_cleanup_hooks(session_id, session if session is not None else {})
+        if existed:
+            self._collect_soon()
         return existed
+
+    def _collect_soon(self) -> None:
+        """Free what dropped sessions leave in reference cycles (DSPy's programs and LMs
+        keep some), with one full collection a second at most while sessions are being
+        dropped, instead of whenever the cyclic collector would next run. Only while a
+        frame loop serves (a full collection takes tens of milliseconds with DSPy)."""
+        if self._collection_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._collection_due = True
+
+        def collect() -> None:
+            self._collection_due = False
+            gc.collect()
+
+        loop.call_later(COLLECT_DELAY, collect)
 
     def request_stop(self) -> None:
         """Stop the loop after the current reply has been written (calls in flight are
