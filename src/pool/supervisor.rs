@@ -227,7 +227,13 @@ impl Supervisor {
         }
         self.heartbeats();
         self.check_memory();
-        if let Some(idle) = config.session_idle {
+        // Only workers that can free a session's state (and so journal it: our runtime,
+        // not a bare protocol-v1 script) have their idle sessions evicted.
+        let can_evict =
+            self.shared.manifest.get().is_some_and(|m| {
+                m.has_command("cleanup_session") && m.has_command("restore_session")
+            });
+        if let Some(idle) = config.session_idle.filter(|_| can_evict) {
             for (id, epoch, worker) in self.shared.idle_resident_sessions(idle, EVICT_PER_TICK) {
                 let shared = self.shared.clone();
                 tokio::spawn(async move { shared.evict_session(id, epoch, worker).await });
