@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    ServeProcess, WAIT, any_busy, builder, server_pids, spawn_serve, wait_for_event, wait_gone,
-    wait_until, wait_until_async,
+    ServeProcess, WAIT, any_busy, builder, serve_in_process, server_pids, spawn_serve,
+    wait_for_event, wait_gone, wait_until, wait_until_async,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -24,19 +24,13 @@ struct Server {
 impl Server {
     async fn start(builder: PoolBuilder, token: Option<&str>, body_limit: usize) -> Server {
         let pool = builder.start().await.unwrap();
-        let state = ServerState::starting();
-        state.ready(pool.clone());
         let options = ServerOptions {
             token: token.map(str::to_owned),
             body_limit,
             ..ServerOptions::default()
         };
-        let app = router(state, &options);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Server {
-            url: format!("http://{addr}"),
+            url: serve_in_process(&pool, &options).await,
             pool,
             client: reqwest::Client::new(),
         }

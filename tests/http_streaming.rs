@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::{WAIT, builder, wait_until_async};
+use common::{WAIT, builder, serve_in_process, wait_until_async};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use snakepool::Pool;
-use snakepool::server::{ServerOptions, ServerState, router};
+use snakepool::server::ServerOptions;
 
 struct Server {
     url: String,
@@ -25,14 +25,8 @@ impl Server {
             .start()
             .await
             .unwrap();
-        let state = ServerState::starting();
-        state.ready(pool.clone());
-        let app = router(state, &ServerOptions::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Server {
-            url: format!("http://{addr}"),
+            url: serve_in_process(&pool, &ServerOptions::default()).await,
             pool,
             client: reqwest::Client::new(),
         }

@@ -248,3 +248,15 @@ pub fn chat_completion_reply(model: &serde_json::Value) -> serde_json::Value {
         "usage": {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}
     })
 }
+
+/// Serves the HTTP API over `pool` in this process, on a random loopback port; returns
+/// its base URL.
+pub async fn serve_in_process(pool: &Pool, options: &snakepool::server::ServerOptions) -> String {
+    let state = snakepool::server::ServerState::starting();
+    state.ready(pool.clone());
+    let app = snakepool::server::router(state, options);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
