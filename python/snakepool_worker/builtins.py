@@ -87,8 +87,15 @@ async def restore_session(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
     parts = args.get("parts")
     if not isinstance(parts, dict):
         raise BadRequest("restore_session requires args.parts (an object of part -> snapshot)")
+    created = session_id not in runtime.sessions
     session = runtime.sessions.setdefault(session_id, {})
-    runtime.registry.snapshots.restore(session, parts)
+    try:
+        runtime.registry.snapshots.restore(session, parts)
+    except Exception:
+        if created:
+            # A failed restore leaves no empty session behind.
+            runtime.sessions.pop(session_id, None)
+        raise
     return {"session_id": session_id, "parts": sorted(parts)}
 
 

@@ -65,6 +65,7 @@ def test_bad_snapshot_requests_fail_clearly(pair: Any) -> None:
         first.call("restore_session", {"session_id": "s", "parts": {"snapshot_handlers_for_tests": 7}})
     )
     assert error["type"] == "SnapshotError" and "restore of part" in error["message"]
+    assert first.result("get_stats")["sessions"] == 0, "a failed restore leaves no session"
 
 
 def test_parts_cover_their_module_and_the_modules_below() -> None:
