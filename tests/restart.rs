@@ -43,6 +43,25 @@ async fn call(
     body["result"].clone()
 }
 
+/// Waits for `child` to exit; kills it and fails the test if it is still running
+/// after `limit`.
+fn wait_exit(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("a second server on the same data directory still runs after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn answer(n: usize) -> String {
     format!("answer number {n}")
 }
@@ -90,7 +109,7 @@ async fn sessions_answer_with_their_state_after_the_server_is_killed_and_restart
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let status = second.wait().unwrap();
+    let status = wait_exit(&mut second, common::WAIT);
     let mut stderr = String::new();
     second
         .stderr
