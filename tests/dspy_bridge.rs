@@ -10,12 +10,12 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use common::{builder, kill9, wait_for_event};
+use common::{builder, kill_session_worker};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use snakepool::dspy::{Dspy, FieldType, Lm, Metric, Optimizer, ProgramKind, Signature};
 use snakepool::lm_policy::LmProfile;
-use snakepool::{Error, MemoryJournal, PoolEvent};
+use snakepool::{Error, MemoryJournal};
 
 /// One request the fake model server received: its Authorization header and body.
 type SeenRequest = (Option<String>, Value);
@@ -119,7 +119,6 @@ async fn an_optimized_program_keeps_its_optimization_after_its_worker_dies() {
         .start()
         .await
         .unwrap();
-    let mut events = pool.subscribe();
     let session = pool.session("optimizer");
     let dspy = Dspy::new(session.clone());
     dspy.configure_lm(&Lm::Dummy {
@@ -164,19 +163,7 @@ async fn an_optimized_program_keeps_its_optimization_after_its_worker_dies() {
     );
 
     let worker = session.worker_id().unwrap();
-    let pid = pool
-        .status()
-        .workers
-        .iter()
-        .find(|w| w.id == worker)
-        .unwrap()
-        .pid;
-    kill9(pid);
-    wait_for_event(
-        &mut events,
-        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
-    )
-    .await;
+    kill_session_worker(&pool, &session).await;
 
     let rebuilt = program.call::<_, Text>(&question).await.unwrap();
     assert_eq!(

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{builder, kill9, wait_for_event};
+use common::{builder, kill_session_worker, wait_for_event};
 use serde_json::json;
 use snakepool::{CallOptions, Error, JournalLimits, Pool, PoolEvent, SessionState};
 
@@ -26,25 +26,6 @@ async fn pool() -> Pool {
         .start()
         .await
         .unwrap()
-}
-
-/// Kills the worker `session` is pinned to and waits until the pool knows.
-async fn kill_session_worker(pool: &Pool, session: &snakepool::Session) {
-    let mut events = pool.subscribe();
-    let pinned = session.worker_id().unwrap();
-    let pid = pool
-        .status()
-        .workers
-        .iter()
-        .find(|w| w.id == pinned)
-        .unwrap()
-        .pid;
-    kill9(pid);
-    wait_for_event(
-        &mut events,
-        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

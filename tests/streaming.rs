@@ -7,10 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{WAIT, builder, pid_of, rogue, wait_for_event, wait_until_async};
+use common::{WAIT, builder, pid_of, rogue, wait_until_async};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use snakepool::{CallOptions, CallStream, CancellationToken, Error, Pool, PoolEvent, StreamEvent};
+use snakepool::{CallOptions, CallStream, CancellationToken, Error, Pool, StreamEvent};
 
 async fn pool() -> Pool {
     builder(1)
@@ -195,21 +195,7 @@ async fn a_session_streams_in_order_and_journals_the_stream() {
     assert_eq!(next.await.unwrap().unwrap(), json!(5));
 
     // The stream was journaled: a rebuilt session has its tally.
-    let pinned = session.worker_id().unwrap();
-    let pid = pool
-        .status()
-        .workers
-        .iter()
-        .find(|w| w.id == pinned)
-        .unwrap()
-        .pid;
-    let mut events = pool.subscribe();
-    common::kill9(pid);
-    wait_for_event(
-        &mut events,
-        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
-    )
-    .await;
+    common::kill_session_worker(&pool, &session).await;
     let stream = session
         .call_stream("tally", json!({"add": 1}))
         .await

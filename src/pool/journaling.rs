@@ -60,8 +60,9 @@ impl Shared {
         worker: &Worker,
         entry: JournalEntry,
     ) -> Result<(), Error> {
-        let covered = worker.manifest().snapshot_covers(entry.command());
-        let described = worker.manifest().describe_command(entry.command());
+        // Only an uncovered command is described (for the journal-full message).
+        let uncovered = (!worker.manifest().snapshot_covers(entry.command()))
+            .then(|| worker.manifest().describe_command(entry.command()));
         let started = std::time::Instant::now();
         let stats = self
             .journal
@@ -74,8 +75,8 @@ impl Shared {
             let mut st = self.lock();
             st.sessions.get_mut(id, epoch).map(|session| {
                 session.journal = stats;
-                if !covered && session.unsnapshotted.is_none() {
-                    session.unsnapshotted = Some(described);
+                if session.unsnapshotted.is_none() {
+                    session.unsnapshotted = uncovered;
                 }
                 session.unsnapshotted.is_none()
                     && limits.compaction_due(&stats)

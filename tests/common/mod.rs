@@ -260,3 +260,26 @@ pub async fn serve_in_process(pool: &Pool, options: &snakepool::server::ServerOp
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
+
+/// Kills the worker session `session` is pinned to with SIGKILL and waits until the
+/// pool has seen it go; returns its pid.
+pub async fn kill_session_worker(pool: &Pool, session: &snakepool::Session) -> u32 {
+    let mut events = pool.subscribe();
+    let pinned = session
+        .worker_id()
+        .expect("the session is pinned to a worker");
+    let pid = pool
+        .status()
+        .workers
+        .iter()
+        .find(|w| w.id == pinned)
+        .expect("its worker is running")
+        .pid;
+    kill9(pid);
+    wait_for_event(
+        &mut events,
+        |e| matches!(e, PoolEvent::WorkerLost { pid: p, .. } if *p == pid),
+    )
+    .await;
+    pid
+}
