@@ -64,11 +64,14 @@ impl Shared {
         let uncovered = (!worker.manifest().snapshot_covers(entry.command()))
             .then(|| worker.manifest().describe_command(entry.command()));
         let started = std::time::Instant::now();
-        let stats = self
-            .journal
-            .append(id, epoch, entry)
-            .await
-            .map_err(|e| journal_error(id, e))?;
+        let appended = self.journal.append(id, epoch, entry).await;
+        let stats = match appended {
+            Ok(stats) => stats,
+            // Closed meanwhile (and perhaps opened again): its write has nowhere to go,
+            // and the store rightly refused it.
+            Err(_) if self.lock().sessions.get_mut(id, epoch).is_none() => return Ok(()),
+            Err(error) => return Err(journal_error(id, error)),
+        };
         self.metrics.record_journal_write(started.elapsed());
         let limits = self.config.journal_limits;
         let compact = {
