@@ -86,7 +86,7 @@ async fn journal_growth(python: &str, bumps: usize) {
     }
     let elapsed = started.elapsed();
     let (host_after, _) = memory(&pool);
-    let info = pool.session_info("long-lived").unwrap();
+    let info = pool.session_info("long-lived").await.unwrap().unwrap();
     println!(
         "journal growth: {bumps} state-changing calls in {:.1} s ({:.0} µs each); host RSS \
          {:.1} -> {:.1} MiB ({:+.2} MiB); journal {} entries, {} bytes after a snapshot of {} \
@@ -130,7 +130,7 @@ async fn journal_growth(python: &str, bumps: usize) {
     for _ in 0..1000 {
         session.call("configure_lm", script.clone()).await.unwrap();
     }
-    let info = pool.session_info("dspy").unwrap();
+    let info = pool.session_info("dspy").await.unwrap().unwrap();
     kill_worker_of(&pool, &session).await;
     let started = Instant::now();
     let run = session
@@ -217,10 +217,37 @@ async fn open_sessions(pool: &Pool, prefix: &str, n: usize) {
         .await;
 }
 
-async fn idle_eviction(python: &str, sessions: usize) {
-    let pool = builder(python)
+/// Waits until `sessions` sessions were evicted and have left the pool's memory, then
+/// a little longer for the workers' collection and the host's trim after the last.
+async fn wait_evicted(pool: &Pool, sessions: usize) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    while (pool.metrics().session_evictions as usize) < sessions || pool.status().sessions > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {sessions} sessions evicted in 600 s ({} still in memory)",
+            pool.metrics().session_evictions,
+            pool.status().sessions,
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let evicted = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    evicted
+}
+
+/// A pool on a SQLite journal in `dir` (as `snakepool serve` runs by default) whose
+/// sessions are evicted after 2 s idle.
+fn evicting(python: &str, dir: &std::path::Path, sessions: usize) -> PoolBuilder {
+    builder(python)
+        .durable_journal(dir, SyncPolicy::Normal)
         .session_idle(Some(Duration::from_secs(2)))
         .max_sessions(sessions + 1)
+}
+
+async fn idle_eviction(python: &str, sessions: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = evicting(python, dir.path(), sessions)
         .journal_limits(JournalLimits::default())
         .start()
         .await
@@ -231,40 +258,49 @@ async fn idle_eviction(python: &str, sessions: usize) {
     open_sessions(&pool, "idle", sessions).await;
     let opened = started.elapsed();
     let (host_full, workers_full) = memory(&pool);
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(600);
-    while (pool.metrics().session_evictions as usize) < sessions {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {sessions} sessions evicted in 600 s",
-            pool.metrics().session_evictions
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let evicted = started.elapsed();
+    let evicted = wait_evicted(&pool, sessions).await;
     let (host_after, workers_after) = memory(&pool);
+    let started = Instant::now();
+    let back = pool
+        .session("idle-000042")
+        .call_reporting("count", json!({}), snakepool::CallOptions::default())
+        .await
+        .unwrap();
+    let came_back = started.elapsed();
+    assert_eq!(
+        (back.result, back.state),
+        (json!(1), snakepool::SessionState::Rebuilt)
+    );
     println!(
-        "idle eviction: {sessions} sessions opened in {:.1} s, all evicted {:.1} s later \
-         (2 s idle); host RSS {:.1} -> {:.1} -> {:.1} MiB, workers RSS {:.1} -> {:.1} -> {:.1} \
-         MiB (idle, with the sessions, after eviction; the sessions stay open: the host \
-         keeps their records and journals)",
+        "idle eviction (SQLite journal): {sessions} sessions opened in {:.1} s, all evicted \
+         and out of memory {:.1} s later (2 s idle); host RSS {:.1} -> {:.1} -> {:.1} MiB \
+         ({:+.0}% of idle), workers RSS {:.1} -> {:.1} -> {:.1} MiB ({:+.0}% of idle) (idle, \
+         with the sessions, after eviction); an evicted session's next call answered in \
+         {:.1} ms, rebuilt from the store",
         opened.as_secs_f64(),
         evicted.as_secs_f64(),
         mib(host_idle),
         mib(host_full),
         mib(host_after),
+        percent_over(host_after, host_idle),
         mib(workers_idle),
         mib(workers_full),
         mib(workers_after),
+        percent_over(workers_after, workers_idle),
+        came_back.as_secs_f64() * 1e3,
     );
     pool.shutdown().await;
 }
 
+fn percent_over(now: u64, base: u64) -> f64 {
+    (now as f64 / base as f64 - 1.0) * 100.0
+}
+
 async fn idle_dspy_eviction(python: &str, sessions: usize) {
-    let pool = builder(python)
+    let dir = tempfile::tempdir().unwrap();
+    let pool = evicting(python, dir.path(), sessions)
         .module("snakepool_worker.dspy")
         .preload("dspy")
-        .session_idle(Some(Duration::from_secs(2)))
         .start()
         .await
         .unwrap();
@@ -286,24 +322,15 @@ async fn idle_dspy_eviction(python: &str, sessions: usize) {
         .collect::<Vec<_>>()
         .await;
     let (_, workers_full) = memory(&pool);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while (pool.metrics().session_evictions as usize) < sessions {
-        assert!(
-            Instant::now() < deadline,
-            "DSPy sessions not evicted in 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // The workers collect what dropped sessions left in cycles a second after the
-    // last one.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_evicted(&pool, sessions).await;
     let (_, workers_after) = memory(&pool);
     println!(
         "  {sessions} DSPy sessions (a dummy LM and a program each): workers RSS {:.1} -> \
-         {:.1} -> {:.1} MiB (idle, with the sessions, after eviction)",
+         {:.1} -> {:.1} MiB ({:+.0}% of idle) (idle, with the sessions, after eviction)",
         mib(workers_idle),
         mib(workers_full),
         mib(workers_after),
+        percent_over(workers_after, workers_idle),
     );
     pool.shutdown().await;
 }

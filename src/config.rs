@@ -99,8 +99,10 @@ pub struct Settings {
     pub session_idle: Option<Duration>,
     /// Largest frame either way, in bytes.
     pub max_frame_bytes: Option<usize>,
-    /// Most sessions open at once.
+    /// Most sessions in memory at once.
     pub max_sessions: Option<usize>,
+    /// Most sessions a durable journal holds.
+    pub max_stored_sessions: Option<usize>,
     /// Most calls one worker runs at once (for `async` commands).
     pub max_concurrency: Option<usize>,
     /// Shortest timeout a caller may ask for.
@@ -257,6 +259,7 @@ impl Settings {
             session_idle,
             max_frame_bytes,
             max_sessions,
+            max_stored_sessions,
             max_concurrency,
             min_request_timeout,
             max_request_timeout,
@@ -343,6 +346,9 @@ impl Settings {
         }
         if let Some(n) = self.max_sessions {
             b = b.max_sessions(n);
+        }
+        if let Some(n) = self.max_stored_sessions {
+            b = b.max_stored_sessions(n);
         }
         if let Some(n) = self.max_concurrency {
             b = b.max_concurrency(n);

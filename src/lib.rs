@@ -20,6 +20,7 @@ pub mod call;
 pub mod config;
 pub mod dspy;
 pub mod error;
+mod heap;
 pub mod journal;
 pub mod lm_policy;
 pub mod metrics;

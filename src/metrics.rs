@@ -102,8 +102,10 @@ pub struct PoolGauges {
     pub starting: usize,
     /// Callers waiting for a worker.
     pub queued: usize,
-    /// Open sessions.
+    /// Sessions in the pool's memory.
     pub sessions: usize,
+    /// Sessions the journal store holds.
+    pub stored_sessions: usize,
     /// Entries in their journals (after their snapshots).
     pub journal_entries: usize,
     /// Bytes of those entries and of the snapshots.
@@ -231,7 +233,16 @@ impl Metrics {
 
     /// Adds one to a plain counter.
     pub fn bump(&self, counter: Counter) {
-        let cell = match counter {
+        self.cell(counter).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A counter's value now.
+    pub fn count(&self, counter: Counter) -> u64 {
+        self.cell(counter).load(Ordering::Relaxed)
+    }
+
+    fn cell(&self, counter: Counter) -> &AtomicU64 {
+        match counter {
             Counter::WorkerStart => &self.worker_starts,
             Counter::WorkerStartFailure => &self.worker_start_failures,
             Counter::WorkerCrash => &self.worker_crashes,
@@ -240,8 +251,7 @@ impl Metrics {
             Counter::SessionRebuild => &self.session_rebuilds,
             Counter::JournalCompaction => &self.journal_compactions,
             Counter::SessionEviction => &self.session_evictions,
-        };
-        cell.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A consistent-enough copy of every metric.
@@ -339,15 +349,20 @@ impl Metrics {
                 "Callers waiting for a worker",
                 gauges.queued,
             ),
-            ("sessions", "Open sessions", gauges.sessions),
+            ("sessions", "Sessions in the pool's memory", gauges.sessions),
+            (
+                "stored_sessions",
+                "Sessions the journal store holds",
+                gauges.stored_sessions,
+            ),
             (
                 "journal_entries",
-                "Entries in the open sessions' journals, after their snapshots",
+                "Entries in the journals of the sessions in memory, after their snapshots",
                 gauges.journal_entries,
             ),
             (
                 "journal_bytes",
-                "Bytes of the open sessions' journals, snapshots included",
+                "Bytes of the journals of the sessions in memory, snapshots included",
                 gauges.journal_bytes,
             ),
         ];

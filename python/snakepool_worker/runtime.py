@@ -121,6 +121,26 @@ from .registry import SYNC, CommandSpec, Context, Registry, default_registry
 COLLECT_DELAY = 1.0
 """Seconds between dropping a session and collecting what it left in cycles."""
 
+
+_malloc_trim: object = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that dropped sessions freed back to the system: glibc's allocator
+    keeps freed memory in its arenas, so a worker that once held many sessions would
+    otherwise keep their size. Does nothing where ``malloc_trim`` is missing."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_IMPORT_FAILED = 3
@@ -349,6 +369,7 @@ class Runtime:
         def collect() -> None:
             self._collection_due = False
             gc.collect()
+            release_freed_memory()
 
         loop.call_later(COLLECT_DELAY, collect)
 

@@ -74,9 +74,13 @@ pub struct PoolArgs {
     /// Largest frame either way (bytes).
     #[arg(long, env = "SNAKEPOOL_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
-    /// Most sessions open at once (default 100000).
+    /// Most sessions in memory at once (default 100000; with a durable journal,
+    /// sessions evicted from their workers leave memory and do not count).
     #[arg(long, env = "SNAKEPOOL_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
+    /// Most sessions the durable journal holds (default 10000000).
+    #[arg(long, env = "SNAKEPOOL_MAX_STORED_SESSIONS")]
+    pub max_stored_sessions: Option<usize>,
     /// Most calls one worker runs at once, for async commands (default 32; 1: one
     /// call at a time).
     #[arg(long, env = "SNAKEPOOL_WORKER_CONCURRENCY")]
@@ -216,6 +220,7 @@ impl PoolArgs {
             session_idle: self.session_idle,
             max_frame_bytes: self.max_frame_bytes,
             max_sessions: self.max_sessions,
+            max_stored_sessions: self.max_stored_sessions,
             max_concurrency: self.max_concurrency,
             min_request_timeout: self.min_request_timeout,
             max_request_timeout: self.max_request_timeout,

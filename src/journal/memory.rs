@@ -2,21 +2,45 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
 use super::{JournalEntry, JournalError, JournalStats, SessionJournal, StoredSession};
 
 /// One session's journal.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Journal {
     epoch: u64,
     snapshot: Option<(Arc<JournalEntry>, usize)>,
     entries: Vec<(Arc<JournalEntry>, usize)>,
     bytes: usize,
+    created: SystemTime,
+    last_used: SystemTime,
 }
 
 impl Journal {
+    fn new(epoch: u64) -> Journal {
+        let now = SystemTime::now();
+        Journal {
+            epoch,
+            snapshot: None,
+            entries: Vec::new(),
+            bytes: 0,
+            created: now,
+            last_used: now,
+        }
+    }
+
+    fn stored(&self) -> StoredSession {
+        StoredSession {
+            epoch: self.epoch,
+            stats: self.stats(),
+            created: self.created,
+            last_used: self.last_used,
+        }
+    }
+
     fn stats(&self) -> JournalStats {
         JournalStats {
             entries: self.entries.len(),
@@ -46,7 +70,9 @@ fn for_epoch<'a>(
     id: &str,
     epoch: u64,
 ) -> Result<&'a mut Journal, JournalError> {
-    let journal = sessions.entry(id.to_owned()).or_default();
+    let journal = sessions
+        .entry(id.to_owned())
+        .or_insert_with(|| Journal::new(epoch));
     if journal.epoch > epoch {
         return Err(JournalError(format!(
             "session `{id}` was closed: epoch {epoch} is older than its journal's {}",
@@ -54,11 +80,9 @@ fn for_epoch<'a>(
         )));
     }
     if journal.epoch < epoch {
-        *journal = Journal {
-            epoch,
-            ..Journal::default()
-        };
+        *journal = Journal::new(epoch);
     }
+    journal.last_used = SystemTime::now();
     Ok(journal)
 }
 
@@ -121,26 +145,68 @@ impl SessionJournal for MemoryJournal {
             .unwrap_or_default())
     }
 
-    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError> {
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<bool, JournalError> {
         let mut sessions = self.lock();
-        if sessions
+        let due = sessions
             .get(id)
-            .is_some_and(|j| epoch.is_none_or(|e| e == j.epoch))
-        {
+            .is_some_and(|j| epoch.is_none_or(|e| j.epoch <= e));
+        if due {
             sessions.remove(id);
+        }
+        Ok(due)
+    }
+
+    fn session_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    async fn stored(&self, id: &str) -> Result<Option<StoredSession>, JournalError> {
+        Ok(self.lock().get(id).map(Journal::stored))
+    }
+
+    async fn adopt(&self, id: &str, epoch: u64) -> Result<Option<StoredSession>, JournalError> {
+        let mut sessions = self.lock();
+        let Some(journal) = sessions.get_mut(id) else {
+            return Ok(None);
+        };
+        if journal.epoch >= epoch {
+            return Err(JournalError(format!(
+                "session `{id}` is stored in epoch {}, not older than {epoch}",
+                journal.epoch
+            )));
+        }
+        journal.epoch = epoch;
+        journal.last_used = SystemTime::now();
+        Ok(Some(journal.stored()))
+    }
+
+    async fn touch(&self, id: &str, epoch: u64, used: SystemTime) -> Result<(), JournalError> {
+        if let Some(journal) = self.lock().get_mut(id).filter(|j| j.epoch == epoch) {
+            journal.last_used = used;
         }
         Ok(())
     }
 
-    async fn sessions(&self) -> Result<Vec<StoredSession>, JournalError> {
-        Ok(self
-            .lock()
+    async fn unused_since(
+        &self,
+        before: SystemTime,
+        most: usize,
+    ) -> Result<Vec<(String, u64)>, JournalError> {
+        let sessions = self.lock();
+        let mut unused: Vec<(SystemTime, &String, u64)> = sessions
             .iter()
-            .map(|(id, journal)| StoredSession {
-                id: id.clone(),
-                epoch: journal.epoch,
-                stats: journal.stats(),
-            })
+            .filter(|(_, j)| j.last_used < before)
+            .map(|(id, j)| (j.last_used, id, j.epoch))
+            .collect();
+        unused.sort_unstable();
+        Ok(unused
+            .into_iter()
+            .take(most)
+            .map(|(_, id, epoch)| (id.clone(), epoch))
             .collect())
+    }
+
+    async fn max_epoch(&self) -> Result<u64, JournalError> {
+        Ok(self.lock().values().map(|j| j.epoch).max().unwrap_or(0))
     }
 }

@@ -17,6 +17,7 @@ mod memory;
 mod sqlite;
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -80,15 +81,18 @@ pub struct JournalStats {
     pub snapshot_bytes: Option<usize>,
 }
 
-/// A session the store holds, as a pool finds it when it starts.
+/// A session as the store holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredSession {
-    /// The session's id.
-    pub id: String,
-    /// The epoch its journal was written in.
+    /// The epoch its journal was last written or taken over in.
     pub epoch: u64,
     /// What its journal holds.
     pub stats: JournalStats,
+    /// When its journal was first written.
+    pub created: SystemTime,
+    /// When the session was last used, as far as the store knows: its last write, or
+    /// the time a pool gave when it let the session go.
+    pub last_used: SystemTime,
 }
 
 /// A failure of the journal's backing store.
@@ -122,10 +126,35 @@ pub trait SessionJournal: Send + Sync + std::fmt::Debug {
     ) -> Result<JournalStats, JournalError>;
     /// What the journal of session `id` in `epoch` holds.
     async fn stats(&self, id: &str, epoch: u64) -> Result<JournalStats, JournalError>;
-    /// Forgets the session's journal: of `epoch` only, if given.
-    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError>;
-    /// Every session the store holds (a pool starting on a durable store resumes them).
-    async fn sessions(&self) -> Result<Vec<StoredSession>, JournalError>;
+    /// Forgets the session's journal: with an epoch, only if its epoch is that one or
+    /// older. Returns whether there was one.
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<bool, JournalError>;
+    /// Whether journals outlive this process. A pool on a durable journal lets
+    /// sessions evicted from their workers leave its memory too, and finds them here
+    /// again by id ([`SessionJournal::adopt`]) when they are next used.
+    fn durable(&self) -> bool {
+        false
+    }
+    /// How many sessions the store holds.
+    fn session_count(&self) -> usize;
+    /// The session `id` as stored, whatever its epoch.
+    async fn stored(&self, id: &str) -> Result<Option<StoredSession>, JournalError>;
+    /// Takes the stored journal of session `id`, written in an older epoch, over into
+    /// `epoch` (writes of the older epoch are refused from then on) and marks it used:
+    /// what it holds, or `None` if the store holds no journal for `id`.
+    async fn adopt(&self, id: &str, epoch: u64) -> Result<Option<StoredSession>, JournalError>;
+    /// Records when session `id` (of `epoch`) was last used.
+    async fn touch(&self, id: &str, epoch: u64, used: SystemTime) -> Result<(), JournalError>;
+    /// Up to `most` sessions last used before `before`, least recently used first:
+    /// `(id, epoch)`.
+    async fn unused_since(
+        &self,
+        before: SystemTime,
+        most: usize,
+    ) -> Result<Vec<(String, u64)>, JournalError>;
+    /// The greatest epoch the store holds (0 when empty): a pool starting on it gives
+    /// its sessions greater ones.
+    async fn max_epoch(&self) -> Result<u64, JournalError>;
 }
 
 #[cfg(test)]
@@ -148,13 +177,20 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(*entries[0], entry(2));
         assert!(journal.entries("s", 1).await.unwrap().is_empty());
-        journal.remove("s", Some(1)).await.unwrap();
+        assert!(
+            !journal.remove("s", Some(1)).await.unwrap(),
+            "a newer one stays"
+        );
         assert_eq!(journal.stats("s", 2).await.unwrap().entries, 1);
-        journal.remove("s", None).await.unwrap();
+        assert!(
+            journal.remove("s", Some(3)).await.unwrap(),
+            "an older one goes"
+        );
         assert_eq!(
             journal.stats("s", 2).await.unwrap(),
             JournalStats::default()
         );
+        assert!(!journal.remove("s", None).await.unwrap());
 
         // Compaction replaces the entries it covers.
         for n in 0..5 {
@@ -170,19 +206,52 @@ mod tests {
         assert_eq!(*entries[0], snapshot);
         assert_eq!(*entries[1], entry(4));
         journal.append("c", 7, entry(5)).await.unwrap();
-        let stored = journal.sessions().await.unwrap();
-        assert_eq!(
-            stored,
-            [StoredSession {
-                id: "c".into(),
-                epoch: 7,
-                stats: JournalStats {
-                    entries: 2,
-                    bytes: entry(4).size() + entry(5).size(),
-                    snapshot_bytes: Some(snapshot.size()),
-                },
-            }]
+        let expected = JournalStats {
+            entries: 2,
+            bytes: entry(4).size() + entry(5).size(),
+            snapshot_bytes: Some(snapshot.size()),
+        };
+        assert_eq!(journal.session_count(), 1);
+        assert_eq!(journal.max_epoch().await.unwrap(), 7);
+
+        // A stored session is found by id, and taken over into a newer epoch.
+        let stored = journal.stored("c").await.unwrap().unwrap();
+        assert_eq!((stored.epoch, stored.stats), (7, expected));
+        assert!(stored.created <= stored.last_used);
+        assert!(journal.adopt("gone", 8).await.unwrap().is_none());
+        let adopted = journal.adopt("c", 9).await.unwrap().unwrap();
+        assert_eq!((adopted.epoch, adopted.stats), (9, expected));
+        assert_eq!(journal.entries("c", 9).await.unwrap().len(), 3);
+        assert!(journal.entries("c", 7).await.unwrap().is_empty());
+        assert!(
+            journal.append("c", 7, entry(6)).await.is_err(),
+            "the old epoch's writes are refused"
         );
+        assert!(
+            journal.adopt("c", 8).await.is_err(),
+            "never back to an older epoch"
+        );
+
+        // Retention finds the sessions unused since a time, oldest first.
+        let long_ago = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        journal.append("d", 10, entry(0)).await.unwrap();
+        journal.touch("d", 10, long_ago).await.unwrap();
+        let later = long_ago + std::time::Duration::from_secs(10);
+        journal.touch("c", 9, later).await.unwrap();
+        journal.touch("c", 7, long_ago).await.unwrap();
+        let now = SystemTime::now() + std::time::Duration::from_secs(1);
+        let unused = journal.unused_since(now, 10).await.unwrap();
+        assert_eq!(unused, [("d".to_owned(), 10), ("c".to_owned(), 9)]);
+        assert_eq!(journal.unused_since(now, 1).await.unwrap().len(), 1);
+        assert_eq!(
+            journal
+                .unused_since(long_ago + std::time::Duration::from_secs(1), 10)
+                .await
+                .unwrap(),
+            [("d".to_owned(), 10)]
+        );
+        assert!(journal.remove("d", Some(10)).await.unwrap());
+        assert_eq!(journal.session_count(), 1);
     }
 
     #[tokio::test]
@@ -202,9 +271,9 @@ mod tests {
         }
         // Opened again (the first one's thread has let go of the lock once dropped).
         let journal = wait_for_reopen(dir.path()).await;
-        let stored = journal.sessions().await.unwrap();
-        assert_eq!(stored.len(), 1);
-        assert_eq!(journal.entries("c", 7).await.unwrap().len(), 3);
+        assert_eq!(journal.session_count(), 1);
+        assert_eq!(journal.max_epoch().await.unwrap(), 9);
+        assert_eq!(journal.entries("c", 9).await.unwrap().len(), 3);
     }
 
     /// Opens the journal in `dir` once the previous one's thread has closed it.

@@ -16,7 +16,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -26,6 +28,8 @@ use super::{JournalEntry, JournalError, JournalStats, SessionJournal, StoredSess
 
 /// Most operations committed together.
 const MAX_BATCH: usize = 512;
+/// Idle time after which the database thread frees its page cache.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
 
 /// How hard a commit tries to reach the disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -59,8 +63,12 @@ enum Op {
     Entries(String, u64, Reply<Vec<Arc<JournalEntry>>>),
     Compact(String, u64, JournalEntry, usize, Reply<JournalStats>),
     Stats(String, u64, Reply<JournalStats>),
-    Remove(String, Option<u64>, Reply<()>),
-    Sessions(Reply<Vec<StoredSession>>),
+    Remove(String, Option<u64>, Reply<bool>),
+    Stored(String, Reply<Option<StoredSession>>),
+    Adopt(String, u64, Reply<Option<StoredSession>>),
+    Touch(String, u64, SystemTime, Reply<()>),
+    UnusedSince(SystemTime, usize, Reply<Vec<(String, u64)>>),
+    MaxEpoch(Reply<u64>),
 }
 
 /// Session journals in SQLite (see the module documentation).
@@ -68,6 +76,8 @@ enum Op {
 pub struct SqliteJournal {
     ops: Mutex<std::sync::mpsc::Sender<Op>>,
     path: PathBuf,
+    /// Sessions stored, as of the last commit.
+    count: Arc<AtomicUsize>,
 }
 
 fn sql_error(context: &str) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
@@ -101,7 +111,9 @@ impl SqliteJournal {
                  snapshot_bytes INTEGER,
                  entries INTEGER NOT NULL DEFAULT 0,
                  bytes INTEGER NOT NULL DEFAULT 0,
-                 next_seq INTEGER NOT NULL DEFAULT 0
+                 next_seq INTEGER NOT NULL DEFAULT 0,
+                 created INTEGER NOT NULL DEFAULT 0,
+                 last_used INTEGER NOT NULL DEFAULT 0
              ) WITHOUT ROWID;
              CREATE TABLE IF NOT EXISTS entries (
                  id TEXT NOT NULL,
@@ -112,17 +124,24 @@ impl SqliteJournal {
              ) WITHOUT ROWID;"
         ))
         .map_err(sql_error(&context))?;
+        add_use_times(&conn).map_err(sql_error(&context))?;
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+            .map_err(sql_error(&context))?;
+        let count = Arc::new(AtomicUsize::new(stored as usize));
         let (tx, rx) = std::sync::mpsc::channel();
+        let counted = count.clone();
         std::thread::Builder::new()
             .name("snakepool-journal".into())
             .spawn(move || {
                 let _lock = lock;
-                serve(conn, rx);
+                serve(conn, rx, &counted);
             })
             .map_err(|e| JournalError(format!("cannot start the journal thread: {e}")))?;
         Ok(SqliteJournal {
             ops: Mutex::new(tx),
             path,
+            count,
         })
     }
 
@@ -144,6 +163,24 @@ impl SqliteJournal {
         rx.await
             .unwrap_or_else(|_| Err(JournalError("the journal thread has stopped".into())))
     }
+}
+
+/// Gives a journal written before sessions carried their times of creation and last
+/// use those columns (set to the time of the upgrade), and indexes the last use.
+fn add_use_times(conn: &Connection) -> rusqlite::Result<()> {
+    let mut columns = conn.prepare("SELECT name FROM pragma_table_info('sessions')")?;
+    let names: Vec<String> = columns
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let now = millis(SystemTime::now());
+    for column in ["created", "last_used"] {
+        if !names.iter().any(|n| n == column) {
+            conn.execute_batch(&format!(
+                "ALTER TABLE sessions ADD COLUMN {column} INTEGER NOT NULL DEFAULT {now}"
+            ))?;
+        }
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS sessions_by_last_use ON sessions (last_used)")
 }
 
 /// Takes the data directory's lock file, or says who holds it.
@@ -168,9 +205,25 @@ fn lock_dir(dir: &Path) -> Result<File, JournalError> {
     Ok(file)
 }
 
-/// The database thread: batches of operations, one transaction each.
-fn serve(mut conn: Connection, ops: std::sync::mpsc::Receiver<Op>) {
-    while let Ok(first) = ops.recv() {
+/// The database thread: batches of operations, one transaction each. Once it has been
+/// idle for [`SHRINK_AFTER`] after some work, it empties SQLite's page cache, so a
+/// quiet server does not keep the cache a burst of sessions filled.
+fn serve(mut conn: Connection, ops: std::sync::mpsc::Receiver<Op>, count: &AtomicUsize) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut worked = false;
+    loop {
+        let first = match ops.recv_timeout(SHRINK_AFTER) {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) => {
+                if std::mem::take(&mut worked) && conn.execute_batch("PRAGMA shrink_memory").is_ok()
+                {
+                    crate::heap::release_freed_memory();
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        worked = true;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match ops.try_recv() {
@@ -178,7 +231,7 @@ fn serve(mut conn: Connection, ops: std::sync::mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, batch);
+        run_batch(&mut conn, batch, count);
     }
 }
 
@@ -195,7 +248,9 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, JournalError>) -
     })
 }
 
-fn run_batch(conn: &mut Connection, batch: Vec<Op>) {
+/// Runs a batch in one transaction and, once it is committed, adds the sessions it
+/// stored (less those it removed) to `count` before answering.
+fn run_batch(conn: &mut Connection, batch: Vec<Op>, count: &AtomicUsize) {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
@@ -206,6 +261,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>) {
             return;
         }
     };
+    let mut added = 0;
     // An operation refused for what it asks (a stale epoch) writes nothing; a failing
     // statement, though, may leave part of an operation written, so it fails the whole
     // batch, rolled back.
@@ -214,7 +270,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>) {
     for op in batch {
         match &broken {
             Some(error) => fail(op, error),
-            None => match run_op(&tx, op) {
+            None => match run_op(&tx, op, &mut added) {
                 Ok(answer) => answers.push(answer),
                 Err(error) => broken = Some(error),
             },
@@ -230,6 +286,10 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>) {
             .err()
             .map(|e| JournalError(format!("commit failed: {e}"))),
     };
+    if outcome.is_none() && added != 0 {
+        let now = count.load(Ordering::Relaxed) as isize + added;
+        count.store(now.max(0) as usize, Ordering::Relaxed);
+    }
     for answer in answers {
         answer(outcome.as_ref());
     }
@@ -243,7 +303,10 @@ fn fail(op: Op, error: &JournalError) {
         Op::Append(.., reply) | Op::Compact(.., reply) | Op::Stats(.., reply) => send(reply, error),
         Op::Entries(.., reply) => send(reply, error),
         Op::Remove(.., reply) => send(reply, error),
-        Op::Sessions(reply) => send(reply, error),
+        Op::Stored(.., reply) | Op::Adopt(.., reply) => send(reply, error),
+        Op::Touch(.., reply) => send(reply, error),
+        Op::UnusedSince(.., reply) => send(reply, error),
+        Op::MaxEpoch(reply) => send(reply, error),
     }
 }
 
@@ -251,20 +314,39 @@ fn fail(op: Op, error: &JournalError) {
 type Broken = JournalError;
 
 /// Runs one operation: its answer (its own refusal included), or the failure of a
-/// statement, which breaks the batch.
-fn run_op(tx: &Transaction<'_>, op: Op) -> Result<Answer, Broken> {
+/// statement, which breaks the batch. Counts the sessions it adds (or removes) in
+/// `added`.
+fn run_op(tx: &Transaction<'_>, op: Op, added: &mut isize) -> Result<Answer, Broken> {
     Ok(match op {
         Op::Append(id, epoch, entry, reply) => {
-            answer(reply, split(append(tx, &id, epoch, &entry))?)
+            answer(reply, split(append(tx, &id, epoch, &entry, added))?)
         }
         Op::Entries(id, epoch, reply) => answer(reply, split(entries(tx, &id, epoch))?),
-        Op::Compact(id, epoch, snapshot, replaced, reply) => {
-            answer(reply, split(compact(tx, &id, epoch, &snapshot, replaced))?)
-        }
+        Op::Compact(id, epoch, snapshot, replaced, reply) => answer(
+            reply,
+            split(compact(tx, &id, epoch, &snapshot, replaced, added))?,
+        ),
         Op::Stats(id, epoch, reply) => answer(reply, split(stats(tx, &id, epoch))?),
-        Op::Remove(id, epoch, reply) => answer(reply, split(remove(tx, &id, epoch))?),
-        Op::Sessions(reply) => answer(reply, split(sessions(tx))?),
+        Op::Remove(id, epoch, reply) => answer(reply, split(remove(tx, &id, epoch, added))?),
+        Op::Stored(id, reply) => answer(reply, split(stored(tx, &id))?),
+        Op::Adopt(id, epoch, reply) => answer(reply, split(adopt(tx, &id, epoch))?),
+        Op::Touch(id, epoch, used, reply) => answer(reply, split(touch(tx, &id, epoch, used))?),
+        Op::UnusedSince(before, most, reply) => {
+            answer(reply, split(unused_since(tx, before, most))?)
+        }
+        Op::MaxEpoch(reply) => answer(reply, split(max_epoch(tx))?),
     })
+}
+
+/// `time` in milliseconds since the Unix epoch, as stored.
+fn millis(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A stored time back as a `SystemTime`.
+fn time_of(millis: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64)
 }
 
 /// What an operation asks can be refused (`Ok(Err(..))`, nothing written) or a
@@ -293,11 +375,25 @@ struct Row {
     epoch: i64,
     stats: JournalStats,
     next_seq: i64,
+    created: i64,
+    last_used: i64,
+}
+
+impl Row {
+    fn stored(&self) -> StoredSession {
+        StoredSession {
+            epoch: self.epoch as u64,
+            stats: self.stats,
+            created: time_of(self.created),
+            last_used: time_of(self.last_used),
+        }
+    }
 }
 
 fn row(tx: &Transaction<'_>, id: &str) -> Result<Option<Row>, Failure> {
     let mut query = tx.prepare_cached(
-        "SELECT epoch, entries, bytes, snapshot_bytes, next_seq FROM sessions WHERE id = ?1",
+        "SELECT epoch, entries, bytes, snapshot_bytes, next_seq, created, last_used
+         FROM sessions WHERE id = ?1",
     )?;
     Ok(query
         .query_row([id], |r| {
@@ -309,30 +405,51 @@ fn row(tx: &Transaction<'_>, id: &str) -> Result<Option<Row>, Failure> {
                     snapshot_bytes: r.get::<_, Option<i64>>(3)?.map(|b| b as usize),
                 },
                 next_seq: r.get(4)?,
+                created: r.get(5)?,
+                last_used: r.get(6)?,
             })
         })
         .optional()?)
 }
 
-/// The session's row for a write in `epoch`: started afresh for a newer epoch; a
-/// write of an older epoch is refused.
-fn for_epoch(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<Row, Failure> {
+/// The session's row for a write in `epoch`, marked used now: started afresh for a
+/// newer epoch (counted in `added` if the session is new to the store); a write of an
+/// older epoch is refused.
+fn for_epoch(
+    tx: &Transaction<'_>,
+    id: &str,
+    epoch: u64,
+    added: &mut isize,
+) -> Result<Row, Failure> {
     let epoch = epoch as i64;
+    let now = millis(SystemTime::now());
     match row(tx, id)? {
         Some(row) if row.epoch > epoch => Err(Failure::Refused(JournalError(format!(
             "session `{id}` was closed: epoch {epoch} is older than its journal's {}",
             row.epoch
         )))),
-        Some(row) if row.epoch == epoch => Ok(row),
-        _ => {
+        Some(row) if row.epoch == epoch => {
+            tx.prepare_cached("UPDATE sessions SET last_used = ?2 WHERE id = ?1")?
+                .execute(params![id, now])?;
+            Ok(row)
+        }
+        old => {
+            if old.is_none() {
+                *added += 1;
+            }
             tx.prepare_cached("DELETE FROM entries WHERE id = ?1")?
                 .execute([id])?;
-            tx.prepare_cached("INSERT OR REPLACE INTO sessions (id, epoch) VALUES (?1, ?2)")?
-                .execute(params![id, epoch])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO sessions (id, epoch, created, last_used)
+                 VALUES (?1, ?2, ?3, ?3)",
+            )?
+            .execute(params![id, epoch, now])?;
             Ok(Row {
                 epoch,
                 stats: JournalStats::default(),
                 next_seq: 0,
+                created: now,
+                last_used: now,
             })
         }
     }
@@ -356,9 +473,10 @@ fn append(
     id: &str,
     epoch: u64,
     entry: &JournalEntry,
+    added: &mut isize,
 ) -> Result<JournalStats, Failure> {
     let text = encode(entry)?;
-    let row = for_epoch(tx, id, epoch)?;
+    let row = for_epoch(tx, id, epoch, added)?;
     let size = entry.size();
     tx.prepare_cached("INSERT INTO entries (id, seq, entry, bytes) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![id, row.next_seq, text, size as i64])?;
@@ -403,9 +521,10 @@ fn compact(
     epoch: u64,
     snapshot: &JournalEntry,
     replaced: usize,
+    added: &mut isize,
 ) -> Result<JournalStats, Failure> {
     let text = encode(snapshot)?;
-    for_epoch(tx, id, epoch)?;
+    for_epoch(tx, id, epoch, added)?;
     tx.prepare_cached(
         "DELETE FROM entries WHERE id = ?1 AND seq IN
              (SELECT seq FROM entries WHERE id = ?1 ORDER BY seq LIMIT ?2)",
@@ -428,33 +547,72 @@ fn stats(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<JournalStats, Fai
         .unwrap_or_default())
 }
 
-fn remove(tx: &Transaction<'_>, id: &str, epoch: Option<u64>) -> Result<(), Failure> {
+fn remove(
+    tx: &Transaction<'_>,
+    id: &str,
+    epoch: Option<u64>,
+    added: &mut isize,
+) -> Result<bool, Failure> {
     let Some(row) = row(tx, id)? else {
-        return Ok(());
+        return Ok(false);
     };
-    if epoch.is_none_or(|e| e as i64 == row.epoch) {
+    let due = epoch.is_none_or(|e| row.epoch <= e as i64);
+    if due {
         tx.prepare_cached("DELETE FROM entries WHERE id = ?1")?
             .execute([id])?;
         tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")?
             .execute([id])?;
+        *added -= 1;
     }
+    Ok(due)
+}
+
+fn stored(tx: &Transaction<'_>, id: &str) -> Result<Option<StoredSession>, Failure> {
+    Ok(row(tx, id)?.map(|row| row.stored()))
+}
+
+fn adopt(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<Option<StoredSession>, Failure> {
+    let Some(mut row) = row(tx, id)? else {
+        return Ok(None);
+    };
+    if row.epoch >= epoch as i64 {
+        return Err(Failure::Refused(JournalError(format!(
+            "session `{id}` is stored in epoch {}, not older than {epoch}",
+            row.epoch
+        ))));
+    }
+    row.epoch = epoch as i64;
+    row.last_used = millis(SystemTime::now());
+    tx.prepare_cached("UPDATE sessions SET epoch = ?2, last_used = ?3 WHERE id = ?1")?
+        .execute(params![id, row.epoch, row.last_used])?;
+    Ok(Some(row.stored()))
+}
+
+fn touch(tx: &Transaction<'_>, id: &str, epoch: u64, used: SystemTime) -> Result<(), Failure> {
+    tx.prepare_cached("UPDATE sessions SET last_used = ?3 WHERE id = ?1 AND epoch = ?2")?
+        .execute(params![id, epoch as i64, millis(used)])?;
     Ok(())
 }
 
-fn sessions(tx: &Transaction<'_>) -> Result<Vec<StoredSession>, Failure> {
-    let mut query = tx.prepare("SELECT id, epoch, entries, bytes, snapshot_bytes FROM sessions")?;
-    let rows = query.query_map([], |r| {
-        Ok(StoredSession {
-            id: r.get(0)?,
-            epoch: r.get::<_, i64>(1)? as u64,
-            stats: JournalStats {
-                entries: r.get::<_, i64>(2)? as usize,
-                bytes: r.get::<_, i64>(3)? as usize,
-                snapshot_bytes: r.get::<_, Option<i64>>(4)?.map(|b| b as usize),
-            },
-        })
+fn unused_since(
+    tx: &Transaction<'_>,
+    before: SystemTime,
+    most: usize,
+) -> Result<Vec<(String, u64)>, Failure> {
+    let mut query = tx.prepare_cached(
+        "SELECT id, epoch FROM sessions WHERE last_used < ?1 ORDER BY last_used LIMIT ?2",
+    )?;
+    let rows = query.query_map(params![millis(before), most as i64], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+fn max_epoch(tx: &Transaction<'_>) -> Result<u64, Failure> {
+    let max: i64 = tx.query_row("SELECT COALESCE(MAX(epoch), 0) FROM sessions", [], |r| {
+        r.get(0)
+    })?;
+    Ok(max as u64)
 }
 
 #[async_trait]
@@ -490,12 +648,42 @@ impl SessionJournal for SqliteJournal {
             .await
     }
 
-    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<(), JournalError> {
+    async fn remove(&self, id: &str, epoch: Option<u64>) -> Result<bool, JournalError> {
         self.ask(|reply| Op::Remove(id.to_owned(), epoch, reply))
             .await
     }
 
-    async fn sessions(&self) -> Result<Vec<StoredSession>, JournalError> {
-        self.ask(Op::Sessions).await
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn session_count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    async fn stored(&self, id: &str) -> Result<Option<StoredSession>, JournalError> {
+        self.ask(|reply| Op::Stored(id.to_owned(), reply)).await
+    }
+
+    async fn adopt(&self, id: &str, epoch: u64) -> Result<Option<StoredSession>, JournalError> {
+        self.ask(|reply| Op::Adopt(id.to_owned(), epoch, reply))
+            .await
+    }
+
+    async fn touch(&self, id: &str, epoch: u64, used: SystemTime) -> Result<(), JournalError> {
+        self.ask(|reply| Op::Touch(id.to_owned(), epoch, used, reply))
+            .await
+    }
+
+    async fn unused_since(
+        &self,
+        before: SystemTime,
+        most: usize,
+    ) -> Result<Vec<(String, u64)>, JournalError> {
+        self.ask(|reply| Op::UnusedSince(before, most, reply)).await
+    }
+
+    async fn max_epoch(&self) -> Result<u64, JournalError> {
+        self.ask(Op::MaxEpoch).await
     }
 }

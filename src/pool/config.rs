@@ -45,8 +45,13 @@ pub struct PoolConfig {
     pub max_restart_backoff: Duration,
     /// Fork workers from a zygote or start each fresh.
     pub spawn_mode: SpawnMode,
-    /// Most sessions open at once; opening one more fails with `TooManySessions`.
+    /// Most sessions in the pool's memory at once; opening one more fails with
+    /// `TooManySessions`. (On a durable journal, sessions evicted from their workers
+    /// leave its memory and do not count.)
     pub max_sessions: usize,
+    /// Most sessions a durable journal may hold; a new session past it fails with
+    /// `TooManySessions`.
+    pub max_stored_sessions: usize,
     /// Shortest timeout a caller may ask for (see [`crate::Pool::client_timeout`]).
     pub min_request_timeout: Duration,
     /// Longest timeout a caller may ask for.
@@ -135,6 +140,7 @@ impl Default for PoolConfig {
             max_restart_backoff: Duration::from_secs(10),
             spawn_mode: default_spawn_mode(),
             max_sessions: 100_000,
+            max_stored_sessions: 10_000_000,
             min_request_timeout: Duration::from_secs(1),
             max_request_timeout: Duration::from_secs(600),
             rebuild_timeout: Duration::from_secs(60),
@@ -166,6 +172,9 @@ impl PoolConfig {
         }
         if self.max_sessions == 0 {
             return invalid("max_sessions", "must be at least 1".into());
+        }
+        if self.max_stored_sessions == 0 {
+            return invalid("max_stored_sessions", "must be at least 1".into());
         }
         if self.worker.max_concurrency == 0 {
             return invalid("max_concurrency", "must be at least 1".into());
@@ -409,9 +418,15 @@ impl PoolBuilder {
         self
     }
 
-    /// Most sessions open at once (at least 1).
+    /// Most sessions in the pool's memory at once (at least 1).
     pub fn max_sessions(mut self, n: usize) -> Self {
         self.config.max_sessions = n;
+        self
+    }
+
+    /// Most sessions a durable journal may hold (at least 1).
+    pub fn max_stored_sessions(mut self, n: usize) -> Self {
+        self.config.max_stored_sessions = n;
         self
     }
 

@@ -2,7 +2,9 @@
 //! journal is compacted (if it can be), its state is freed on its worker, and it is
 //! unpinned; it stays open, in the journal store, and its next call rebuilds it on any
 //! worker. A worker's memory then follows its active sessions, not every session ever
-//! opened on it.
+//! opened on it. On a durable store the session leaves the pool's memory as well
+//! (unless a [`crate::Session`] handle on it is held): the pool's memory then follows
+//! the active sessions too, and the next call under its id takes its journal over.
 
 use std::sync::Arc;
 
@@ -47,9 +49,10 @@ impl Shared {
             let Ok(turn) = entry.order.clone().try_lock_owned() else {
                 return;
             };
-            (turn, entry.journal, entry.unsnapshotted.is_none())
+            let idle = entry.last_used.elapsed();
+            (turn, entry.journal, entry.unsnapshotted.is_none(), idle)
         };
-        let (_turn, journal, compactable) = turn;
+        let (_turn, journal, compactable, idle) = turn;
         if compactable && journal.entries > 0 {
             self.compact(id, epoch, worker, journal.entries).await;
         }
@@ -70,8 +73,24 @@ impl Shared {
             let mut st = self.lock();
             if let Some(slot) = st.slots.get_mut(worker) {
                 slot.pinned.remove(id);
+                // Give back the room of many sessions evicted at once.
+                if slot.pinned.capacity() > 64 && slot.pinned.len() * 4 < slot.pinned.capacity() {
+                    slot.pinned.shrink_to_fit();
+                }
             }
             st.sessions.unpin(worker, [id.clone()]);
+        }
+        if self.journal.durable() {
+            let now = std::time::SystemTime::now();
+            let used = now.checked_sub(idle).unwrap_or(now);
+            match self.journal.touch(id, epoch, used).await {
+                Ok(()) => {
+                    self.lock().sessions.forget_evicted(id, epoch);
+                }
+                Err(error) => {
+                    tracing::warn!(session = %id, %error, "recording an evicted session's last use failed; it stays in memory");
+                }
+            }
         }
         self.metrics.bump(Counter::SessionEviction);
         self.notify(PoolEvent::SessionEvicted {

@@ -8,6 +8,7 @@
 mod config;
 mod eviction;
 mod journaling;
+mod retention;
 mod scheduler;
 mod session_table;
 mod sessions;
@@ -135,8 +136,11 @@ pub struct SessionInfo {
     pub snapshot_bytes: Option<usize>,
     /// Seconds since its journal was last compacted into a snapshot.
     pub compacted_s: Option<f64>,
-    /// Times it was rebuilt on a new worker.
+    /// Times it was rebuilt on a new worker (since it was last taken into memory).
     pub rebuilds: u32,
+    /// Its state is on no worker: evicted while idle (or its worker lost, or the
+    /// server restarted), it is rebuilt from its journal by its next call.
+    pub evicted: bool,
 }
 
 /// Whether the pool can serve calls now.
@@ -203,6 +207,29 @@ fn session_info(id: &str, e: &session_table::SessionEntry, now: Instant) -> Sess
         snapshot_bytes: e.journal.snapshot_bytes,
         compacted_s: e.compacted_at.map(|t| now.duration_since(t).as_secs_f64()),
         rebuilds: e.rebuilds,
+        evicted: e.worker.is_none() && !e.fresh,
+    }
+}
+
+/// What a durable journal knows of a session evicted from the pool's memory.
+fn stored_session_info(id: &str, stored: &crate::journal::StoredSession) -> SessionInfo {
+    let since = |t: std::time::SystemTime| {
+        std::time::SystemTime::now()
+            .duration_since(t)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    SessionInfo {
+        id: id.to_owned(),
+        worker: None,
+        age_s: since(stored.created),
+        idle_s: since(stored.last_used),
+        journal_entries: stored.stats.entries,
+        journal_bytes: stored.stats.bytes,
+        snapshot_bytes: stored.stats.snapshot_bytes,
+        compacted_s: None,
+        rebuilds: 0,
+        evicted: true,
     }
 }
 
@@ -297,6 +324,8 @@ pub(crate) struct Shared {
     /// The manifest of the first worker admitted (every worker runs the same
     /// program): which commands may overlap.
     pub manifest: OnceLock<Arc<crate::worker::Manifest>>,
+    /// A sweep of the journal store for unused sessions is running.
+    pub sweeping_store: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -360,14 +389,19 @@ impl Pool {
         config: PoolConfig,
         journal: Arc<dyn SessionJournal>,
     ) -> Result<Pool> {
-        let stored = journal.sessions().await.map_err(|e| Error::InvalidConfig {
-            setting: "journal",
-            reason: format!("cannot list the stored sessions: {e}"),
-        })?;
+        // Stored sessions are taken over lazily, by their next call; only their epochs
+        // matter now.
+        let max_epoch = journal
+            .max_epoch()
+            .await
+            .map_err(|e| Error::InvalidConfig {
+                setting: "journal",
+                reason: format!("cannot read the stored sessions: {e}"),
+            })?;
         let (events, receiver) = mpsc::unbounded_channel();
         let (notices, _) = broadcast::channel(1024);
         let mut state = State::default();
-        state.sessions.resume(stored);
+        state.sessions.start_after(max_epoch);
         let ids: Vec<Arc<str>> = (0..config.workers).map(|_| state.new_worker_id()).collect();
         let spawner = spawner::Spawner::new(config.spawn_mode, &config.worker);
         let shared = Arc::new(Shared {
@@ -381,6 +415,7 @@ impl Pool {
             spawner,
             internal_commands: OnceLock::new(),
             manifest: OnceLock::new(),
+            sweeping_store: std::sync::atomic::AtomicBool::new(false),
         });
         shared.spawner.start_zygote(&shared).await;
         let started = futures::future::join_all(
@@ -642,13 +677,14 @@ impl Pool {
     }
 
     /// Closes session `id`, whatever handle opened it: its worker frees its state and
-    /// its journal is dropped. Closing a session that is not open does nothing.
-    pub async fn close_session(&self, id: &str) -> Result<()> {
+    /// its journal is dropped, in memory and in a durable store alike. Closing a
+    /// session that is not open does nothing. Returns whether it was open.
+    pub async fn close_session(&self, id: &str) -> Result<bool> {
         self.shared().close_session(id, None).await
     }
 
     pub(crate) async fn close_session_epoch(&self, id: &str, epoch: u64) -> Result<()> {
-        self.shared().close_session(id, Some(epoch)).await
+        self.shared().close_session(id, Some(epoch)).await.map(drop)
     }
 
     pub(crate) fn session_worker(&self, id: &str) -> Option<String> {
@@ -709,6 +745,7 @@ impl Pool {
             starting: status.starting,
             queued: status.queued,
             sessions: status.sessions,
+            stored_sessions: self.shared().journal.session_count(),
             journal_entries,
             journal_bytes,
         };
@@ -768,20 +805,35 @@ impl Pool {
         }
     }
 
-    /// Every open session, in id order (see [`Pool::sessions_page`] for a bounded
-    /// read).
+    /// Every session in the pool's memory, in id order (see [`Pool::sessions_page`]
+    /// for a bounded read). On a durable journal, sessions evicted from their workers
+    /// are only in the store: see [`Pool::session_info`].
     pub fn sessions(&self) -> Vec<SessionInfo> {
         self.sessions_page(None, usize::MAX).sessions
     }
 
-    /// Session `id`, if it is open.
-    pub fn session_info(&self, id: &str) -> Option<SessionInfo> {
-        let st = self.shared().lock();
-        let (key, entry) = st.sessions.get_key_value(id)?;
-        Some(session_info(key, entry, Instant::now()))
+    /// Session `id`, if it is open: in the pool's memory or, evicted, only in a
+    /// durable journal.
+    pub async fn session_info(&self, id: &str) -> Result<Option<SessionInfo>> {
+        {
+            let st = self.shared().lock();
+            if let Some((key, entry)) = st.sessions.get_key_value(id) {
+                return Ok(Some(session_info(key, entry, Instant::now())));
+            }
+        }
+        let journal = &self.shared().journal;
+        if !journal.durable() {
+            return Ok(None);
+        }
+        let stored = journal
+            .stored(id)
+            .await
+            .map_err(|e| crate::pool::sessions::journal_error(id, e))?;
+        Ok(stored.map(|stored| stored_session_info(id, &stored)))
     }
 
-    /// Up to `limit` open sessions whose ids come after `after`, in id order.
+    /// Up to `limit` sessions in the pool's memory whose ids come after `after`, in id
+    /// order.
     pub fn sessions_page(&self, after: Option<&str>, limit: usize) -> SessionPage {
         let st = self.shared().lock();
         let now = Instant::now();

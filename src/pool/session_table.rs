@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
-use crate::journal::{JournalStats, StoredSession};
+use crate::journal::JournalStats;
 
 /// The longest session id, in bytes.
 pub const MAX_SESSION_ID_BYTES: usize = 256;
@@ -68,6 +68,10 @@ pub(crate) struct SessionEntry {
     pub compacted_at: Option<Instant>,
     /// Being evicted from its worker (picked by [`SessionTable::idle_resident`]).
     pub evicting: bool,
+    /// The durable store may hold this id's journal from before (the session left the
+    /// pool's memory when it was evicted, or the server restarted): its first call
+    /// takes it over.
+    pub look_up_store: bool,
 }
 
 /// All open sessions.
@@ -92,10 +96,13 @@ impl SessionTable {
     }
 
     /// Opens session `id` unless open (then returns the open one), within `limit`.
+    /// With `look_up_store`, its first call looks for a journal the store holds
+    /// under its id.
     pub fn open(
         &mut self,
         id: &str,
         limit: usize,
+        look_up_store: bool,
     ) -> Result<(u64, Arc<tokio::sync::Mutex<()>>), Error> {
         if let Some(entry) = self.entries.get(id) {
             return Ok((entry.epoch, entry.order.clone()));
@@ -134,43 +141,16 @@ impl SessionTable {
                 rebuilds: 0,
                 compacted_at: None,
                 evicting: false,
+                look_up_store,
             },
         );
         Ok((epoch, order))
     }
 
-    /// Takes in the sessions a durable store holds (a pool starting again): each is
-    /// open, pinned to no worker, and rebuilt from its journal on its first call. New
-    /// sessions get greater epochs than any of them.
-    pub fn resume(&mut self, stored: Vec<StoredSession>) {
-        let now = Instant::now();
-        for session in stored {
-            let Ok(()) = check_session_id(&session.id) else {
-                continue;
-            };
-            self.next_epoch = self.next_epoch.max(session.epoch);
-            let id: Arc<str> = Arc::from(session.id);
-            self.by_last_use.insert((now, session.epoch, id.clone()));
-            self.entries.insert(
-                id,
-                SessionEntry {
-                    epoch: session.epoch,
-                    worker: None,
-                    replay_pending: true,
-                    broken: None,
-                    created: now,
-                    last_used: now,
-                    order: Arc::new(tokio::sync::Mutex::new(())),
-                    journal: session.stats,
-                    unsnapshotted: None,
-                    compact_not_before: 0,
-                    fresh: false,
-                    rebuilds: 0,
-                    compacted_at: None,
-                    evicting: false,
-                },
-            );
-        }
+    /// Sessions opened from now on get epochs greater than `epoch` (the greatest one
+    /// a durable store holds, for a pool starting on it).
+    pub fn start_after(&mut self, epoch: u64) {
+        self.next_epoch = self.next_epoch.max(epoch);
     }
 
     /// Entries and bytes (snapshots included) of every open session's journal.
@@ -284,10 +264,35 @@ impl SessionTable {
         let slot = (entry.last_used, entry.epoch, key.clone());
         self.by_last_use.remove(&slot);
         self.resident.remove(&slot);
+        let guard = self.close_gate(key);
+        self.entries.remove(id).map(|entry| (entry, guard))
+    }
+
+    /// Keeps id `id` closing until the returned guard is dropped (see
+    /// [`SessionTable::remove`]): for closing a session only the store holds.
+    pub fn close_gate(&mut self, id: Arc<str>) -> tokio::sync::OwnedMutexGuard<()> {
         let gate = Arc::new(tokio::sync::Mutex::new(()));
         let guard = gate.clone().try_lock_owned().expect("a new lock is free");
-        self.closing.insert(key, gate);
-        self.entries.remove(id).map(|entry| (entry, guard))
+        self.closing.insert(id, gate);
+        guard
+    }
+
+    /// Lets session `id` (of `epoch`), just evicted from its worker, leave the table
+    /// too, its journal being in a durable store, unless a handle on it is held or a
+    /// call of it waits (anything holding its ordering lock besides the table and the
+    /// evicting caller's `turn`). Returns whether it left.
+    pub fn forget_evicted(&mut self, id: &str, epoch: u64) -> bool {
+        let Some((key, entry)) = self.entries.get_key_value(id) else {
+            return false;
+        };
+        if entry.epoch != epoch || entry.worker.is_some() || Arc::strong_count(&entry.order) > 2 {
+            return false;
+        }
+        let slot = (entry.last_used, entry.epoch, key.clone());
+        self.by_last_use.remove(&slot);
+        self.resident.remove(&slot);
+        self.entries.remove(id);
+        true
     }
 
     /// The clean-up behind `guard` (from [`SessionTable::remove`]) is done: id `id` is
@@ -369,15 +374,15 @@ mod tests {
     #[test]
     fn the_limit_counts_open_sessions_and_reopening_is_free() {
         let mut table = SessionTable::default();
-        table.open("a", 2).unwrap();
-        table.open("b", 2).unwrap();
-        table.open("a", 2).unwrap();
+        table.open("a", 2, false).unwrap();
+        table.open("b", 2, false).unwrap();
+        table.open("a", 2, false).unwrap();
         assert!(matches!(
-            table.open("c", 2),
+            table.open("c", 2, false),
             Err(Error::TooManySessions { limit: 2 })
         ));
         table.remove("a", None).unwrap();
-        table.open("c", 2).unwrap();
+        table.open("c", 2, false).unwrap();
         assert_eq!(table.len(), 2);
     }
 
@@ -385,7 +390,7 @@ mod tests {
     fn pages_follow_id_order_and_expiry_follows_last_use() {
         let mut table = SessionTable::default();
         for id in ["d", "b", "a", "c"] {
-            table.open(id, 10).unwrap();
+            table.open(id, 10, false).unwrap();
         }
         let first: Vec<_> = table.page(None, 2).map(|(id, _)| id.to_string()).collect();
         assert_eq!(first, ["a", "b"]);

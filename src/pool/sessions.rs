@@ -56,7 +56,53 @@ impl Shared {
         if st.shutting_down {
             return Err(Error::ShuttingDown);
         }
-        st.sessions.open(id, self.config.max_sessions)
+        st.sessions
+            .open(id, self.config.max_sessions, self.journal.durable())
+    }
+
+    /// Before the first call of a session opened on a durable store: takes over the
+    /// journal the store holds under its id, if any (the session is then rebuilt from
+    /// it), or checks there is room in the store for one more session.
+    async fn take_over_stored(&self, id: &str, epoch: u64) -> Result<(), Error> {
+        let due = self
+            .lock()
+            .sessions
+            .get_mut(id, epoch)
+            .is_some_and(|e| std::mem::take(&mut e.look_up_store));
+        if !due {
+            return Ok(());
+        }
+        let adopted = self.journal.adopt(id, epoch).await;
+        let mut st = self.lock();
+        let Some(entry) = st.sessions.get_mut(id, epoch) else {
+            return Ok(());
+        };
+        match adopted {
+            Ok(Some(stored)) => {
+                entry.journal = stored.stats;
+                entry.replay_pending = true;
+                entry.fresh = false;
+                let age = std::time::SystemTime::now()
+                    .duration_since(stored.created)
+                    .unwrap_or_default();
+                entry.created = Instant::now().checked_sub(age).unwrap_or(entry.created);
+                Ok(())
+            }
+            Ok(None) => {
+                let limit = self.config.max_stored_sessions;
+                if self.journal.session_count() < limit {
+                    return Ok(());
+                }
+                if let Some((_, gate)) = st.sessions.remove(id, Some(epoch)) {
+                    st.sessions.closed(id, gate);
+                }
+                Err(Error::TooManySessions { limit })
+            }
+            Err(error) => {
+                entry.look_up_store = true;
+                Err(journal_error(id, error))
+            }
+        }
     }
 
     /// Picks the session's worker, pinning it to the least-loaded one if it has none.
@@ -282,6 +328,7 @@ impl Shared {
             });
         };
         map.insert("session_id".into(), json!(&**id));
+        self.take_over_stored(id, epoch).await?;
         // A rebuild replays on the worker alone; the call itself overlaps others if
         // its command may.
         let rebuild = self.replay_pending(id, epoch);
@@ -333,16 +380,25 @@ impl Shared {
     }
 
     /// Closes session `id` (only the given epoch, if any): frees its state on its
-    /// worker and drops its journal. Closing a closed session does nothing.
+    /// worker and drops its journal. Closing a closed session does nothing. Returns
+    /// whether the session was open (in the pool or, on a durable store, only there).
     pub(crate) async fn close_session(
         self: &Arc<Self>,
         id: &str,
         epoch: Option<u64>,
-    ) -> Result<(), Error> {
-        match self.take_session(id, epoch) {
-            Some(closing) => self.clean_up_session(id, closing).await,
-            None => Ok(()),
+    ) -> Result<bool, Error> {
+        if let Some(closing) = self.take_session(id, epoch) {
+            return self.clean_up_session(id, closing).await.map(|()| true);
         }
+        if epoch.is_some() || !self.journal.durable() {
+            return Ok(false);
+        }
+        // Only the store holds it (if anything does): a session opened under its id
+        // meanwhile waits for its first call until the journal is gone.
+        let gate = self.lock().sessions.close_gate(Arc::from(id));
+        let removed = self.journal.remove(id, None).await;
+        self.lock().sessions.closed(id, gate);
+        removed.map_err(|e| journal_error(id, e))
     }
 
     /// Takes session `id` (only the given epoch, if any) out of the table, so its
@@ -382,6 +438,7 @@ impl Shared {
             .journal
             .remove(id, Some(epoch))
             .await
+            .map(drop)
             .map_err(|e| journal_error(id, e));
         if removed.is_ok()
             && let Some(worker) = worker

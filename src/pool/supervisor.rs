@@ -43,6 +43,8 @@ struct Supervisor {
     shared: Arc<Shared>,
     failures: u32,
     retry_at: Option<tokio::time::Instant>,
+    /// Sessions evicted as of the last time freed memory was handed back.
+    evictions_trimmed: u64,
 }
 
 /// Runs the supervisor until [`Event::Stop`] or until every sender is gone.
@@ -53,6 +55,7 @@ pub(crate) async fn run(shared: Arc<Shared>, mut events: mpsc::UnboundedReceiver
         shared,
         failures: 0,
         retry_at: None,
+        evictions_trimmed: 0,
     };
     loop {
         let retry_at = sup.retry_at;
@@ -233,6 +236,11 @@ impl Supervisor {
             self.shared.manifest.get().is_some_and(|m| {
                 m.has_command("cleanup_session") && m.has_command("restore_session")
             });
+        let evictions = self.shared.metrics.count(Counter::SessionEviction);
+        if evictions != self.evictions_trimmed {
+            self.evictions_trimmed = evictions;
+            crate::heap::release_freed_memory();
+        }
         if let Some(idle) = config.session_idle.filter(|_| can_evict) {
             for (id, epoch, worker) in self.shared.idle_resident_sessions(idle, EVICT_PER_TICK) {
                 let shared = self.shared.clone();
@@ -240,6 +248,7 @@ impl Supervisor {
             }
         }
         if let Some(ttl) = config.session_ttl {
+            self.shared.sweep_store(ttl, EXPIRE_PER_TICK);
             for (id, epoch) in self.shared.expired_sessions(ttl, EXPIRE_PER_TICK) {
                 let Some(closing) = self.shared.take_session(&id, Some(epoch)) else {
                     continue;

@@ -177,15 +177,13 @@ async fn close_session(
         Ok(pool) => pool,
         Err(unavailable) => return unavailable.into_response(),
     };
-    if !pool.has_session(&id) {
-        return refusal(
+    match pool.close_session(&id).await {
+        Ok(true) => Json(json!({"closed": id})).into_response(),
+        Ok(false) => refusal(
             "session_not_found",
             StatusCode::NOT_FOUND,
             format!("no open session `{}`", id.escape_debug()),
-        );
-    }
-    match pool.close_session(&id).await {
-        Ok(()) => Json(json!({"closed": id})).into_response(),
+        ),
         Err(error) => answer_error(&error, &request_id),
     }
 }
@@ -230,14 +228,19 @@ async fn list_sessions(
     Json(json!(page)).into_response()
 }
 
-async fn session_info(State(state): State<Arc<ServerState>>, Path(id): Path<String>) -> Response {
+async fn session_info(
+    State(state): State<Arc<ServerState>>,
+    Extension(request_id): Extension<RequestId>,
+    Path(id): Path<String>,
+) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
         Err(unavailable) => return unavailable.into_response(),
     };
-    match pool.session_info(&id) {
-        Some(info) => Json(json!(info)).into_response(),
-        None => refusal(
+    match pool.session_info(&id).await {
+        Ok(Some(info)) => Json(json!(info)).into_response(),
+        Err(error) => answer_error(&error, &request_id),
+        Ok(None) => refusal(
             "session_not_found",
             StatusCode::NOT_FOUND,
             format!("no open session `{}`", id.escape_debug()),
