@@ -125,7 +125,45 @@ async fn sessions_answer_with_their_state_after_the_server_is_killed_and_restart
     first.child.wait().unwrap();
 
     let mut again = durable(dir.path());
-    for n in 0..SESSIONS {
+    // Nothing is loaded ahead of its call: the sessions are in the store only.
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let response = client.get(path).send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, listed) = get(format!("{}/v1/sessions", again.url)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["sessions"], json!([]), "{listed}");
+    let (status, info) = get(format!("{}/v1/sessions/user-0", again.url)).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(
+        (&info["evicted"], &info["worker"]),
+        (&json!(true), &Value::Null)
+    );
+    assert!(info["journal_entries"].as_u64().unwrap() > 0, "{info}");
+    // One closed while only the store holds it is gone for good.
+    let last = format!("user-{}", SESSIONS - 1);
+    let closed = client
+        .delete(format!("{}/v1/sessions/{last}", again.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), StatusCode::OK);
+    let (status, _) = get(format!("{}/v1/sessions/{last}", again.url)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let fresh = client
+        .post(format!("{}/v1/call", again.url))
+        .json(&json!({"command": "list_programs", "session_id": last, "args": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.headers()["x-session-state"], "created");
+    let fresh: Value = fresh.json().await.unwrap();
+    assert_eq!(fresh["result"]["programs"], json!([]), "{fresh}");
+
+    for n in 0..SESSIONS - 1 {
         let session = format!("user-{n}");
         let value = call(
             &client,
@@ -155,6 +193,8 @@ async fn sessions_answer_with_their_state_after_the_server_is_killed_and_restart
         .await
         .unwrap();
     assert_eq!(sessions["sessions"].as_array().unwrap().len(), SESSIONS);
+    let (_, info) = get(format!("{}/v1/sessions/user-0", again.url)).await;
+    assert_eq!(info["evicted"], json!(false), "{info}");
     again.child.kill().unwrap();
     again.child.wait().unwrap();
 }
