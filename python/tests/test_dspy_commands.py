@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -643,6 +644,108 @@ def test_cleanup_session_frees_the_sessions_dspy_objects(bridge: Bridge) -> None
     gc.collect()
     assert [ref() for ref in refs] == [None, None]
     assert bridge.runtime.sessions == {}
+
+
+@pytest.fixture
+def no_cyclic_collector() -> Iterator[None]:
+    """The cyclic garbage collector off: only reference counting frees objects."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _session_objects(bridge: Bridge, session: str) -> List["weakref.ref[Any]"]:
+    state = bridge.state(session)
+    objects: List[Any] = [state.lm, state.lm.answers, state.adapter]
+    for program in state.programs.values():
+        objects.append(program.module)
+        objects.extend(predictor for _, predictor in program.predictors())
+    return [weakref.ref(obj) for obj in objects]
+
+
+def test_cleanup_session_frees_the_sessions_objects_at_once(
+    bridge: Bridge, no_cyclic_collector: None
+) -> None:
+    # Nothing a session holds is in a reference cycle: it is freed as the session is
+    # dropped, not at the cyclic collector's next full run.
+    dummy(bridge, [{"reasoning": "r", "answer": "a"}] * 3)
+    bridge.ok("create_program", signature="question -> answer")
+    bridge.ok("create_program", signature="question -> answer", type="chain_of_thought")
+    bridge.ok("execute_program", program_id="prog_2", inputs={"question": "q"})
+    dumped = bridge.ok("dump_program_state", program_id="prog_1")
+    bridge.ok("load_program_state", program_id="prog_1", state=dumped["state"])
+    parts = bridge.ok("snapshot_session")["parts"]
+    bridge.ok("restore_session", session="s2", parts=parts)
+    assert bridge.ok("snapshot_session", session="s2")["parts"] == parts
+    for session in ("s1", "s2"):
+        refs = _session_objects(bridge, session)
+        assert len(refs) == 7
+        assert bridge.ok("cleanup_session", session=session)["existed"] is True
+        assert [ref() for ref in refs] == [None] * len(refs), session
+
+
+def test_program_predictors_are_the_modules_named_predictors(bridge: Bridge) -> None:
+    dummy(bridge)
+    bridge.ok("create_program", signature="question -> answer")
+    bridge.ok("create_program", signature="question -> answer", type="chain_of_thought")
+    for program in bridge.state().programs.values():
+        assert program.predictors() == list(program.module.named_predictors())
+        assert program.module.dump_state() == bridge.ok(
+            "dump_program_state", program_id=program.program_id
+        )["state"]
+
+
+def test_replacing_the_lm_frees_the_previous_one_at_once(
+    bridge: Bridge, no_cyclic_collector: None
+) -> None:
+    dummy(bridge, [{"answer": "a"}])
+    previous = weakref.ref(bridge.state().lm)
+    dummy(bridge, [{"answer": "b"}])
+    assert previous() is None
+
+
+def _signature_of(bridge: Bridge, session: str, program_id: str = "prog_1") -> Any:
+    return bridge.state(session).programs[program_id].predictors()[0][1].signature
+
+
+def test_programs_of_one_signature_share_its_class_and_stay_apart(bridge: Bridge) -> None:
+    for session in ("s1", "s2"):
+        dummy(bridge, [], session=session, follow_examples=True)
+        bridge.ok("create_program", session, signature="question -> answer", demos=TRAINSET)
+    shared = _signature_of(bridge, "s1")
+    assert _signature_of(bridge, "s2") is shared
+    # A state that leaves the signature as it is keeps the shared class ...
+    state = bridge.ok("dump_program_state", "s2", program_id="prog_1")["state"]
+    bridge.ok("load_program_state", "s2", program_id="prog_1", state=state)
+    assert _signature_of(bridge, "s2") is shared
+    # ... and one that changes it gives that program a class of its own.
+    state["signature"]["instructions"] = "Answer in one word."
+    bridge.ok("load_program_state", "s1", program_id="prog_1", state=state)
+    assert _signature_of(bridge, "s1") is not shared
+    info = {s: bridge.ok("get_program_info", s, program_id="prog_1") for s in ("s1", "s2")}
+    assert info["s1"]["instructions"] == "Answer in one word."
+    assert info["s2"]["instructions"] == str(shared.instructions) != info["s1"]["instructions"]
+    assert info["s1"]["demos"] == info["s2"]["demos"] == 3
+    # Demos stay each program's own.
+    bridge.ok("load_program_state", "s2", program_id="prog_1", state={**state, "demos": []})
+    assert bridge.ok("get_program_info", "s1", program_id="prog_1")["demos"] == 3
+    result = bridge.ok("execute_program", "s1", program_id="prog_1", inputs={"question": ATLANTIS})
+    assert result["outputs"] == {"answer": "Poseidonia"}
+
+
+def test_a_copied_dummy_lm_answers_from_its_own_script(bridge: Bridge) -> None:
+    dummy(bridge, [{"answer": "a"}, {"answer": "b"}])
+    lm = bridge.state().lm
+    copied = copy.deepcopy(lm)
+    program = dspy.Predict("question -> answer")
+    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+    for model, expected in ((copied, "a"), (copied, "b"), (lm, "a")):
+        with dspy.context(lm=model, adapter=adapter):
+            assert program(question="q").answer == expected
+    assert (lm.answers.used, copied.answers.used) == (1, 2)
 
 
 # -- program state and optimization ------------------------------------------------------------

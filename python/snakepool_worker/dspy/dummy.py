@@ -14,6 +14,7 @@ snapshot keeps that number so that a restored LM answers on from the same point.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, Dict, List, Optional
 
 from ..arguments import InvalidArgument, describe
@@ -83,6 +84,7 @@ def scripted_lm_class() -> Any:
                 if isinstance(answers, list):
                     self.answers = Script(answers)
                 self.fallback = follow_examples and bool(answers)
+                _unlink_engine(self)
 
             def _use_example(self, messages: Any) -> Any:
                 found = super()._use_example(messages)
@@ -98,6 +100,49 @@ def scripted_lm_class() -> Any:
 
         _scripted_lm_class = ScriptedLM
     return _scripted_lm_class
+
+
+class WeakOwner:
+    """Stands for a DummyLM as its engine's ``owner`` without keeping the LM alive.
+
+    DummyLM's engine holds its LM and the LM holds its engine: a reference cycle, so a
+    dropped LM would stay in memory until the next full run of the cyclic collector
+    instead of going with its session. The engine is used only through its LM (which is
+    then alive, held by whatever runs it), and reads only attributes of its owner, which
+    this forwards. In a deep copy of the LM, the copied engine stands for the copied LM.
+    """
+
+    __slots__ = ("_lm",)
+
+    def __init__(self, lm: Any) -> None:
+        self._lm = weakref.ref(lm)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_lm":
+            raise AttributeError(name)
+        lm = self._lm()
+        if lm is None:
+            raise ReferenceError("the dummy LM of this engine no longer exists")
+        return getattr(lm, name)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        lm = self._lm()
+        copied = memo.get(id(lm))
+        if copied is not None:
+            return WeakOwner(copied)
+        return copy.deepcopy(lm, memo)
+
+
+def _unlink_engine(lm: Any) -> None:
+    """Make the engine of a new DummyLM refer to it weakly (see ``WeakOwner``).
+
+    DSPy has no public way to give a DummyLM its engine, hence the private
+    ``_engine_spec``; where it is missing or holds something else (another DSPy
+    version), nothing changes and the cyclic collector frees the LM.
+    """
+    engine = vars(lm).get("_engine_spec")
+    if engine is not None and getattr(engine, "owner", None) is lm:
+        engine.owner = WeakOwner(lm)
 
 
 def dummy_answers(command: str, answers: Any) -> Any:

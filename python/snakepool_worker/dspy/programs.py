@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..arguments import InvalidArgument, describe, get_str, names, quoted
@@ -79,7 +80,17 @@ class Program:
         self.module = module
 
     def predictors(self) -> List[Tuple[str, Any]]:
-        return list(self.module.named_predictors())
+        """The module's ``(name, dspy.Predict)`` pairs as DSPy's ``named_predictors()``
+        gives them: ``self`` for a predict program, ``predict`` for a chain of thought.
+
+        Not ``named_predictors()`` itself: it leaves the list it returns in a reference
+        cycle (a recursive closure), which keeps the module in memory, after its session
+        is dropped, until the cyclic collector next runs on it.
+        """
+        module = self.module
+        if self.type == "predict":
+            return [("self", module)]
+        return [("predict", module.predict)]
 
     def demo_count(self) -> int:
         return sum(len(predictor.demos) for _, predictor in self.predictors())
@@ -115,6 +126,49 @@ class Program:
         }
 
 
+PROTOTYPES = 128
+"""Most modules kept, one per program type and signature, to copy new programs from."""
+
+_prototypes: "OrderedDict[Tuple[Any, ...], Any]" = OrderedDict()
+
+
+def _fields_key(fields: List[FieldSpec]) -> Tuple[Tuple[str, str, str], ...]:
+    return tuple((field.name, field.type, field.desc) for field in fields)
+
+
+def new_module(
+    program_type: str, inputs: List[FieldSpec], outputs: List[FieldSpec], instructions: Any
+) -> Any:
+    """A new ``dspy.Predict`` or ``dspy.ChainOfThought`` for checked fields, copied from
+    the prototype of that type and signature (made on first use; the least recently used
+    of more than ``PROTOTYPES`` are dropped).
+
+    Building a module from fields makes a new pydantic ``Signature`` class (a chain of
+    thought makes a second one with its reasoning field): about 10 KiB each, and a class
+    refers to itself (``__mro__``), so it would outlive its dropped session until the
+    next full run of the cyclic collector. Copies of a prototype share its classes, as
+    the copies DSPy's optimizers make (``deepcopy``, ``reset_copy``) do: neither these
+    commands nor DSPy's modules and the optimizers run here change a signature class in
+    place (``load_state``, ``with_instructions`` ... make new ones). A program's module
+    is then freed by reference counting with its session.
+    """
+    key = (program_type, _fields_key(inputs), _fields_key(outputs), instructions)
+    prototype = _prototypes.get(key)
+    if prototype is None:
+        dspy = load_dspy()
+        signature = build_signature(inputs, outputs, instructions)
+        if program_type == "predict":
+            prototype = dspy.Predict(signature)
+        else:
+            prototype = dspy.ChainOfThought(signature)
+        _prototypes[key] = prototype
+        while len(_prototypes) > PROTOTYPES:
+            _prototypes.popitem(last=False)
+    else:
+        _prototypes.move_to_end(key)
+    return prototype.deepcopy()
+
+
 def build_program(
     program_type: str,
     inputs: List[FieldSpec],
@@ -123,13 +177,8 @@ def build_program(
     program_id: str = "",
 ) -> Program:
     """A new Predict or ChainOfThought program for checked fields (no demos yet)."""
-    dspy = load_dspy()
     check_field_set(inputs, outputs, program_type)
-    signature = build_signature(inputs, outputs, instructions)
-    if program_type == "predict":
-        module = dspy.Predict(signature)
-    else:
-        module = dspy.ChainOfThought(signature)
+    module = new_module(program_type, inputs, outputs, instructions)
     return Program(program_id, program_type, inputs, outputs, module)
 
 
@@ -284,16 +333,44 @@ def load_state(command: str, program: Program, state: Any) -> None:
         unknown = [key for key in state if key not in dict(program.predictors())]
         if unknown:
             raise InvalidState(f"{command}: state has unknown key(s) {quoted(unknown)}")
+    unchanged = _unchanged_signatures(program, state)
     try:
-        program.module.load_state(state)
+        # What the module's ``load_state`` does, one predictor at a time (see
+        # ``Program.predictors``). A predictor checks the whole of its part before it
+        # changes anything, and every program has one predictor.
+        for name, predictor in program.predictors():
+            predictor.load_state(state if name == "self" else state[name])
     except Exception as exc:
         raise InvalidState(
             f"{command}: state does not fit program {program.program_id!r}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    predictors = dict(program.predictors())
+    for name, signature in unchanged.items():
+        predictors[name].signature = signature
+
+
+def _unchanged_signatures(program: Program, state: Dict[str, Any]) -> Dict[str, Any]:
+    """The predictors (by name) whose signature ``state`` leaves as it is, with that
+    signature class.
+
+    DSPy's ``load_state`` always makes a new signature class, even for the instructions
+    and field prefixes and descriptions the predictor's class already has (as in every
+    rebuilt session). Such a class is equal to the one it replaces in every respect but
+    identity, so the predictor keeps its own, which it shares (see ``new_module``).
+    """
+    unchanged = {}
+    for name, predictor in program.predictors():
+        part = state if name == "self" else state[name]
+        signature = predictor.signature
+        if part.get("signature") == signature.dump_state():
+            unchanged[name] = signature
+    return unchanged
 
 
 def dump_state(program: Program) -> Dict[str, Any]:
-    """The program's state (demos, instructions) as JSON data."""
-    state: Dict[str, Any] = jsonable(program.module.dump_state())
+    """The program's state (demos, instructions) as JSON data: the module's
+    ``dump_state``, one predictor at a time (see ``Program.predictors``)."""
+    parts = {name: predictor.dump_state() for name, predictor in program.predictors()}
+    state: Dict[str, Any] = jsonable(parts["self"] if program.type == "predict" else parts)
     return state

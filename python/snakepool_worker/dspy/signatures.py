@@ -9,6 +9,7 @@ start with ``_``, are not Python keywords, do not name an attribute of
 from __future__ import annotations
 
 import keyword
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..arguments import describe, names, quoted
@@ -93,7 +94,12 @@ def _check_name(name: Any, where: str) -> str:
             "(letters, digits, underscores; not starting with a digit or an underscore, "
             "not a Python keyword)"
         )
-    return name
+    # Interned, as Python interns attribute names. Field names are looked up on classes
+    # (here, and in DSPy and pydantic), and the interpreter's type attribute cache keeps
+    # the name strings it was last asked for: a new copy from each request would be kept
+    # there, amid memory of the sessions, and keep that memory from the system after the
+    # sessions are dropped.
+    return sys.intern(name)
 
 
 def _split_fields(text: str) -> List[str]:
