@@ -8,6 +8,9 @@ cd "$root"
 
 SNAKEPOOL_PYTHON=$(sh scripts/python-env.sh)
 export SNAKEPOOL_PYTHON
+# Redis and HAProxy for the cluster tests.
+sh scripts/services.sh
+export PATH="$PATH:/usr/sbin"
 
 echo "== Python worker runtime and DSPy bridge (pytest)"
 "$SNAKEPOOL_PYTHON" -m pytest python/tests -q

@@ -25,17 +25,53 @@ use crate::journal::SyncPolicy;
 use crate::lm_policy::{LmProfile, ServedProgram};
 use crate::pool::{PoolBuilder, PoolConfig, SpawnMode};
 
-/// Where session journals are kept.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
+/// Where session journals are kept: `memory`, `sqlite` or a `redis://` URL.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum JournalKind {
     /// In the server's memory: lost when it stops.
     Memory,
     /// In SQLite in the data directory: sessions survive a restart.
     Sqlite,
+    /// In the Redis at this URL, shared by the nodes of a cluster.
+    Redis(String),
 }
+
+impl std::str::FromStr for JournalKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(JournalKind::Memory),
+            "sqlite" => Ok(JournalKind::Sqlite),
+            url if url.starts_with("redis://") => Ok(JournalKind::Redis(url.to_owned())),
+            other => Err(format!(
+                "unknown journal `{other}`: memory, sqlite or redis://HOST:PORT/DB"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for JournalKind {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<JournalKind> for String {
+    fn from(kind: JournalKind) -> String {
+        match kind {
+            JournalKind::Memory => "memory".into(),
+            JournalKind::Sqlite => "sqlite".into(),
+            JournalKind::Redis(url) => url,
+        }
+    }
+}
+
+/// How long a node's lease on a session lasts without use, by default.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// The data directory when none is given: `snakepool` under the user's state
 /// directory (`$XDG_STATE_HOME`, else `~/.local/state`), else under the working
@@ -130,6 +166,11 @@ pub struct Settings {
     pub data_dir: Option<PathBuf>,
     /// How hard the durable journal's commits try to reach the disk.
     pub journal_sync: Option<SyncPolicy>,
+    /// This node's name among the nodes sharing a Redis journal.
+    pub node: Option<String>,
+    /// How long a node's lease on a session lasts without use (Redis journal).
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
     /// LM profiles by name (`[lm.NAME]` tables).
     pub lm: Option<BTreeMap<String, LmProfile>>,
     /// Whether callers may give an LM's model, endpoint and key variable themselves.
@@ -272,6 +313,8 @@ impl Settings {
             journal,
             data_dir,
             journal_sync,
+            node,
+            lease_ttl,
             lm,
             lm_client_settings,
             lm_cache_dir,
@@ -378,9 +421,18 @@ impl Settings {
             max_entries: self.journal_max_entries.unwrap_or(journal.max_entries),
             max_bytes: self.journal_max_bytes.unwrap_or(journal.max_bytes),
         });
-        if self.journal == Some(JournalKind::Sqlite) {
-            let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
-            b = b.durable_journal(dir, self.journal_sync.unwrap_or_default());
+        match &self.journal {
+            Some(JournalKind::Sqlite) => {
+                let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+                b = b.durable_journal(dir, self.journal_sync.unwrap_or_default());
+            }
+            Some(JournalKind::Redis(url)) => {
+                b = b.redis_journal(url, self.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL));
+            }
+            Some(JournalKind::Memory) | None => {}
+        }
+        if let Some(node) = &self.node {
+            b = b.node(node);
         }
         for (name, profile) in self.lm.iter().flatten() {
             b = b.lm_profile(name, profile.clone());

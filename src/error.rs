@@ -175,6 +175,25 @@ pub enum Error {
         /// Why it cannot be compacted, e.g. the command whose module offers no snapshot.
         reason: String,
     },
+    /// The session journal's store cannot be reached or failed to store an entry: the
+    /// call's change, if it made one, was not acknowledged. Retry later.
+    #[error("the journal store is unavailable for session `{session_id}`: {reason}")]
+    JournalUnavailable {
+        /// The session's id.
+        session_id: String,
+        /// What the store said.
+        reason: String,
+    },
+    /// Another node owns the session now (this one lost its lease, or could not get
+    /// it in time): nothing this call did was acknowledged, and this node dropped its
+    /// copy of the session. Retry: the call goes to the session's owner.
+    #[error("session `{session_id}` is owned by another node: {reason}")]
+    SessionMoved {
+        /// The session's id.
+        session_id: String,
+        /// What the store said.
+        reason: String,
+    },
     /// The pool is shutting down and takes no new calls.
     #[error("the pool is shutting down")]
     ShuttingDown,
@@ -201,6 +220,8 @@ impl Error {
             Error::SessionClosed { .. } => "session_closed",
             Error::SessionRebuildFailed { .. } => "session_rebuild_failed",
             Error::JournalFull { .. } => "journal_full",
+            Error::JournalUnavailable { .. } => "journal_unavailable",
+            Error::SessionMoved { .. } => "session_moved",
             Error::ShuttingDown => "shutting_down",
         }
     }

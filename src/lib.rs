@@ -39,8 +39,8 @@ pub use error::{Error, Result};
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 pub use journal::{
-    JournalEntry, JournalStats, MemoryJournal, SessionJournal, SqliteJournal, StoredSession,
-    SyncPolicy,
+    JournalEntry, JournalError, JournalStats, MemoryJournal, RedisJournal, RedisOptions,
+    SessionJournal, SqliteJournal, StoredSession, SyncPolicy,
 };
 pub use metrics::MetricsSnapshot;
 pub use pool::{

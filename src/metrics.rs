@@ -66,6 +66,9 @@ pub struct MetricsSnapshot {
     pub journal_compactions: u64,
     /// Idle sessions evicted from their workers.
     pub session_evictions: u64,
+    /// Sessions this node dropped because another node owns them now (its write, or
+    /// lease renewal, was refused by the shared journal).
+    pub sessions_moved: u64,
 }
 
 /// The live metrics of one pool; cheap to update from any task.
@@ -84,6 +87,7 @@ pub struct Metrics {
     session_rebuilds: AtomicU64,
     journal_compactions: AtomicU64,
     session_evictions: AtomicU64,
+    sessions_moved: AtomicU64,
     /// The same latencies in Prometheus buckets, for `/metrics`.
     call_seconds: PromHistogram,
     queue_wait_seconds: PromHistogram,
@@ -131,6 +135,8 @@ pub enum Counter {
     JournalCompaction,
     /// An idle session was evicted from its worker.
     SessionEviction,
+    /// A session was dropped: another node owns it now.
+    SessionMoved,
 }
 
 fn seconds_buckets() -> PromHistogram {
@@ -178,6 +184,7 @@ impl Default for Metrics {
             session_rebuilds: AtomicU64::new(0),
             journal_compactions: AtomicU64::new(0),
             session_evictions: AtomicU64::new(0),
+            sessions_moved: AtomicU64::new(0),
             call_seconds: seconds_buckets(),
             queue_wait_seconds: seconds_buckets(),
             rebuild_seconds: seconds_buckets(),
@@ -251,6 +258,7 @@ impl Metrics {
             Counter::SessionRebuild => &self.session_rebuilds,
             Counter::JournalCompaction => &self.journal_compactions,
             Counter::SessionEviction => &self.session_evictions,
+            Counter::SessionMoved => &self.sessions_moved,
         }
     }
 
@@ -270,17 +278,19 @@ impl Metrics {
             session_rebuilds: self.session_rebuilds.load(Ordering::Relaxed),
             journal_compactions: self.journal_compactions.load(Ordering::Relaxed),
             session_evictions: self.session_evictions.load(Ordering::Relaxed),
+            sessions_moved: self.sessions_moved.load(Ordering::Relaxed),
         }
     }
 }
 
 impl Metrics {
     /// The metrics and `gauges` in the Prometheus text format, names prefixed
-    /// `snakepool_`.
-    pub fn prometheus_text(&self, gauges: PoolGauges) -> String {
+    /// `snakepool_`, each labelled `node` when the pool has a node name.
+    pub fn prometheus_text(&self, gauges: PoolGauges, node: Option<&str>) -> String {
         let snap = self.snapshot();
-        let mut registry = Registry::with_prefix("snakepool");
-        let counters: [(&str, &str, u64); 10] = [
+        let labels = node.map(|node| ("node".into(), node.to_owned().into()));
+        let mut registry = Registry::with_prefix_and_labels("snakepool", labels.into_iter());
+        let counters: [(&str, &str, u64); 11] = [
             (
                 "calls",
                 "Calls made, plain and session, failed ones included",
@@ -326,6 +336,12 @@ impl Metrics {
                 "session_evictions",
                 "Idle sessions evicted from their workers (kept, rebuilt on their next call)",
                 snap.session_evictions,
+            ),
+            (
+                "sessions_moved",
+                "Sessions dropped because another node owns them now (a stale write or \
+                 lease renewal refused by the shared journal)",
+                snap.sessions_moved,
             ),
         ];
         for (name, help, value) in counters {
@@ -424,10 +440,13 @@ mod tests {
         let metrics = Metrics::default();
         metrics.record_call(None, Duration::from_millis(2));
         metrics.record_call(Some("request_timeout"), Duration::from_secs(1));
-        let text = metrics.prometheus_text(PoolGauges {
-            workers: 4,
-            ..PoolGauges::default()
-        });
+        let text = metrics.prometheus_text(
+            PoolGauges {
+                workers: 4,
+                ..PoolGauges::default()
+            },
+            None,
+        );
         assert!(text.contains("snakepool_calls_total 2"), "{text}");
         assert!(
             text.contains(r#"snakepool_call_errors_total{kind="request_timeout"} 1"#),

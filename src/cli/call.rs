@@ -50,7 +50,13 @@ pub fn exit_code(kind: &str) -> u8 {
         "worker_error" => 4,
         "request_timeout" | "checkout_timeout" => 5,
         "worker_crashed" | "protocol" | "session_rebuild_failed" => 6,
-        "saturated" | "shutting_down" | "starting" | "degraded" | "too_many_sessions" => 7,
+        "saturated"
+        | "shutting_down"
+        | "starting"
+        | "degraded"
+        | "too_many_sessions"
+        | "journal_unavailable"
+        | "session_moved" => 7,
         "session_closed" | "session_not_found" => 8,
         "startup_failed" | "config" | "invalid_config" => 9,
         "connect" => 10,

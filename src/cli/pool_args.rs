@@ -111,9 +111,18 @@ pub struct PoolArgs {
     #[arg(long, env = "SNAKEPOOL_JOURNAL_MAX_BYTES")]
     pub journal_max_bytes: Option<usize>,
     /// Where session journals are kept: `sqlite` in --data-dir (sessions survive a
-    /// restart; the default of `serve`) or `memory`.
-    #[arg(long, env = "SNAKEPOOL_JOURNAL", value_enum)]
+    /// restart; the default of `serve`), `memory`, or `redis://HOST:PORT/DB` (shared by
+    /// the nodes of a cluster; see --node).
+    #[arg(long, env = "SNAKEPOOL_JOURNAL")]
     pub journal: Option<JournalKind>,
+    /// This node's name among the nodes sharing a Redis journal (default
+    /// HOSTNAME:PORT for `serve`); also the `node` label of its metrics.
+    #[arg(long, env = "SNAKEPOOL_NODE")]
+    pub node: Option<String>,
+    /// How long a node's lease on a session lasts without use, e.g. `10s` (the
+    /// default): after it, another node may take the session over.
+    #[arg(long, env = "SNAKEPOOL_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
     /// The durable journal's directory (default: `snakepool` under the user's state
     /// directory). One server per directory.
     #[arg(long, env = "SNAKEPOOL_DATA_DIR")]
@@ -230,7 +239,9 @@ impl PoolArgs {
             journal_compact_bytes: self.journal_compact_bytes,
             journal_max_entries: self.journal_max_entries,
             journal_max_bytes: self.journal_max_bytes,
-            journal: self.journal,
+            journal: self.journal.clone(),
+            node: self.node.clone(),
+            lease_ttl: self.lease_ttl,
             data_dir: self.data_dir.clone(),
             journal_sync: self.journal_sync,
             lm: (!self.lm_profiles.is_empty())

@@ -45,18 +45,36 @@ async fn termination() -> &'static str {
     }
 }
 
+/// This machine's host name (`localhost` if it has none).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length, which is passed.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    if ok && !name.is_empty() && snakepool::journal::check_node_name(&name).is_ok() {
+        name
+    } else {
+        "localhost".into()
+    }
+}
+
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let mut settings: Settings = args.pool.settings_with(args.server.flags())?;
     // A server keeps its sessions across restarts unless told otherwise.
     settings.journal.get_or_insert(JournalKind::Sqlite);
-    let builder = settings.builder();
-    builder.config().map_err(|e| e.to_string())?;
+    settings.builder().config().map_err(|e| e.to_string())?;
     let addr = settings.listen_addr();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // A node of a cluster is named after where it runs unless named.
+    if matches!(settings.journal, Some(JournalKind::Redis(_))) && settings.node.is_none() {
+        settings.node = Some(format!("{}:{}", host_name(), local.port()));
+    }
+    let builder = settings.builder();
     let options = ServerOptions {
         token: settings.token.clone(),
         admin_token: settings.admin_token.clone(),

@@ -74,7 +74,7 @@ fn for_epoch<'a>(
         .entry(id.to_owned())
         .or_insert_with(|| Journal::new(epoch));
     if journal.epoch > epoch {
-        return Err(JournalError(format!(
+        return Err(JournalError::refused(format!(
             "session `{id}` was closed: epoch {epoch} is older than its journal's {}",
             journal.epoch
         )));
@@ -170,7 +170,7 @@ impl SessionJournal for MemoryJournal {
             return Ok(None);
         };
         if journal.epoch >= epoch {
-            return Err(JournalError(format!(
+            return Err(JournalError::refused(format!(
                 "session `{id}` is stored in epoch {}, not older than {epoch}",
                 journal.epoch
             )));

@@ -14,6 +14,7 @@
 //! later session under the same id.
 
 mod memory;
+mod redis;
 mod sqlite;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 pub use memory::MemoryJournal;
+pub use redis::{RedisJournal, RedisOptions, check_node_name};
 pub use sqlite::{SqliteJournal, SyncPolicy};
 
 /// One journaled call: replaying the entries in order rebuilds the session's state.
@@ -95,10 +97,54 @@ pub struct StoredSession {
     pub last_used: SystemTime,
 }
 
-/// A failure of the journal's backing store.
-#[derive(Debug, thiserror::Error)]
-#[error("session journal: {0}")]
-pub struct JournalError(pub String);
+/// A failure of the journal's store, or its refusal.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("session journal: {message}")]
+pub struct JournalError {
+    /// What kind of failure.
+    pub kind: JournalErrorKind,
+    /// What happened, for a person.
+    pub message: String,
+}
+
+/// Kinds of [`JournalError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JournalErrorKind {
+    /// The store refused what was asked (a write for an older epoch, bad data):
+    /// asking again will not help.
+    Refused,
+    /// The store cannot be reached or failed to write: nothing was stored; asking
+    /// again later may work.
+    Unavailable,
+    /// Another pool owns the session now: this one must drop its copy of it.
+    Moved,
+}
+
+impl JournalError {
+    /// A refusal (see [`JournalErrorKind::Refused`]).
+    pub fn refused(message: impl Into<String>) -> JournalError {
+        JournalError {
+            kind: JournalErrorKind::Refused,
+            message: message.into(),
+        }
+    }
+
+    /// The store failing (see [`JournalErrorKind::Unavailable`]).
+    pub fn unavailable(message: impl Into<String>) -> JournalError {
+        JournalError {
+            kind: JournalErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// The session owned elsewhere (see [`JournalErrorKind::Moved`]).
+    pub fn moved(message: impl Into<String>) -> JournalError {
+        JournalError {
+            kind: JournalErrorKind::Moved,
+            message: message.into(),
+        }
+    }
+}
 
 /// Where session journals are kept.
 #[async_trait]
@@ -145,6 +191,17 @@ pub trait SessionJournal: Send + Sync + std::fmt::Debug {
     async fn adopt(&self, id: &str, epoch: u64) -> Result<Option<StoredSession>, JournalError>;
     /// Records when session `id` (of `epoch`) was last used.
     async fn touch(&self, id: &str, epoch: u64, used: SystemTime) -> Result<(), JournalError>;
+    /// Session `id` (of `epoch`), last used at `used`, has left this pool's memory:
+    /// records its last use and lets another pool sharing the store take it over.
+    async fn release(&self, id: &str, epoch: u64, used: SystemTime) -> Result<(), JournalError> {
+        self.touch(id, epoch, used).await
+    }
+    /// Confirms, before a call of session `id` (of `epoch`), that this pool still owns
+    /// it (a store shared between pools); fails with [`JournalErrorKind::Moved`] if
+    /// another one took it over.
+    async fn renew(&self, _id: &str, _epoch: u64) -> Result<(), JournalError> {
+        Ok(())
+    }
     /// Up to `most` sessions last used before `before`, least recently used first:
     /// `(id, epoch)`.
     async fn unused_since(
@@ -267,7 +324,7 @@ mod tests {
             conformance(&journal).await;
             // A second journal on the same directory is refused while this one is open.
             let error = SqliteJournal::open(dir.path(), SyncPolicy::Normal).unwrap_err();
-            assert!(error.0.contains("in use"), "{error}");
+            assert!(error.message.contains("in use"), "{error}");
         }
         // Opened again (the first one's thread has let go of the lock once dropped).
         let journal = wait_for_reopen(dir.path()).await;

@@ -81,14 +81,14 @@ pub struct SqliteJournal {
 }
 
 fn sql_error(context: &str) -> impl Fn(rusqlite::Error) -> JournalError + '_ {
-    move |e| JournalError(format!("{context}: {e}"))
+    move |e| JournalError::refused(format!("{context}: {e}"))
 }
 
 impl SqliteJournal {
     /// Opens (creating if needed) the journal in `dir`.
     pub fn open(dir: &Path, sync: SyncPolicy) -> Result<SqliteJournal, JournalError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            JournalError(format!(
+            JournalError::refused(format!(
                 "cannot create the data directory {}: {e}",
                 dir.display()
             ))
@@ -137,7 +137,7 @@ impl SqliteJournal {
                 let _lock = lock;
                 serve(conn, rx, &counted);
             })
-            .map_err(|e| JournalError(format!("cannot start the journal thread: {e}")))?;
+            .map_err(|e| JournalError::refused(format!("cannot start the journal thread: {e}")))?;
         Ok(SqliteJournal {
             ops: Mutex::new(tx),
             path,
@@ -158,10 +158,10 @@ impl SqliteJournal {
             .expect("journal queue poisoned")
             .send(op(tx));
         if sent.is_err() {
-            return Err(JournalError("the journal thread has stopped".into()));
+            return Err(JournalError::unavailable("the journal thread has stopped"));
         }
         rx.await
-            .unwrap_or_else(|_| Err(JournalError("the journal thread has stopped".into())))
+            .unwrap_or_else(|_| Err(JournalError::unavailable("the journal thread has stopped")))
     }
 }
 
@@ -192,11 +192,11 @@ fn lock_dir(dir: &Path) -> Result<File, JournalError> {
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|e| JournalError(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| JournalError::refused(format!("cannot open {}: {e}", path.display())))?;
     // SAFETY: flock has no memory-safety preconditions; the descriptor is open.
     let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
     if !locked {
-        return Err(JournalError(format!(
+        return Err(JournalError::refused(format!(
             "the data directory {} is in use by another snakepool process (its journal is \
              locked); give each server a data directory of its own",
             dir.display()
@@ -241,7 +241,7 @@ type Answer = Box<dyn FnOnce(Option<&JournalError>) + Send>;
 fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, JournalError>) -> Answer {
     Box::new(move |failed_commit| {
         let result = match (result, failed_commit) {
-            (Ok(_), Some(error)) => Err(JournalError(error.0.clone())),
+            (Ok(_), Some(error)) => Err(error.clone()),
             (result, _) => result,
         };
         let _ = reply.send(result);
@@ -254,7 +254,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>, count: &AtomicUsize) {
     let tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => {
-            let error = JournalError(format!("cannot begin a transaction: {e}"));
+            let error = JournalError::unavailable(format!("cannot begin a transaction: {e}"));
             for op in batch {
                 fail(op, &error);
             }
@@ -284,7 +284,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>, count: &AtomicUsize) {
         None => tx
             .commit()
             .err()
-            .map(|e| JournalError(format!("commit failed: {e}"))),
+            .map(|e| JournalError::unavailable(format!("commit failed: {e}"))),
     };
     if outcome.is_none() && added != 0 {
         let now = count.load(Ordering::Relaxed) as isize + added;
@@ -297,7 +297,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>, count: &AtomicUsize) {
 
 fn fail(op: Op, error: &JournalError) {
     fn send<T>(reply: Reply<T>, error: &JournalError) {
-        let _ = reply.send(Err(JournalError(error.0.clone())));
+        let _ = reply.send(Err(error.clone()));
     }
     match op {
         Op::Append(.., reply) | Op::Compact(.., reply) | Op::Stats(.., reply) => send(reply, error),
@@ -358,7 +358,7 @@ enum Failure {
 
 impl From<rusqlite::Error> for Failure {
     fn from(e: rusqlite::Error) -> Self {
-        Failure::Broken(JournalError(format!("SQLite: {e}")))
+        Failure::Broken(JournalError::unavailable(format!("SQLite: {e}")))
     }
 }
 
@@ -424,7 +424,7 @@ fn for_epoch(
     let epoch = epoch as i64;
     let now = millis(SystemTime::now());
     match row(tx, id)? {
-        Some(row) if row.epoch > epoch => Err(Failure::Refused(JournalError(format!(
+        Some(row) if row.epoch > epoch => Err(Failure::Refused(JournalError::refused(format!(
             "session `{id}` was closed: epoch {epoch} is older than its journal's {}",
             row.epoch
         )))),
@@ -457,12 +457,12 @@ fn for_epoch(
 
 fn encode(entry: &JournalEntry) -> Result<String, Failure> {
     serde_json::to_string(entry)
-        .map_err(|e| Failure::Refused(JournalError(format!("entry is not JSON: {e}"))))
+        .map_err(|e| Failure::Refused(JournalError::refused(format!("entry is not JSON: {e}"))))
 }
 
 fn decode(text: &str) -> Result<Arc<JournalEntry>, Failure> {
     serde_json::from_str(text).map(Arc::new).map_err(|e| {
-        Failure::Refused(JournalError(format!(
+        Failure::Refused(JournalError::refused(format!(
             "a stored entry is not a journal entry: {e}"
         )))
     })
@@ -576,7 +576,7 @@ fn adopt(tx: &Transaction<'_>, id: &str, epoch: u64) -> Result<Option<StoredSess
         return Ok(None);
     };
     if row.epoch >= epoch as i64 {
-        return Err(Failure::Refused(JournalError(format!(
+        return Err(Failure::Refused(JournalError::refused(format!(
             "session `{id}` is stored in epoch {}, not older than {epoch}",
             row.epoch
         ))));

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::journal::{JournalStats, MemoryJournal, SessionJournal, SqliteJournal, SyncPolicy};
+use crate::journal::{
+    JournalStats, MemoryJournal, RedisJournal, RedisOptions, SessionJournal, SqliteJournal,
+    SyncPolicy,
+};
 use crate::lm_policy::{LmPolicy, LmProfile, ServedProgram};
 use crate::pool::{Pool, SpawnMode};
 use crate::worker::{WorkerProgram, WorkerSpec};
@@ -52,6 +55,9 @@ pub struct PoolConfig {
     /// Most sessions a durable journal may hold; a new session past it fails with
     /// `TooManySessions`.
     pub max_stored_sessions: usize,
+    /// This pool's name among the nodes sharing a journal: its lease owner in Redis,
+    /// the `node` label of its metrics.
+    pub node: Option<String>,
     /// Shortest timeout a caller may ask for (see [`crate::Pool::client_timeout`]).
     pub min_request_timeout: Duration,
     /// Longest timeout a caller may ask for.
@@ -81,6 +87,8 @@ enum JournalChoice {
     Given(Arc<dyn SessionJournal>),
     /// SQLite in this directory.
     Sqlite(PathBuf, SyncPolicy),
+    /// Redis at this URL, shared with other nodes, with this lease time.
+    Redis(String, Duration),
 }
 
 /// When a session's journal is compacted into a snapshot, and how large a journal
@@ -141,6 +149,7 @@ impl Default for PoolConfig {
             spawn_mode: default_spawn_mode(),
             max_sessions: 100_000,
             max_stored_sessions: 10_000_000,
+            node: None,
             min_request_timeout: Duration::from_secs(1),
             max_request_timeout: Duration::from_secs(600),
             rebuild_timeout: Duration::from_secs(60),
@@ -169,6 +178,12 @@ impl PoolConfig {
             |setting: &'static str, reason: String| Err(Error::InvalidConfig { setting, reason });
         if self.workers == 0 {
             return invalid("workers", "a pool needs at least one worker".into());
+        }
+        if let Some(node) = &self.node {
+            crate::journal::check_node_name(node).map_err(|reason| Error::InvalidConfig {
+                setting: "node",
+                reason,
+            })?;
         }
         if self.max_sessions == 0 {
             return invalid("max_sessions", "must be at least 1".into());
@@ -424,6 +439,12 @@ impl PoolBuilder {
         self
     }
 
+    /// This pool's name among nodes sharing a journal (see [`PoolConfig::node`]).
+    pub fn node(mut self, name: impl Into<String>) -> Self {
+        self.config.node = Some(name.into());
+        self
+    }
+
     /// Most sessions a durable journal may hold (at least 1).
     pub fn max_stored_sessions(mut self, n: usize) -> Self {
         self.config.max_stored_sessions = n;
@@ -519,6 +540,16 @@ impl PoolBuilder {
         self
     }
 
+    /// Keeps session journals in the Redis at `url` (`redis://HOST:PORT/DB`), shared
+    /// with the other nodes of a cluster: any node can rebuild any session, and a
+    /// node serves a session only while it holds its lease (renewed while the session
+    /// is used; a new owner waits up to the checkout timeout for it to end). Needs
+    /// [`PoolBuilder::node`]; `session_ttl` becomes the journals' retention in Redis.
+    pub fn redis_journal(mut self, url: impl Into<String>, lease_ttl: Duration) -> Self {
+        self.journal = Some(JournalChoice::Redis(url.into(), lease_ttl));
+        self
+    }
+
     /// The configuration this builder would start; a value out of range is refused
     /// with [`Error::InvalidConfig`] naming the setting.
     pub fn config(&self) -> Result<PoolConfig> {
@@ -566,8 +597,31 @@ impl PoolBuilder {
                 let journal =
                     SqliteJournal::open(&dir, sync).map_err(|e| Error::InvalidConfig {
                         setting: "data_dir",
-                        reason: e.0,
+                        reason: e.message,
                     })?;
+                Arc::new(journal)
+            }
+            Some(JournalChoice::Redis(url, lease_ttl)) => {
+                let Some(node) = config.node.clone() else {
+                    return Err(Error::InvalidConfig {
+                        setting: "node",
+                        reason: "a Redis journal is shared between nodes: give this one a name"
+                            .into(),
+                    });
+                };
+                let options = RedisOptions {
+                    lease_ttl,
+                    lease_wait: config.checkout_timeout,
+                    retention: config.session_ttl,
+                    ..RedisOptions::new(node)
+                };
+                let journal =
+                    RedisJournal::open(&url, options)
+                        .await
+                        .map_err(|e| Error::InvalidConfig {
+                            setting: "journal",
+                            reason: e.message,
+                        })?;
                 Arc::new(journal)
             }
         };

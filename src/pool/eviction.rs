@@ -83,13 +83,15 @@ impl Shared {
         if self.journal.durable() {
             let now = std::time::SystemTime::now();
             let used = now.checked_sub(idle).unwrap_or(now);
-            match self.journal.touch(id, epoch, used).await {
-                Ok(()) => {
-                    self.lock().sessions.forget_evicted(id, epoch);
-                }
-                Err(error) => {
-                    tracing::warn!(session = %id, %error, "recording an evicted session's last use failed; it stays in memory");
-                }
+            // Out of memory, it is free for another node sharing the store; kept in
+            // memory (a handle on it is held), it stays this node's.
+            let recorded = if self.lock().sessions.forget_evicted(id, epoch) {
+                self.journal.release(id, epoch, used).await
+            } else {
+                self.journal.touch(id, epoch, used).await
+            };
+            if let Err(error) = recorded {
+                tracing::warn!(session = %id, %error, "recording an evicted session's last use failed");
             }
         }
         self.metrics.bump(Counter::SessionEviction);

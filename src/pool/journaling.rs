@@ -10,7 +10,6 @@ use crate::error::Error;
 use crate::journal::JournalEntry;
 use crate::metrics::Counter;
 use crate::pool::Shared;
-use crate::pool::sessions::journal_error;
 use crate::worker::Worker;
 
 impl Shared {
@@ -70,7 +69,7 @@ impl Shared {
             // Closed meanwhile (and perhaps opened again): its write has nowhere to go,
             // and the store rightly refused it.
             Err(_) if self.lock().sessions.get_mut(id, epoch).is_none() => return Ok(()),
-            Err(error) => return Err(journal_error(id, error)),
+            Err(error) => return Err(self.journal_failed(id, epoch, error)),
         };
         self.metrics.record_journal_write(started.elapsed());
         let limits = self.config.journal_limits;
@@ -136,7 +135,10 @@ impl Shared {
                     session.compacted_at = Some(std::time::Instant::now());
                 }
             }
-            Err(error) => tracing::warn!(session = id, %error, "journal compaction failed"),
+            Err(error) => {
+                tracing::warn!(session = id, %error, "journal compaction failed");
+                self.journal_failed(id, epoch, error);
+            }
         }
     }
 

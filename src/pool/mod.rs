@@ -749,7 +749,8 @@ impl Pool {
             journal_entries,
             journal_bytes,
         };
-        self.shared().metrics.prometheus_text(gauges)
+        let node = self.shared().config.node.as_deref();
+        self.shared().metrics.prometheus_text(gauges, node)
     }
 
     /// The journal of open session `id`: its snapshot entry (if compacted) and the

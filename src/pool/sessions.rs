@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::error::Error;
-use crate::journal::JournalEntry;
+use crate::journal::{JournalEntry, JournalError, JournalErrorKind};
 use crate::metrics::Counter;
 use crate::pool::scheduler::{Lease, Mode, State};
 use crate::pool::{PoolEvent, SessionCall, SessionState, Shared, detached};
@@ -34,15 +34,15 @@ struct ReplayFailure {
     error: Error,
 }
 
-pub(crate) fn journal_error(session_id: &str, error: impl std::fmt::Display) -> Error {
-    Error::SessionRebuildFailed {
-        session_id: session_id.to_owned(),
-        entry: None,
-        entry_command: None,
-        source: Box::new(Error::InvalidRequest {
-            command: "journal".into(),
-            reason: error.to_string(),
-        }),
+/// The pool's error for a journal store's failure in session `session_id`.
+pub(crate) fn journal_error(session_id: &str, error: JournalError) -> Error {
+    let session_id = session_id.to_owned();
+    let reason = error.message;
+    match error.kind {
+        JournalErrorKind::Moved => Error::SessionMoved { session_id, reason },
+        JournalErrorKind::Unavailable | JournalErrorKind::Refused => {
+            Error::JournalUnavailable { session_id, reason }
+        }
     }
 }
 
@@ -208,6 +208,12 @@ impl Shared {
                     self.metrics.record_rebuild(started.elapsed());
                     break;
                 }
+                // The store failing is not the session's fault: it stays due for a
+                // rebuild, by its next call.
+                Err(ReplayFailure {
+                    error: error @ (Error::JournalUnavailable { .. } | Error::SessionMoved { .. }),
+                    ..
+                }) => return Err(error),
                 Err(failure) => failure,
             };
             let retry = failure.error.lost_worker()
@@ -238,7 +244,7 @@ impl Shared {
     /// Replays the session's journal on the leased worker, each entry within what is
     /// left of `deadline`.
     async fn replay(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         epoch: u64,
         lease: &mut Lease,
@@ -250,7 +256,7 @@ impl Shared {
             .await
             .map_err(|e| ReplayFailure {
                 entry: None,
-                error: journal_error(id, e),
+                error: self.journal_failed(id, epoch, e),
             })?;
         // A journal read back from a store may hold commands no snapshot covers: then it
         // must never be compacted, or their part of the state would be lost.
@@ -329,6 +335,9 @@ impl Shared {
         };
         map.insert("session_id".into(), json!(&**id));
         self.take_over_stored(id, epoch).await?;
+        if let Err(error) = self.journal.renew(id, epoch).await {
+            return Err(self.journal_failed(id, epoch, error));
+        }
         // A rebuild replays on the worker alone; the call itself overlaps others if
         // its command may.
         let rebuild = self.replay_pending(id, epoch);
@@ -416,6 +425,7 @@ impl Shared {
         });
         Some(Closing {
             epoch: entry.epoch,
+            by_id: epoch.is_none(),
             worker,
             gate,
         })
@@ -428,21 +438,27 @@ impl Shared {
         id: &str,
         closing: Closing,
     ) -> Result<(), Error> {
-        let Closing {
-            epoch,
-            worker,
-            gate,
-        } = closing;
         // The journal goes first: a session opened again under this id starts empty.
+        let epoch = (!closing.by_id).then_some(closing.epoch);
         let removed = self
             .journal
-            .remove(id, Some(epoch))
+            .remove(id, epoch)
             .await
             .map(drop)
             .map_err(|e| journal_error(id, e));
-        if removed.is_ok()
-            && let Some(worker) = worker
-            && let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await
+        if removed.is_ok() {
+            self.free_on_worker(id, closing).await;
+        } else {
+            self.lock().sessions.closed(id, closing.gate);
+        }
+        removed
+    }
+
+    /// Has the worker of a session taken out of the table free its state; then its id
+    /// is free for a new session's calls.
+    async fn free_on_worker(self: &Arc<Self>, id: &str, closing: Closing) {
+        if let Some(worker) = &closing.worker
+            && let Ok(Some(lease)) = self.checkout_internal(Some(worker), Mode::Exclusive).await
         {
             let args = json!({"session_id": id});
             let timeout = self.config.request_timeout;
@@ -454,8 +470,29 @@ impl Shared {
                 tracing::warn!(session = id, %error, "cleanup_session failed");
             }
         }
-        self.lock().sessions.closed(id, gate);
-        removed
+        self.lock().sessions.closed(id, closing.gate);
+    }
+
+    /// The pool's error for a journal store's failure in session `id` (of `epoch`).
+    /// When another node owns the session now, this one drops its copy first (its
+    /// worker frees the state in the background): the session's next call here takes
+    /// it over again from the store.
+    pub(crate) fn journal_failed(
+        self: &Arc<Self>,
+        id: &str,
+        epoch: u64,
+        error: JournalError,
+    ) -> Error {
+        if error.kind == JournalErrorKind::Moved
+            && let Some(closing) = self.take_session(id, Some(epoch))
+        {
+            self.metrics.bump(Counter::SessionMoved);
+            tracing::warn!(session = id, reason = %error.message, "another node owns the session now; this node dropped its copy");
+            let shared = self.clone();
+            let id = id.to_owned();
+            tokio::spawn(async move { shared.free_on_worker(&id, closing).await });
+        }
+        journal_error(id, error)
     }
 
     /// Up to `most` sessions idle past the TTL and not in a call, oldest first:
@@ -468,6 +505,9 @@ impl Shared {
 /// A session taken out of the table whose state is yet to be freed.
 pub(crate) struct Closing {
     epoch: u64,
+    /// Closed by id, whatever its epoch: whatever the store holds under the id goes
+    /// (the session may not have taken its stored journal over yet).
+    by_id: bool,
     /// The worker holding its state, if it can clean it up.
     worker: Option<Arc<str>>,
     /// Held until the clean-up is done (see [`SessionTable::remove`]).

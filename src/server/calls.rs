@@ -117,7 +117,7 @@ pub(super) async fn call(
     headers: HeaderMap,
     body: Result<Json<CallBody>, JsonRejection>,
 ) -> Response {
-    let Json(body) = match body {
+    let Json(mut body) = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             return refusal(
@@ -140,6 +140,11 @@ pub(super) async fn call(
             StatusCode::BAD_REQUEST,
             "`args` must be a JSON object".into(),
         );
+    }
+    match session_from_header(&headers, body.session_id.as_deref()) {
+        Ok(Some(id)) => body.session_id = Some(id),
+        Ok(None) => {}
+        Err(message) => return refusal("invalid_request", StatusCode::BAD_REQUEST, message),
     }
     let pool = match state.serving_pool() {
         Ok(pool) => pool.clone(),
@@ -196,6 +201,32 @@ pub(super) async fn call(
         Err(error) => answer_error(&error, &request_id),
     }
 }
+
+/// The session id of an `X-Session-Id` header (so a load balancer can route by it
+/// without reading the body); it must agree with the body's `session_id` if both
+/// are given.
+fn session_from_header(
+    headers: &HeaderMap,
+    in_body: Option<&str>,
+) -> Result<Option<String>, String> {
+    let Some(value) = headers.get(SESSION_ID_HEADER) else {
+        return Ok(None);
+    };
+    let Ok(id) = std::str::from_utf8(value.as_bytes()) else {
+        return Err("the X-Session-Id header is not UTF-8".into());
+    };
+    match in_body {
+        Some(body) if body != id => Err(format!(
+            "the X-Session-Id header ({:?}) and the body's `session_id` ({:?}) differ",
+            id.escape_debug().to_string(),
+            body.escape_debug().to_string()
+        )),
+        _ => Ok(Some(id.to_owned())),
+    }
+}
+
+/// The header a session call may carry its session id in.
+pub(super) const SESSION_ID_HEADER: &str = "x-session-id";
 
 /// Says in `X-Session-State` what a session call found its session to be.
 fn tell_session_state(response: &mut Response, state: Option<SessionState>) {

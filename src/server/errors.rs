@@ -27,9 +27,11 @@ pub fn status_for(error: &Error) -> StatusCode {
         Error::WorkerCrashed { .. } | Error::Protocol { .. } => StatusCode::BAD_GATEWAY,
         Error::SessionRebuildFailed { .. } => StatusCode::BAD_GATEWAY,
         Error::JournalFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        Error::SessionMoved { .. } => StatusCode::CONFLICT,
         Error::Saturated { .. }
         | Error::CheckoutTimeout { .. }
         | Error::ShuttingDown
+        | Error::JournalUnavailable { .. }
         | Error::StartupFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
         Error::RequestTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         Error::UnexpectedResult { .. } | Error::InvalidConfig { .. } => {
@@ -117,7 +119,9 @@ pub fn error_body(error: &Error) -> Value {
         }
         | Error::Cancelled { worker, command } => json!({"worker": worker, "command": command}),
         Error::StartupFailed { worker, .. } => json!({"worker": worker}),
-        Error::SessionClosed { session_id } => json!({"session_id": session_id}),
+        Error::SessionClosed { session_id }
+        | Error::JournalUnavailable { session_id, .. }
+        | Error::SessionMoved { session_id, .. } => json!({"session_id": session_id}),
         Error::TooManySessions { limit } => json!({"limit": limit}),
         Error::JournalFull {
             session_id,
@@ -146,7 +150,7 @@ pub fn error_body(error: &Error) -> Value {
     body
 }
 
-/// An error answer; a 503 or 429 says when to retry.
+/// An error answer; a 503, a 429 or a `session_moved` says when to retry.
 pub fn error_response(error: &Error, request_id: &str) -> Response {
     let status = status_for(error);
     if status.is_server_error() {
@@ -156,10 +160,11 @@ pub fn error_response(error: &Error, request_id: &str) -> Response {
     let mut body = error_body(error);
     body["request_id"] = json!(request_id);
     let mut response = (status, Json(json!({"error": body}))).into_response();
-    if matches!(
+    let retry = matches!(
         status,
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
-    ) {
+    ) || matches!(error, Error::SessionMoved { .. });
+    if retry {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -255,6 +255,7 @@ async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
     };
     let status = pool.status();
     Json(json!({
+        "node": pool.config().node,
         "workers": status.workers,
         "starting": status.starting,
         "queued": status.queued,

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub mod services;
+
 use snakepool::{Pool, PoolBuilder, PoolEvent};
 use tokio::sync::broadcast;
 
