@@ -118,6 +118,21 @@ local function keep(ms)
 end
 ";
 
+/// Whether the caller (owner value `value`, `node token`) still owns the session
+/// whose meta and owner keys are `meta` and `owner`: it holds the lease, or its lease
+/// ran out and nobody took the session since (the token is still its own), and it
+/// takes the lease again for `lease` ms. Shared by the scripts that write.
+const OWNS: &str = r"
+local function owns(meta, owner, value, lease)
+  local current = redis.call('GET', owner)
+  if current then return current == value end
+  local token = string.match(value, ' (%d+)$')
+  if redis.call('HGET', meta, 'token') ~= token then return false end
+  redis.call('SET', owner, value, 'PX', lease)
+  return true
+end
+";
+
 /// KEYS: meta, log, owner, index. ARGV: node, lease ms, now ms, id, retention ms.
 /// Takes the lease unless another node holds it: `{1, token, entries, bytes,
 /// snapshot bytes or -1, created, sessions}` or `{0, lease ms left, owner}`.
@@ -143,7 +158,7 @@ return {1, token, tonumber(m[1]), tonumber(m[2]), tonumber(m[3]) or -1, tonumber
 /// retention ms. `{1, entries, bytes, snapshot bytes or -1}`, or `{0}` if the lease is
 /// not the writer's.
 const APPEND: &str = r"
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0} end
+if not owns(KEYS[1], KEYS[3], ARGV[1], ARGV[4]) then return {0} end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 local entries = redis.call('HINCRBY', KEYS[1], 'entries', 1)
 local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', ARGV[3])
@@ -157,7 +172,7 @@ return {1, entries, bytes, tonumber(redis.call('HGET', KEYS[1], 'snap_bytes')) o
 /// KEYS: meta, log, owner, index. ARGV: owner value, snapshot, its size, entries
 /// replaced, lease ms, now ms, id, retention ms. As [`APPEND`].
 const COMPACT: &str = r"
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0} end
+if not owns(KEYS[1], KEYS[3], ARGV[1], ARGV[5]) then return {0} end
 local n = tonumber(ARGV[4])
 local dropped = 0
 if n > 0 then
@@ -176,17 +191,17 @@ keep(ARGV[8])
 return {1, entries, bytes, tonumber(ARGV[3])}
 ";
 
-/// KEYS: meta, log, owner. ARGV: owner value. `{1, snapshot or false, {items}}`, or
-/// `{0}` if the lease is not the reader's.
+/// KEYS: meta, log, owner. ARGV: owner value, lease ms. `{1, snapshot or false,
+/// {items}}`, or `{0}` if the lease is not the reader's.
 const ENTRIES: &str = r"
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0} end
+if not owns(KEYS[1], KEYS[3], ARGV[1], ARGV[2]) then return {0} end
 return {1, redis.call('HGET', KEYS[1], 'snap'), redis.call('LRANGE', KEYS[2], 0, -1)}
 ";
 
 /// KEYS: meta, log, owner. ARGV: owner value, lease ms. 1 if renewed, 0 if the lease
 /// is not the caller's.
 const RENEW: &str = r"
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+if not owns(KEYS[1], KEYS[3], ARGV[1], ARGV[2]) then return 0 end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 return 1
 ";
@@ -228,13 +243,13 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Scripts {
-        let with_keep = |body: &str| Script::new(&format!("{KEEP}{body}"));
+        let with_keep = |body: &str| Script::new(&format!("{KEEP}{OWNS}{body}"));
         Scripts {
             acquire: with_keep(ACQUIRE),
             append: with_keep(APPEND),
             compact: with_keep(COMPACT),
-            entries: Script::new(ENTRIES),
-            renew: Script::new(RENEW),
+            entries: Script::new(&format!("{OWNS}{ENTRIES}")),
+            renew: Script::new(&format!("{OWNS}{RENEW}")),
             touch: with_keep(TOUCH),
             remove: Script::new(REMOVE),
         }
@@ -490,7 +505,7 @@ impl SessionJournal for RedisJournal {
             self.run(
                 &self.scripts.entries,
                 &self.keys(id)[..3],
-                &[self.owner_value(lease.token)],
+                &[self.owner_value(lease.token), self.lease_ms().to_string()],
                 "reading a journal",
             )
             .await?,

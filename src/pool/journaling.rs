@@ -69,7 +69,7 @@ impl Shared {
             // Closed meanwhile (and perhaps opened again): its write has nowhere to go,
             // and the store rightly refused it.
             Err(_) if self.lock().sessions.get_mut(id, epoch).is_none() => return Ok(()),
-            Err(error) => return Err(self.journal_failed(id, epoch, error)),
+            Err(error) => return Err(self.journal_failed(id, epoch, error, true).await),
         };
         self.metrics.record_journal_write(started.elapsed());
         let limits = self.config.journal_limits;
@@ -137,7 +137,7 @@ impl Shared {
             }
             Err(error) => {
                 tracing::warn!(session = id, %error, "journal compaction failed");
-                self.journal_failed(id, epoch, error);
+                self.journal_failed(id, epoch, error, true).await;
             }
         }
     }

@@ -250,14 +250,15 @@ impl Shared {
         lease: &mut Lease,
         deadline: Instant,
     ) -> Result<(), ReplayFailure> {
-        let entries = self
-            .journal
-            .entries(id, epoch)
-            .await
-            .map_err(|e| ReplayFailure {
-                entry: None,
-                error: self.journal_failed(id, epoch, e),
-            })?;
+        let entries = match self.journal.entries(id, epoch).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                return Err(ReplayFailure {
+                    entry: None,
+                    error: self.journal_failed(id, epoch, e, false).await,
+                });
+            }
+        };
         // A journal read back from a store may hold commands no snapshot covers: then it
         // must never be compacted, or their part of the state would be lost.
         let manifest = lease.worker().manifest().clone();
@@ -335,8 +336,15 @@ impl Shared {
         };
         map.insert("session_id".into(), json!(&**id));
         self.take_over_stored(id, epoch).await?;
-        if let Err(error) = self.journal.renew(id, epoch).await {
-            return Err(self.journal_failed(id, epoch, error));
+        match self.journal.renew(id, epoch).await {
+            Ok(()) => {}
+            // Moved while idle here: nothing of this call ran yet, so it follows the
+            // session, taking it over again once the other node lets go.
+            Err(error) if error.kind == JournalErrorKind::Moved => {
+                self.let_go(id, epoch, &error.message, true).await;
+                self.take_over_stored(id, epoch).await?;
+            }
+            Err(error) => return Err(journal_error(id, error)),
         }
         // A rebuild replays on the worker alone; the call itself overlaps others if
         // its command may.
@@ -474,25 +482,63 @@ impl Shared {
     }
 
     /// The pool's error for a journal store's failure in session `id` (of `epoch`).
-    /// When another node owns the session now, this one drops its copy first (its
-    /// worker frees the state in the background): the session's next call here takes
-    /// it over again from the store.
-    pub(crate) fn journal_failed(
+    /// When another node owns the session now, this one lets go of its copy first
+    /// (see [`Shared::let_go`]; `free_state`: have its worker free the state, which
+    /// the caller must not hold a lease on).
+    pub(crate) async fn journal_failed(
         self: &Arc<Self>,
         id: &str,
         epoch: u64,
         error: JournalError,
+        free_state: bool,
     ) -> Error {
-        if error.kind == JournalErrorKind::Moved
-            && let Some(closing) = self.take_session(id, Some(epoch))
-        {
-            self.metrics.bump(Counter::SessionMoved);
-            tracing::warn!(session = id, reason = %error.message, "another node owns the session now; this node dropped its copy");
-            let shared = self.clone();
-            let id = id.to_owned();
-            tokio::spawn(async move { shared.free_on_worker(&id, closing).await });
+        if error.kind == JournalErrorKind::Moved {
+            self.let_go(id, epoch, &error.message, free_state).await;
         }
         journal_error(id, error)
+    }
+
+    /// Another node owns session `id` now: this node unpins it, has its worker free
+    /// its state (with `free_state`), and its next call here takes it over again from
+    /// the store (waiting for the other node's lease), rebuilding it.
+    async fn let_go(self: &Arc<Self>, id: &str, epoch: u64, reason: &str, free_state: bool) {
+        let worker = {
+            let mut st = self.lock();
+            let Some(entry) = st.sessions.get_mut(id, epoch) else {
+                return;
+            };
+            let worker = entry.worker.clone();
+            if let Some(worker) = &worker {
+                if let Some(slot) = st.slots.get_mut(worker) {
+                    slot.pinned.remove(id);
+                }
+                st.sessions.unpin(worker, [Arc::from(id)]);
+            }
+            if let Some(entry) = st.sessions.get_mut(id, epoch) {
+                entry.replay_pending = false;
+                entry.look_up_store = true;
+            }
+            worker
+        };
+        self.metrics.bump(Counter::SessionMoved);
+        tracing::warn!(
+            session = id,
+            reason,
+            "another node owns the session now; this node let go of its copy"
+        );
+        if let Some(worker) = worker.filter(|_| free_state)
+            && let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await
+        {
+            let args = json!({"session_id": id});
+            let timeout = self.config.request_timeout;
+            let cleanup =
+                detached(
+                    async move { lease.worker().call("cleanup_session", args, timeout).await },
+                );
+            if let Err(error) = cleanup.await {
+                tracing::warn!(session = id, %error, "cleanup_session failed");
+            }
+        }
     }
 
     /// Up to `most` sessions idle past the TTL and not in a call, oldest first:
