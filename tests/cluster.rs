@@ -183,7 +183,7 @@ async fn set_up(client: &reqwest::Client, url: &str) {
 
 /// What the clients saw: per session, the notes acknowledged and those whose call
 /// failed (which may or may not have landed), and every failure's status and kind.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Ledger {
     acknowledged: BTreeMap<String, Vec<u64>>,
     uncertain: BTreeMap<String, Vec<u64>>,
@@ -318,7 +318,8 @@ async fn sessions_survive_a_lost_node_a_paused_node_and_a_redis_restart() {
         },
     )
     .await;
-    check_state(&client, &balancer, &ledger.lock().unwrap()).await;
+    let seen = ledger.lock().unwrap().clone();
+    check_state(&client, &balancer, &seen).await;
     {
         let ledger = ledger.lock().unwrap();
         // Only calls in flight on the killed node failed, each with a clear answer:
@@ -367,7 +368,8 @@ async fn sessions_survive_a_lost_node_a_paused_node_and_a_redis_restart() {
         async || {},
     )
     .await;
-    check_state(&client, &balancer, &ledger.lock().unwrap()).await;
+    let seen = ledger.lock().unwrap().clone();
+    check_state(&client, &balancer, &seen).await;
     let node2 = client
         .get(format!("{}/metrics", cluster.node_url(2)))
         .send()
@@ -446,7 +448,8 @@ async fn sessions_survive_a_lost_node_a_paused_node_and_a_redis_restart() {
         },
     )
     .await;
-    check_state(&client, &balancer, &ledger.lock().unwrap()).await;
+    let seen = ledger.lock().unwrap().clone();
+    check_state(&client, &balancer, &seen).await;
     {
         let ledger = ledger.lock().unwrap();
         let during: HashMap<String, usize> = ledger.failures[failures_before..].iter().fold(
