@@ -73,7 +73,8 @@ pub struct LoadArgs {
     args: Value,
     /// Sessions bench-0..K-1 to call in (caller i uses session i mod K); 0 for plain calls
     /// (with --dspy-profile: one session per caller, named bench-T-0..K-1 with T the
-    /// start time in ms, since a server keeps a closed session's id closed for a while).
+    /// start time in ms, so that each run's sessions are new, whatever a durable
+    /// journal kept of earlier runs).
     #[arg(long, default_value_t = 0)]
     sessions: usize,
     /// Run a DSPy program against this LM profile of the server (or of --lm-profile):
@@ -119,7 +120,7 @@ type Outcome = Option<Cow<'static, str>>;
 
 impl LoadArgs {
     /// The session ids of the run: `bench-I`, or `bench-T-I` for a DSPy load, whose
-    /// sessions are new.
+    /// sessions are new (a durable journal may keep a session of an earlier run).
     fn session_ids(&self) -> Vec<String> {
         let count = self.session_count();
         match &self.dspy_profile {
@@ -233,6 +234,9 @@ struct HttpTarget {
     /// `timeout_ms` of every call.
     timeout_ms: Option<u128>,
 }
+
+/// The header a session call carries its session id in, for load balancers.
+const SESSION_ID: &str = "x-session-id";
 
 /// The error body of the API.
 #[derive(Deserialize)]
@@ -356,11 +360,15 @@ impl HttpTarget {
     }
 
     async fn send(&self, caller: usize) -> reqwest::Result<reqwest::Response> {
-        self.request(reqwest::Method::POST, "/v1/call")
+        let mut request = self
+            .request(reqwest::Method::POST, "/v1/call")
             .header(header::CONTENT_TYPE, "application/json")
-            .body(self.bodies[caller % self.bodies.len()].clone())
-            .send()
-            .await
+            .body(self.bodies[caller % self.bodies.len()].clone());
+        // The session id as a header too, so a load balancer can route by it.
+        if !self.sessions.is_empty() {
+            request = request.header(SESSION_ID, &self.sessions[caller % self.sessions.len()]);
+        }
+        request.send().await
     }
 
     async fn call(&self, caller: usize) -> Outcome {
@@ -384,8 +392,13 @@ impl HttpTarget {
         args: Value,
     ) -> Result<Value, Failure> {
         let mut body = json!({"command": command, "args": args});
+        let mut request = self
+            .request(reqwest::Method::POST, "/v1/call")
+            .header(header::CONTENT_TYPE, "application/json");
         if let Some(i) = session {
-            body["session_id"] = json!(self.sessions[i % self.sessions.len()]);
+            let id = &self.sessions[i % self.sessions.len()];
+            body["session_id"] = json!(id);
+            request = request.header(SESSION_ID, id);
         }
         if let Some(ms) = self.timeout_ms {
             body["timeout_ms"] = json!(ms);
@@ -394,9 +407,7 @@ impl HttpTarget {
             kind: transport_kind(&e).unwrap_or_default(),
             message: error_chain(&e),
         };
-        let reply = self
-            .request(reqwest::Method::POST, "/v1/call")
-            .header(header::CONTENT_TYPE, "application/json")
+        let reply = request
             .body(body.to_string())
             .send()
             .await

@@ -96,6 +96,10 @@ async fn call_server(args: &CallArgs, url: &str, call_args: Value) -> Result<Val
     }
     let endpoint = format!("{}/v1/call", url.trim_end_matches('/'));
     let mut request = reqwest::Client::new().post(&endpoint).json(&body);
+    // The session id as a header too, so a load balancer can route by it.
+    if let Some(session) = &args.session {
+        request = request.header("x-session-id", session);
+    }
     if let Some(token) = &args.token {
         request = request.bearer_auth(token);
     }

@@ -10,9 +10,14 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use futures::StreamExt;
+
 use crate::metrics::Counter;
 use crate::pool::scheduler::Mode;
 use crate::pool::{PoolEvent, Shared};
+
+/// Sessions released at once at shutdown.
+const RELEASE_CONCURRENCY: usize = 64;
 
 impl Shared {
     /// Picks up to `most` sessions idle past `idle` that a worker still holds, for
@@ -35,6 +40,25 @@ impl Shared {
     ) {
         self.try_evict(&id, epoch, &worker).await;
         self.lock().sessions.evicted(&id, epoch);
+    }
+
+    /// Lets a durable store know that every session in memory leaves this pool (it is
+    /// stopping): their last use is recorded, and nodes sharing the store may take
+    /// them over at once instead of waiting for their leases to run out.
+    pub(crate) async fn release_sessions(&self) {
+        if !self.journal.durable() {
+            return;
+        }
+        let held = self.lock().sessions.taken_over();
+        let now = std::time::SystemTime::now();
+        futures::stream::iter(held)
+            .for_each_concurrent(RELEASE_CONCURRENCY, |(id, epoch, idle)| async move {
+                let used = now.checked_sub(idle).unwrap_or(now);
+                if let Err(error) = self.journal.release(&id, epoch, used).await {
+                    tracing::warn!(session = %id, %error, "releasing a session at shutdown failed");
+                }
+            })
+            .await;
     }
 
     async fn try_evict(self: &Arc<Self>, id: &Arc<str>, epoch: u64, worker: &Arc<str>) {

@@ -917,6 +917,7 @@ impl Pool {
         let stopping = std::mem::take(&mut shared.lock().stopping);
         let grace = shared.config.worker.stop_grace * 3;
         futures::future::join_all(stopping.iter().map(|exit| exit.wait(grace))).await;
+        shared.release_sessions().await;
         let _ = shared.events.send(Event::Stop);
     }
 }

@@ -214,6 +214,16 @@ impl SessionTable {
         true
     }
 
+    /// The sessions whose stored journal this pool took over (or started): `(id,
+    /// epoch, time since last use)`.
+    pub fn taken_over(&self) -> Vec<(Arc<str>, u64, Duration)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| !e.look_up_store)
+            .map(|(id, e)| (id.clone(), e.epoch, e.last_used.elapsed()))
+            .collect()
+    }
+
     /// Picks sessions pinned to a worker, idle for at least `idle`, not in a call and
     /// not already being evicted, for eviction: up to `most` of `(id, epoch, worker)`,
     /// oldest first. Each stays marked `evicting` until [`SessionTable::evicted`].
