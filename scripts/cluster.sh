@@ -10,9 +10,9 @@
 #   scripts/cluster.sh redis DIR    start Redis again (after it was stopped)
 #   scripts/cluster.sh down DIR     stop everything
 #
-# Environment: SNAKEPOOL_BIN (the binary; default: built with cargo), SNAKEPOOL_NODES
-# (3), SNAKEPOOL_LEASE_TTL (10s), SNAKEPOOL_NODE_ARGS (more `serve` flags, e.g.
-# modules). Installs redis-server and haproxy when missing (scripts/services.sh).
+# Environment: SNAKEPOOL_BIN (the binary; default: built with cargo), SNAKEPOOL_PYTHON
+# (the workers' Python; default: the project's .venv), SNAKEPOOL_NODES (3),
+# SNAKEPOOL_LEASE_TTL (10s), SNAKEPOOL_NODE_ARGS (more `serve` flags, e.g. modules). Installs redis-server and haproxy when missing (scripts/services.sh).
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 PATH="$PATH:/usr/sbin"

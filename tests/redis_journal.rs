@@ -97,6 +97,10 @@ async fn leases_fence_writes_between_nodes() {
     assert!(a.remove("s", Some(2)).await.unwrap());
     assert!(a.stored("s").await.unwrap().is_none());
     assert_eq!(a.session_count(), 0);
+    // A session made again under the id gets a token never given before.
+    assert!(b.adopt("s", 8).await.unwrap().is_none());
+    let again = b.stored("s").await.unwrap().unwrap();
+    assert!(again.epoch > back.epoch, "{again:?} after {back:?}");
     a.append("gone", 2, entry(1)).await.unwrap_err();
 }
 

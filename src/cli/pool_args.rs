@@ -46,7 +46,8 @@ pub struct PoolArgs {
     /// Default time a call may take, e.g. 30s.
     #[arg(long, env = "SNAKEPOOL_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
-    /// Longest wait for a free worker, e.g. 10s.
+    /// Longest wait for a free worker, e.g. 10s (with a Redis journal, also for another
+    /// node's lease on a session to end).
     #[arg(long, env = "SNAKEPOOL_CHECKOUT_TIMEOUT", value_parser = humantime::parse_duration)]
     pub checkout_timeout: Option<Duration>,
     /// Spawn plus handshake per worker, e.g. 30s.

@@ -11,7 +11,9 @@
 //! session id and epoch (the pool gives each session it opens a new, greater epoch): a
 //! write for an epoch older than the journal's is refused, and one for a newer epoch
 //! starts the journal afresh, so nothing written for a closed session can reach a
-//! later session under the same id.
+//! later session under the same id. A store shared by many nodes ([`RedisJournal`])
+//! takes each session over into the node's epoch ([`SessionJournal::adopt`]) and
+//! fences the nodes from each other with tokens of its own.
 
 mod memory;
 mod redis;

@@ -118,30 +118,34 @@ local function keep(ms)
 end
 ";
 
-/// Whether the caller (owner value `value`, `node token`) still owns the session
-/// whose meta and owner keys are `meta` and `owner`: it holds the lease, or its lease
-/// ran out and nobody took the session since (the token is still its own), and it
-/// takes the lease again for `lease` ms. Shared by the scripts that write.
+/// `mine`: whether the caller (owner value `value`, `node token`) still owns the
+/// session whose meta and owner keys are `meta` and `owner`: it holds the lease, or its
+/// lease ran out and nobody took the session since (its token is still the session's).
+/// `owns`: the same, taking a lapsed lease again for `lease` ms. Shared by the scripts.
 const OWNS: &str = r"
-local function owns(meta, owner, value, lease)
+local function mine(meta, owner, value)
   local current = redis.call('GET', owner)
   if current then return current == value end
-  local token = string.match(value, ' (%d+)$')
-  if redis.call('HGET', meta, 'token') ~= token then return false end
+  return redis.call('HGET', meta, 'token') == string.match(value, ' (%d+)$')
+end
+local function owns(meta, owner, value, lease)
+  if not mine(meta, owner, value) then return false end
   redis.call('SET', owner, value, 'PX', lease)
   return true
 end
 ";
 
-/// KEYS: meta, log, owner, index. ARGV: node, lease ms, now ms, id, retention ms.
-/// Takes the lease unless another node holds it: `{1, token, entries, bytes,
-/// snapshot bytes or -1, created, sessions}` or `{0, lease ms left, owner}`.
+/// KEYS: meta, log, owner, index, token counter. ARGV: node, lease ms, now ms, id,
+/// retention ms. Takes the lease unless another node holds it, with a token greater
+/// than any given before (even to a session since deleted): `{1, token, entries,
+/// bytes, snapshot bytes or -1, created, sessions}` or `{0, lease ms left, owner}`.
 const ACQUIRE: &str = r"
 local owner = redis.call('GET', KEYS[3])
 if owner and string.sub(owner, 1, #ARGV[1] + 1) ~= ARGV[1] .. ' ' then
   return {0, redis.call('PTTL', KEYS[3]), owner}
 end
-local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
+local token = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[1], 'token', token)
 if redis.call('HEXISTS', KEYS[1], 'created') == 0 then
   redis.call('HSET', KEYS[1], 'created', ARGV[3], 'entries', 0, 'bytes', 0)
 end
@@ -198,33 +202,40 @@ if not owns(KEYS[1], KEYS[3], ARGV[1], ARGV[2]) then return {0} end
 return {1, redis.call('HGET', KEYS[1], 'snap'), redis.call('LRANGE', KEYS[2], 0, -1)}
 ";
 
-/// KEYS: meta, log, owner. ARGV: owner value, lease ms. 1 if renewed, 0 if the lease
-/// is not the caller's.
+/// KEYS: meta, log, owner. ARGV: owner value, lease ms, retention ms. 1 if renewed
+/// (the journal's retention too: a session used only by calls that do not change it
+/// is still in use), 0 if the lease is not the caller's.
 const RENEW: &str = r"
 if not owns(KEYS[1], KEYS[3], ARGV[1], ARGV[2]) then return 0 end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
+keep(ARGV[3])
 return 1
 ";
 
-/// KEYS: meta, log, owner, index. ARGV: owner value (empty: none), last use ms, id,
-/// retention ms, release (1: give the lease back). Records the last use if the session
-/// is stored, and gives the lease back if it is the caller's.
+/// KEYS: meta, log, owner, index. ARGV: owner value, last use ms, id, retention ms,
+/// release (1: give the lease back). If the session is still the caller's, records its
+/// last use and, with release, gives the lease back; otherwise changes nothing.
 const TOUCH: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 or not mine(KEYS[1], KEYS[3], ARGV[1]) then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'used', ARGV[2])
 redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3])
 keep(ARGV[4])
-if ARGV[5] == '1' and redis.call('GET', KEYS[3]) == ARGV[1] then
-  redis.call('DEL', KEYS[3])
-end
+if ARGV[5] == '1' then redis.call('DEL', KEYS[3]) end
 return 1
 ";
 
-/// KEYS: meta, log, owner, index. ARGV: owner value (empty: none), id. Deletes the
-/// session unless another node holds its lease: `{existed, sessions}`, or `{-1, owner}`.
+/// KEYS: meta, log, owner, index. ARGV: owner value (empty: the caller holds no
+/// lease), id. Deletes the session if it is the caller's, or (holding no lease) if no
+/// node holds its lease: `{existed, sessions}`, or `{-1, owner}`.
 const REMOVE: &str = r"
 local owner = redis.call('GET', KEYS[3])
-if owner and owner ~= ARGV[1] then return {-1, owner} end
+if ARGV[1] == '' then
+  if owner then return {-1, owner} end
+elseif not mine(KEYS[1], KEYS[3], ARGV[1]) then
+  return {-1, owner or 'a newer owner'}
+end
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[2])
@@ -249,9 +260,9 @@ impl Scripts {
             append: with_keep(APPEND),
             compact: with_keep(COMPACT),
             entries: Script::new(&format!("{OWNS}{ENTRIES}")),
-            renew: Script::new(&format!("{OWNS}{RENEW}")),
+            renew: with_keep(RENEW),
             touch: with_keep(TOUCH),
-            remove: Script::new(REMOVE),
+            remove: Script::new(&format!("{OWNS}{REMOVE}")),
         }
     }
 }
@@ -304,6 +315,20 @@ fn stats(entries: &Value, bytes: &Value, snapshot: &Value) -> JournalStats {
     }
 }
 
+/// `url` with any password in it replaced by `***`, for messages.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// A journal entry from its JSON text.
 fn decode(json: &str) -> Result<std::sync::Arc<JournalEntry>, JournalError> {
     serde_json::from_str(json)
@@ -315,8 +340,9 @@ impl RedisJournal {
     /// Connects to the Redis at `url` (`redis://HOST:PORT/DB`).
     pub async fn open(url: &str, options: RedisOptions) -> Result<RedisJournal, JournalError> {
         check_node_name(&options.node).map_err(JournalError::refused)?;
+        let shown = without_password(url);
         let client = redis::Client::open(url)
-            .map_err(|e| JournalError::refused(format!("bad Redis URL {url:?}: {e}")))?;
+            .map_err(|e| JournalError::refused(format!("bad Redis URL {shown:?}: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.command_timeout))
             .set_response_timeout(Some(options.command_timeout))
@@ -324,7 +350,9 @@ impl RedisJournal {
             .set_max_delay(Duration::from_millis(500));
         let mut conn = ConnectionManager::new_with_config(client, config)
             .await
-            .map_err(|e| JournalError::unavailable(format!("cannot reach Redis at {url}: {e}")))?;
+            .map_err(|e| {
+                JournalError::unavailable(format!("cannot reach Redis at {shown}: {e}"))
+            })?;
         let index = format!("{}:sessions", options.prefix);
         let count: i64 = redis::cmd("ZCARD")
             .arg(&index)
@@ -642,19 +670,17 @@ impl SessionJournal for RedisJournal {
         };
         let reply = loop {
             let now = millis(SystemTime::now());
+            let mut keys = self.keys(id).to_vec();
+            keys.push(format!("{}:tokens", self.options.prefix));
             let reply = items(
-                self.run(
-                    &self.scripts.acquire,
-                    &self.keys(id),
-                    &args(now),
-                    "taking a lease",
-                )
-                .await?,
+                self.run(&self.scripts.acquire, &keys, &args(now), "taking a lease")
+                    .await?,
             );
             if reply.first().map(int) == Some(1) && reply.len() >= 7 {
                 break reply;
             }
-            let left = reply.get(1).map_or(25, int).clamp(1, 25);
+            // Until the lease runs out, or a tenth of a second (it may be given back).
+            let left = reply.get(1).map_or(25, int).clamp(5, 100);
             if Instant::now() >= deadline {
                 let owner = reply.get(2).and_then(text).unwrap_or_default();
                 return Err(JournalError::moved(format!(
@@ -697,7 +723,11 @@ impl SessionJournal for RedisJournal {
             .run(
                 &self.scripts.renew,
                 &self.keys(id)[..3],
-                &[self.owner_value(lease.token), self.lease_ms().to_string()],
+                &[
+                    self.owner_value(lease.token),
+                    self.lease_ms().to_string(),
+                    self.retention_ms().to_string(),
+                ],
                 "renewing a lease",
             )
             .await?;
@@ -809,5 +839,30 @@ impl RedisJournal {
             .map_err(unavailable("counting the sessions"))?;
         self.count.store(count.max(0) as usize, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_show_no_password() {
+        assert_eq!(
+            without_password("redis://app:s3cret@db.internal:6379/0"),
+            "redis://app:***@db.internal:6379/0"
+        );
+        assert_eq!(
+            without_password("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+    }
+
+    #[test]
+    fn node_names_are_plain() {
+        assert!(check_node_name("node-1.eu:8700").is_ok());
+        assert!(check_node_name("").is_err());
+        assert!(check_node_name("two words").is_err());
+        assert!(check_node_name(&"n".repeat(129)).is_err());
     }
 }
