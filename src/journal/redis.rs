@@ -618,7 +618,7 @@ impl SessionJournal for RedisJournal {
                         self.options.lease_wait
                     )));
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     }
