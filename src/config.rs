@@ -73,22 +73,6 @@ impl From<JournalKind> for String {
 /// How long a node's lease on a session lasts without use, by default.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
-/// The data directory when none is given: `snakepool` under the user's state
-/// directory (`$XDG_STATE_HOME`, else `~/.local/state`), else under the working
-/// directory.
-pub fn default_data_dir() -> PathBuf {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|home| PathBuf::from(home).join(".local").join("state"))
-        })
-        .unwrap_or_else(|| PathBuf::from("."));
-    state.join("snakepool")
-}
-
 /// One layer of settings; `None` means "not set here".
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,8 +146,11 @@ pub struct Settings {
     pub journal_max_bytes: Option<usize>,
     /// Where session journals are kept: `memory` or `sqlite` (in `data_dir`).
     pub journal: Option<JournalKind>,
-    /// The directory of the durable journal.
+    /// The directory of the durable journal (default: `snakepool` in the working
+    /// directory; the command line's default is under the user's state directory).
     pub data_dir: Option<PathBuf>,
+    /// Where the worker runtime built into the library is written.
+    pub runtime_cache: Option<PathBuf>,
     /// How hard the durable journal's commits try to reach the disk.
     pub journal_sync: Option<SyncPolicy>,
     /// This node's name among the nodes sharing a Redis journal.
@@ -312,6 +299,7 @@ impl Settings {
             journal_max_bytes,
             journal,
             data_dir,
+            runtime_cache,
             journal_sync,
             node,
             lease_ttl,
@@ -350,6 +338,9 @@ impl Settings {
         }
         if let Some(python) = &self.python {
             b = b.python(python);
+        }
+        if let Some(dir) = &self.runtime_cache {
+            b = b.runtime_cache(dir);
         }
         for dir in self.python_path.iter().flatten() {
             b = b.python_path(dir);
@@ -423,7 +414,10 @@ impl Settings {
         });
         match &self.journal {
             Some(JournalKind::Sqlite) => {
-                let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+                let dir = self
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("snakepool"));
                 b = b.durable_journal(dir, self.journal_sync.unwrap_or_default());
             }
             Some(JournalKind::Redis(url)) => {

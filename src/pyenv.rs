@@ -1,9 +1,8 @@
 //! Setting up a Python environment with DSPy for the workers, idempotently and with
 //! visible progress.
 //!
-//! The environment is a venv (default `.venv` in the source tree, or
-//! `$SNAKEPOOL_VENV`). A stamp file records what was installed; when it matches, the
-//! set-up is a no-op.
+//! The environment is a venv in a directory the caller chooses. A stamp file records
+//! what was installed; when it matches, the set-up is a no-op.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,13 +23,6 @@ pub struct EnvError {
     pub step: String,
     /// The command's error output or the OS error.
     pub detail: String,
-}
-
-/// The venv used unless configured: `$SNAKEPOOL_VENV`, else `.venv` in the source tree.
-pub fn default_venv() -> PathBuf {
-    std::env::var_os("SNAKEPOOL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv")))
 }
 
 /// The interpreter inside venv `dir`.

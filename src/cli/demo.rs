@@ -220,7 +220,7 @@ pub async fn python_with_dspy(configured: Option<&str>) -> Result<String, String
     if let Some(python) = configured {
         return Ok(python.to_owned());
     }
-    let venv = snakepool::pyenv::default_venv();
+    let venv = super::env::demo_venv();
     let python =
         tokio::task::spawn_blocking(move || snakepool::pyenv::ensure_dspy_env(&venv, "python3"))
             .await

@@ -5,15 +5,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use serde_json::Value;
-use snakepool::worker::spawn::bundled_python_path;
 use snakepool::worker::zygote::Zygote;
 use snakepool::worker::{WorkerProgram, WorkerSpec};
 
 /// Options of `snakepool doctor`.
 #[derive(clap::Args, Debug)]
 pub struct DoctorArgs {
-    /// The interpreter to check (default: $SNAKEPOOL_PYTHON, else the project's .venv
-    /// if it exists, else python3).
+    /// The interpreter to check (default: $SNAKEPOOL_PYTHON, else the active
+    /// virtualenv's, else ./.venv's, else python3).
     #[arg(long, env = "SNAKEPOOL_PYTHON")]
     python: Option<PathBuf>,
     /// Extra command module to check (repeatable).
@@ -43,14 +42,20 @@ fn print(outcome: &Outcome) {
     }
 }
 
-/// Runs `python -c code` with the bundled worker package and `extra` on the path; its
-/// stdout.
+/// The directory the binary's worker runtime is written to (set once by [`run`]).
+static RUNTIME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn runtime_dir() -> PathBuf {
+    RUNTIME.get().cloned().unwrap_or_default()
+}
+
+/// Runs `python -c code` with the worker runtime and `extra` on the path; its stdout.
 async fn python_says_with(
     python: &PathBuf,
     code: &str,
     extra: &[PathBuf],
 ) -> Result<String, String> {
-    let mut paths = vec![bundled_python_path()];
+    let mut paths = vec![runtime_dir()];
     paths.extend(extra.iter().cloned());
     let joined = std::env::join_paths(paths).map_err(|e| e.to_string())?;
     let output = tokio::process::Command::new(python)
@@ -119,14 +124,13 @@ async fn check_runtime(python: &PathBuf, args: &DoctorArgs, outcomes: &mut Vec<O
     let code = "import snakepool_worker, json; print(snakepool_worker.__version__)";
     match python_says(python, code).await {
         Ok(version) => outcomes.push(Outcome::Ok(format!(
-            "worker runtime snakepool_worker {version} importable from {}",
-            bundled_python_path().display()
+            "worker runtime snakepool_worker {version} (built into this binary) imports"
         ))),
         Err(e) => outcomes.push(Outcome::Fail(
             format!("snakepool_worker does not import: {e}"),
             format!(
-                "keep the python/ folder of the source tree at {}",
-                bundled_python_path().display()
+                "the runtime is written to {}: check that this Python can read it",
+                runtime_dir().display()
             ),
         )),
     }
@@ -188,7 +192,7 @@ async fn check_zygote(python: &Path, dspy: bool, outcomes: &mut Vec<Outcome>) {
             } else {
                 Vec::new()
             },
-            python_path: vec![bundled_python_path()],
+            python_path: vec![runtime_dir()],
         },
         startup_timeout: Duration::from_secs(60),
         ..WorkerSpec::default()
@@ -223,8 +227,24 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
     let python = args
         .python
         .clone()
-        .unwrap_or_else(snakepool::worker::spawn::default_python);
+        .unwrap_or_else(super::env::default_python);
     let mut outcomes = Vec::new();
+    let cache = super::env::runtime_cache();
+    match snakepool::worker::runtime::install(&cache) {
+        Ok(dir) => {
+            let _ = RUNTIME.set(dir);
+        }
+        Err(e) => {
+            print(&Outcome::Fail(
+                format!(
+                    "cannot write the worker runtime under {}: {e}",
+                    cache.display()
+                ),
+                "make the user's cache directory writable, or set XDG_CACHE_HOME".into(),
+            ));
+            return ExitCode::FAILURE;
+        }
+    }
     if check_python(&python, &mut outcomes).await {
         check_runtime(&python, &args, &mut outcomes).await;
         let dspy = check_dspy(&python, &mut outcomes).await;

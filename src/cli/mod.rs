@@ -5,6 +5,7 @@ pub mod call;
 pub mod chaos;
 pub mod demo;
 pub mod doctor;
+pub mod env;
 pub mod pool_args;
 pub mod serve;
 pub mod startup;

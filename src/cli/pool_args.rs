@@ -12,6 +12,8 @@ use snakepool::config::{JournalKind, Settings};
 use snakepool::lm_policy::{LmProfile, ServedProgram};
 use snakepool::{SpawnMode, SyncPolicy};
 
+use super::env;
+
 /// Flags shared by the commands that run a pool of their own.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct PoolArgs {
@@ -266,7 +268,14 @@ impl PoolArgs {
             Some(path) => Settings::from_file(path).map_err(|e| e.to_string())?,
             None => Settings::default(),
         };
-        Ok(self.flags().over(extra).over(file))
+        let mut settings = self.flags().over(extra).over(file);
+        // What the environment says where nothing else did.
+        settings.python.get_or_insert_with(env::default_python);
+        settings
+            .runtime_cache
+            .get_or_insert_with(env::runtime_cache);
+        settings.data_dir.get_or_insert_with(env::data_dir);
+        Ok(settings)
     }
 }
 

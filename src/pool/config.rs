@@ -146,7 +146,7 @@ impl Default for PoolConfig {
             session_idle: Some(Duration::from_secs(600)),
             restart_backoff: Duration::from_millis(100),
             max_restart_backoff: Duration::from_secs(10),
-            spawn_mode: default_spawn_mode(),
+            spawn_mode: SpawnMode::default(),
             max_sessions: 100_000,
             max_stored_sessions: 10_000_000,
             node: None,
@@ -160,15 +160,6 @@ impl Default for PoolConfig {
             journal_limits: JournalLimits::default(),
         }
     }
-}
-
-/// The spawn mode unless configured: `$SNAKEPOOL_SPAWN` (`zygote` or `fresh`), else
-/// zygote.
-fn default_spawn_mode() -> SpawnMode {
-    std::env::var("SNAKEPOOL_SPAWN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_default()
 }
 
 impl PoolConfig {
@@ -288,6 +279,7 @@ pub struct PoolBuilder {
     python_path: Vec<PathBuf>,
     worker_cmd: Option<String>,
     journal: Option<JournalChoice>,
+    runtime_cache: Option<PathBuf>,
 }
 
 impl PoolBuilder {
@@ -320,6 +312,13 @@ impl PoolBuilder {
     /// The Python interpreter for the worker runtime.
     pub fn python(mut self, python: impl Into<PathBuf>) -> Self {
         self.python = Some(python.into());
+        self
+    }
+
+    /// Where the built-in worker runtime is written, once per version (default: a
+    /// `snakepool` folder in the system's temporary directory).
+    pub fn runtime_cache(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.runtime_cache = Some(dir.into());
         self
     }
 
@@ -589,7 +588,22 @@ impl PoolBuilder {
     /// Fails with [`Error::StartupFailed`] (with the worker's stderr tail) if any
     /// worker cannot start; the others are stopped.
     pub async fn start(self) -> Result<Pool> {
-        let config = self.config()?;
+        let mut config = self.config()?;
+        if let WorkerProgram::Runtime { python_path, .. } = &mut config.worker.program {
+            let cache = self
+                .runtime_cache
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("snakepool"));
+            let runtime =
+                crate::worker::runtime::install(&cache).map_err(|e| Error::InvalidConfig {
+                    setting: "runtime_cache",
+                    reason: format!(
+                        "cannot write the worker runtime under {}: {e}",
+                        cache.display()
+                    ),
+                })?;
+            python_path.insert(0, runtime);
+        }
         let journal: Arc<dyn SessionJournal> = match self.journal {
             None => Arc::new(MemoryJournal::default()),
             Some(JournalChoice::Given(journal)) => journal,

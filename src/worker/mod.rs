@@ -14,6 +14,7 @@
 mod exit;
 mod manifest;
 mod pid;
+pub mod runtime;
 pub mod spawn;
 mod stderr;
 mod stream;

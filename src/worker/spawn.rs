@@ -42,11 +42,6 @@ pub const ADMIN_TOKEN_ENV: &str = "SNAKEPOOL_ADMIN_TOKEN";
 /// The variable telling the worker runtime how many calls it may run at once.
 pub const MAX_CONCURRENCY_ENV: &str = "SNAKEPOOL_MAX_CONCURRENCY";
 
-/// The directory holding the `snakepool_worker` package in this source tree.
-pub fn bundled_python_path() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
-}
-
 /// Which program a worker runs.
 #[derive(Clone, Debug)]
 pub enum WorkerProgram {
@@ -100,10 +95,10 @@ impl Default for WorkerSpec {
     fn default() -> Self {
         WorkerSpec {
             program: WorkerProgram::Runtime {
-                python: default_python(),
+                python: PathBuf::from("python3"),
                 modules: Vec::new(),
                 preload: Vec::new(),
-                python_path: vec![bundled_python_path()],
+                python_path: Vec::new(),
             },
             env: Vec::new(),
             startup_timeout: Duration::from_secs(30),
@@ -113,20 +108,6 @@ impl Default for WorkerSpec {
             max_concurrency: 32,
         }
     }
-}
-
-/// The interpreter used unless configured: `$SNAKEPOOL_PYTHON`, else the source tree's
-/// `.venv` when it exists (made by `snakepool demo` or `scripts/python-env.sh`), else
-/// `python3`.
-pub fn default_python() -> PathBuf {
-    if let Some(python) = std::env::var_os("SNAKEPOOL_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python"));
-    if venv.exists() {
-        return venv;
-    }
-    PathBuf::from("python3")
 }
 
 impl WorkerSpec {

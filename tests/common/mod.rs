@@ -8,7 +8,7 @@ use std::time::Duration;
 
 pub mod services;
 
-use snakepool::{Pool, PoolBuilder, PoolEvent};
+use snakepool::{Pool, PoolBuilder, PoolEvent, SpawnMode};
 use tokio::sync::broadcast;
 
 /// The folder holding the Python fixtures.
@@ -16,17 +16,32 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
 }
 
-/// The interpreter the tests use: the pool's default (`$SNAKEPOOL_PYTHON`, else the
-/// project's `.venv`, else `python3`).
+/// The interpreter the tests use: `$SNAKEPOOL_PYTHON`, else the project's `.venv`
+/// (`scripts/python-env.sh`), else `python3`.
 pub fn python() -> String {
-    snakepool::worker::spawn::default_python()
-        .display()
-        .to_string()
+    if let Some(python) = std::env::var_os("SNAKEPOOL_PYTHON") {
+        return python.to_string_lossy().into_owned();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".into()
+}
+
+/// How the tests start workers: `$SNAKEPOOL_SPAWN` (`zygote` or `fresh`), else the
+/// pool's default (the test script runs the behavioural tests in both modes).
+pub fn spawn_mode() -> SpawnMode {
+    std::env::var("SNAKEPOOL_SPAWN")
+        .ok()
+        .and_then(|mode| mode.parse().ok())
+        .unwrap_or_default()
 }
 
 /// A builder for `n` runtime workers with the test handlers loaded and short timeouts.
 pub fn builder(n: usize) -> PoolBuilder {
     Pool::builder()
+        .spawn_mode(spawn_mode())
         .workers(n)
         .python(python())
         .python_path(fixtures())
