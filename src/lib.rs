@@ -26,7 +26,9 @@ pub mod lm_policy;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
+#[cfg(feature = "cli")]
 pub mod pyenv;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod session;
 pub mod worker;
