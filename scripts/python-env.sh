@@ -8,7 +8,7 @@ venv="${SNAKEPOOL_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 stamp="$venv/.snakepool-stamp"
 
-want=$(cat "$root/python/pyproject.toml" "$root"/python/requirements-*.txt | cksum)
+want=$(cat "$root/python/pyproject.toml" "$root/clients/python/pyproject.toml" "$root"/python/requirements-*.txt | cksum)
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$venv/bin/python"
   exit 0
@@ -21,5 +21,6 @@ for req in "$root"/python/requirements-*.txt; do
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req" >&2
 done
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root/python" >&2
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root/clients/python" >&2
 echo "$want" > "$stamp"
 echo "$venv/bin/python"

@@ -22,6 +22,9 @@ cargo clippy --all-targets --quiet -- -D warnings
 echo "== Rust tests (real Python workers; workers forked from the zygote)"
 SNAKEPOOL_SPAWN=zygote cargo test --quiet
 
+echo "== The Python client against a real server (pytest)"
+SNAKEPOOL_BIN="$root/target/debug/snakepool" "$SNAKEPOOL_PYTHON" -m pytest clients/python/tests -q
+
 echo "== The pool's behavioural tests again with fresh workers"
 SNAKEPOOL_SPAWN=fresh cargo test --quiet \
   --test pool_basics --test pool_failures --test pool_limits --test sessions --test dspy_bridge

@@ -5,9 +5,20 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 /// Pools of long-lived Python workers, with a DSPy bridge.
+///
+/// Logs go to stderr: `serve` logs at info (listening, workers started, lost with
+/// their stderr, recycled, timeouts, session rebuilds, drain), the other commands at
+/// warn. SNAKEPOOL_LOG or RUST_LOG (a tracing filter, e.g. `snakepool=debug,info`)
+/// override --log-level.
 #[derive(Parser)]
-#[command(name = "snakepool", version, about)]
+#[command(name = "snakepool", version, about, long_about)]
 struct Cli {
+    /// Least severe log level shown: error, warn, info, debug or trace.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log lines as `text` (coloured only on a terminal) or `json`.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    log_format: cli::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,14 +55,17 @@ enum BenchCommand {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SNAKEPOOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    if let Err(message) =
+        cli::logging::init(cli.log_level.as_deref(), cli.log_format, default_level)
+    {
+        eprintln!("error: {message}");
+        return std::process::ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Serve(args) => cli::serve::run(args).await,
         Command::Call(args) => return cli::call::run(args).await,

@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod demo;
 pub mod doctor;
 pub mod env;
+pub mod logging;
 pub mod pool_args;
 pub mod serve;
 pub mod startup;

@@ -28,9 +28,11 @@ pub struct ServeArgs {
 /// How long connections get, past the drain deadline, to deliver the last answers.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Prints a status line; a closed stdout (e.g. a supervisor that went away) is no
-/// reason to fail.
+/// Prints a status line on stdout (scripts read `listening on URL` and `pool ready`
+/// there) and logs it; a closed stdout (e.g. a supervisor that went away) is no reason
+/// to fail.
 fn say(line: &str) {
+    tracing::info!("{line}");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();

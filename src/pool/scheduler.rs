@@ -478,12 +478,14 @@ impl Shared {
         }
         st.grant_waiters();
         drop(st);
-        drop(removed);
-        if known {
+        // The slot goes before the event, as its worker's stderr tail is read.
+        if let Some(stderr_tail) = removed.map(|slot| slot.worker.stderr_tail()) {
             self.metrics.bump(crate::metrics::Counter::WorkerCrash);
+            tracing::warn!(worker = %id, pid, stderr_tail = %stderr_tail, "worker lost (died, timed out or broke the protocol); replacing it");
             self.notify(PoolEvent::WorkerLost {
                 worker: id.clone(),
                 pid,
+                stderr_tail,
             });
         }
         self.changed.notify_waiters();
@@ -534,6 +536,7 @@ impl Shared {
         st.grant_waiters();
         drop(st);
         self.metrics.bump(crate::metrics::Counter::WorkerStart);
+        tracing::info!(worker = %id, pid, "worker ready");
         self.notify(PoolEvent::WorkerReady { worker: id, pid });
     }
 

@@ -198,6 +198,7 @@ impl Supervisor {
         };
         slot.retire = true;
         let busy = !slot.is_idle();
+        tracing::info!(worker = %old, "worker reached its call limit; recycling it");
         self.shared.metrics.bump(Counter::WorkerRecycle);
         self.shared.notify(PoolEvent::WorkerRecycled {
             worker: old.clone(),

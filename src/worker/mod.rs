@@ -863,6 +863,7 @@ impl PendingCall {
             }
         }
         self.stage = Stage::Done;
+        tracing::warn!(worker = %worker, command = %self.command, ?timeout, "call ran past its timeout; worker killed");
         self.worker.kill_after_timeout(&self.command);
         Error::RequestTimeout {
             worker,

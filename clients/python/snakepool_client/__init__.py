@@ -1,0 +1,95 @@
+"""A client for the HTTP API of ``snakepool serve``.
+
+``Client`` (sync) and ``AsyncClient`` (asyncio) make plain calls, streamed calls
+(``stream``), session calls (``session(id)``, with DSPy helpers as ``session.dspy``),
+cancel calls by request id, and read the server's health, pool and sessions. Every
+failure is a ``SnakepoolError`` of the class of its kind (see ``errors``).
+"""
+
+from .aio import AsyncCallStream, AsyncClient, AsyncSession
+from .dspy import AsyncDspy, Dspy
+from .errors import (
+    ERROR_CLASSES,
+    BadRequestError,
+    BadResponseError,
+    BodyTooLargeError,
+    CallCancelledError,
+    CallNotFoundError,
+    CheckoutTimeoutError,
+    ConnectionError,
+    DuplicateRequestIdError,
+    ForbiddenError,
+    InvalidConfigError,
+    InvalidRequestError,
+    JournalFullError,
+    JournalUnavailableError,
+    NotCancellableError,
+    ProtocolError,
+    RequestTimeoutError,
+    SaturatedError,
+    SessionClosedError,
+    SessionMovedError,
+    SessionNotFoundError,
+    SessionRebuildFailedError,
+    ShuttingDownError,
+    SnakepoolError,
+    StartingError,
+    StartupFailedError,
+    TooManySessionsError,
+    UnauthorizedError,
+    UnexpectedResultError,
+    UnknownCommandError,
+    WorkerCrashedError,
+    WorkerError,
+    error_class,
+)
+from .sync import CallStream, Client, Session
+from .wire import DEFAULT_TIMEOUT, new_request_id
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ERROR_CLASSES",
+    "AsyncCallStream",
+    "AsyncClient",
+    "AsyncDspy",
+    "AsyncSession",
+    "BadRequestError",
+    "BadResponseError",
+    "BodyTooLargeError",
+    "CallCancelledError",
+    "CallNotFoundError",
+    "CallStream",
+    "CheckoutTimeoutError",
+    "Client",
+    "ConnectionError",
+    "Dspy",
+    "DuplicateRequestIdError",
+    "ForbiddenError",
+    "InvalidConfigError",
+    "InvalidRequestError",
+    "JournalFullError",
+    "JournalUnavailableError",
+    "NotCancellableError",
+    "ProtocolError",
+    "RequestTimeoutError",
+    "SaturatedError",
+    "Session",
+    "SessionClosedError",
+    "SessionMovedError",
+    "SessionNotFoundError",
+    "SessionRebuildFailedError",
+    "ShuttingDownError",
+    "SnakepoolError",
+    "StartingError",
+    "StartupFailedError",
+    "TooManySessionsError",
+    "UnauthorizedError",
+    "UnexpectedResultError",
+    "UnknownCommandError",
+    "WorkerCrashedError",
+    "WorkerError",
+    "error_class",
+    "new_request_id",
+]
