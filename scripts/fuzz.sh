@@ -42,11 +42,25 @@ if ! cargo fuzz build --sanitizer "$sanitizer"; then
   cargo fuzz build --sanitizer "$sanitizer"
 fi
 
+# libFuzzer's own output (thousands of lines, dictionaries included) goes to a log;
+# the summary, or on a crash the log's end, is printed.
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+stat() {
+  sed -n "s/^stat::$1: *//p" "$2" | tail -n 1
+}
 for target in $targets; do
   echo "== fuzzing $target for ${seconds}s (sanitizer: $sanitizer)"
   mkdir -p "fuzz/corpus/$target"
-  cargo fuzz run --sanitizer "$sanitizer" "$target" \
+  log="$logs/$target.log"
+  if ! cargo fuzz run --sanitizer "$sanitizer" "$target" \
     "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=1024 -print_final_stats=1 \
+    > "$log" 2>&1; then
+    tail -n 60 "$log" >&2
+    echo "== $target failed: the input is in fuzz/artifacts/$target/" >&2
+    exit 1
+  fi
+  echo "   $(stat number_of_executed_units "$log") inputs run, $(stat new_units_added "$log") new to the corpus, peak RSS $(stat peak_rss_mb "$log") MB"
 done
 echo "== no crash in $targets"

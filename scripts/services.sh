@@ -1,11 +1,13 @@
 #!/bin/sh
-# Installs the services the cluster tests and scripts/cluster.sh run (redis-server and
-# haproxy, from the system's packages) when they are missing. Idempotent: does nothing
-# when both are on the PATH.
+# Installs what the cluster tests and scripts/cluster.sh run (redis-server and haproxy)
+# and the headless browser of the dashboard test (chromium), from the system's
+# packages, when they are missing. Idempotent: does nothing when all are on the PATH.
 set -eu
 missing=""
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 ||
+  missing="$missing chromium"
 [ -z "$missing" ] && exit 0
 
 echo "installing$missing" >&2

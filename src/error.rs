@@ -194,6 +194,13 @@ pub enum Error {
         /// What the store said.
         reason: String,
     },
+    /// A reload of the handler code stopped: the new code does not import, or a
+    /// worker running it cannot start. The workers not yet replaced serve on.
+    #[error("reload failed: {reason}")]
+    ReloadFailed {
+        /// What went wrong, and how many workers run the new code.
+        reason: String,
+    },
     /// The pool is shutting down and takes no new calls.
     #[error("the pool is shutting down")]
     ShuttingDown,
@@ -222,6 +229,7 @@ impl Error {
             Error::JournalFull { .. } => "journal_full",
             Error::JournalUnavailable { .. } => "journal_unavailable",
             Error::SessionMoved { .. } => "session_moved",
+            Error::ReloadFailed { .. } => "reload_failed",
             Error::ShuttingDown => "shutting_down",
         }
     }

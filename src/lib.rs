@@ -17,6 +17,7 @@
 //! ```
 
 pub mod call;
+pub mod command_metrics;
 pub mod config;
 pub mod dspy;
 pub mod error;
@@ -46,7 +47,7 @@ pub use journal::{
 };
 pub use metrics::MetricsSnapshot;
 pub use pool::{
-    JournalLimits, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, SessionInfo, SessionReply,
-    SessionState, SpawnMode, WorkerInfo, ZygoteStatus,
+    JournalLimits, Pool, PoolBuilder, PoolConfig, PoolEvent, PoolStatus, ReloadReport, SessionInfo,
+    SessionReply, SessionState, SpawnMode, WorkerInfo, ZygoteStatus,
 };
 pub use session::Session;

@@ -19,6 +19,7 @@ use serde::Serialize;
 const MAX_TRACKED_US: u64 = 3_600_000_000;
 
 /// A latency distribution in microseconds.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct LatencySummary {
     /// Number of samples.
@@ -38,6 +39,7 @@ pub struct LatencySummary {
 }
 
 /// A point-in-time copy of a pool's metrics.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MetricsSnapshot {
     /// Calls made (plain and session), including failed ones.
@@ -90,6 +92,8 @@ pub struct Metrics {
     sessions_moved: AtomicU64,
     /// The same latencies in Prometheus buckets, for `/metrics`.
     call_seconds: PromHistogram,
+    /// Calls, errors and latency by command.
+    pub commands: crate::command_metrics::CommandMetrics,
     queue_wait_seconds: PromHistogram,
     rebuild_seconds: PromHistogram,
     journal_write_seconds: PromHistogram,
@@ -186,6 +190,7 @@ impl Default for Metrics {
             session_evictions: AtomicU64::new(0),
             sessions_moved: AtomicU64::new(0),
             call_seconds: seconds_buckets(),
+            commands: crate::command_metrics::CommandMetrics::default(),
             queue_wait_seconds: seconds_buckets(),
             rebuild_seconds: seconds_buckets(),
             journal_write_seconds: seconds_buckets(),
@@ -356,6 +361,7 @@ impl Metrics {
                 .inc_by(*count);
         }
         registry.register("call_errors", "Failed calls by error kind", errors);
+        self.commands.register(&mut registry);
         let gauge_values = [
             ("workers", "Running workers", gauges.workers),
             ("workers_busy", "Workers serving a call", gauges.busy),

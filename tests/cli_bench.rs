@@ -60,13 +60,13 @@ async fn plain_calls_are_counted_with_latency_percentiles() {
         "--concurrency",
         "4",
         "--requests",
-        "300",
+        "5000",
         "--command",
         "ping",
     ])
     .await;
-    assert_eq!(count(&r, "requests"), 300, "{r}");
-    assert_eq!(count(&r, "ok"), 300, "{r}");
+    assert_eq!(count(&r, "requests"), 5000, "{r}");
+    assert_eq!(count(&r, "ok"), 5000, "{r}");
     assert_eq!(r["errors"], json!({}), "{r}");
     assert!(r["throughput_rps"].as_f64().unwrap() > 0.0, "{r}");
     let latency = &r["latency_us"];
@@ -82,11 +82,37 @@ async fn plain_calls_are_counted_with_latency_percentiles() {
     );
     assert_eq!(count(&r, "concurrency"), 4);
     assert_eq!(r["pool"]["worker_crashes"], 0, "{r}");
+    // CPU per call, the host's and the workers' apart.
+    let resources = &r["resources"];
+    for field in ["host_cpu_us_per_call", "worker_cpu_us_per_call"] {
+        assert!(
+            resources[field].as_f64().is_some_and(|us| us > 0.0),
+            "{field}: {r}"
+        );
+    }
 }
 
 #[tokio::test]
-async fn call_errors_are_reported_by_kind_and_not_fatal() {
-    let r = bench_pool(&["--requests", "50", "--command", "no_such_command"]).await;
+async fn call_errors_are_reported_by_kind_and_fail_the_run() {
+    let python = common::python();
+    let output = bench(&[
+        "--json",
+        "--python",
+        &python,
+        "--requests",
+        "50",
+        "--command",
+        "no_such_command",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "failed calls fail the run");
+    assert!(
+        stderr.contains("50 calls failed (50 unknown_command)"),
+        "{stderr}"
+    );
+    // The report is printed all the same.
+    let r: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(r["errors"], json!({"unknown_command": 50}), "{r}");
     assert_eq!((count(&r, "requests"), count(&r, "ok")), (50, 0), "{r}");
     let cpus = std::thread::available_parallelism().map_or(2, usize::from);
@@ -252,20 +278,20 @@ async fn a_server_is_loaded_over_http() {
         assert_eq!(closed, ["bench-0", "bench-1"]);
     }
 
-    let failing = report(
-        &bench(&[
-            "--url",
-            &url,
-            "--token",
-            TOKEN,
-            "--requests",
-            "100",
-            "--command",
-            "nope",
-            "--json",
-        ])
-        .await,
-    );
+    let output = bench(&[
+        "--url",
+        &url,
+        "--token",
+        TOKEN,
+        "--requests",
+        "100",
+        "--command",
+        "nope",
+        "--json",
+    ])
+    .await;
+    assert!(!output.status.success(), "failed calls fail the run");
+    let failing: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         failing["errors"],
         json!({"unknown_command": 100}),
@@ -386,6 +412,13 @@ async fn a_dspy_load_runs_programs_on_a_real_serve_against_a_fake_lm() {
     );
     assert!(count(server, "pss_kib") > 0, "{r}");
     assert!(server["cpu_s"].as_f64().unwrap() > 0.0, "{r}");
+    // The server's pid comes from its /v1/pool: its CPU per call, and its workers'.
+    for field in ["host_cpu_us_per_call", "worker_cpu_us_per_call"] {
+        assert!(
+            r["resources"][field].as_f64().is_some_and(|us| us > 0.0),
+            "{field}: {r}"
+        );
+    }
 
     let output = bench(&["--url", &url, "--dspy-profile", "nope", "--requests", "5"]).await;
     assert!(!output.status.success());

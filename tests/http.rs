@@ -300,6 +300,20 @@ async fn pool_status_and_prometheus_metrics_describe_the_pool() {
     );
     assert_eq!(samples["snakepool_workers"], 2.0);
     assert_eq!(samples["snakepool_call_duration_seconds_count"], 6.0);
+    // By command: the manifest's commands have labels; a made-up name counts as other.
+    assert_eq!(
+        samples[r#"snakepool_command_calls_total{command="ping"}"#],
+        5.0
+    );
+    assert_eq!(
+        samples[r#"snakepool_command_errors_total{command="other"}"#],
+        1.0
+    );
+    assert_eq!(
+        samples[r#"snakepool_command_duration_seconds_count{command="ping"}"#],
+        5.0
+    );
+    assert!(!text.contains("nope"), "{text}");
     assert!(text.ends_with("# EOF\n"));
     server.pool.shutdown().await;
 }

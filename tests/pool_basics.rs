@@ -102,14 +102,14 @@ async fn arguments_must_be_an_object() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_larger_than_the_frame_limit_is_refused_before_sending() {
     // Room for the handshake's manifest, not for the blob.
-    let pool = builder(1).max_frame_bytes(16_384).start().await.unwrap();
+    let pool = builder(1).max_frame_bytes(32_768).start().await.unwrap();
     let pid = pid_of(&pool.call("whoami", json!({})).await.unwrap());
     let err = pool
-        .call("echo", json!({"blob": "x".repeat(40_000)}))
+        .call("echo", json!({"blob": "x".repeat(80_000)}))
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, Error::InvalidRequest { reason, .. } if reason.contains("16384")),
+        matches!(&err, Error::InvalidRequest { reason, .. } if reason.contains("32768")),
         "{err:?}"
     );
     assert_eq!(pid_of(&pool.call("whoami", json!({})).await.unwrap()), pid);

@@ -116,6 +116,58 @@ BUILTIN_COMMANDS = {
 }
 """Built-in command names and handlers; none of them mutates session state."""
 
+_SESSION_ID = {"type": "string", "description": "The session, as the host names it."}
+
+BUILTIN_ARGS_SCHEMAS: Dict[str, Dict[str, Any]] = {
+    "ping": {
+        "type": "object",
+        "properties": {
+            "manifest": {
+                "type": "boolean",
+                "default": False,
+                "description": "Also return the worker's manifest: its runtime, versions, "
+                "and commands with their flags and argument schemas.",
+            },
+            "initialization": {
+                "type": "boolean",
+                "default": False,
+                "description": "Set by the host's handshake ping; returns the manifest too.",
+            },
+            "worker_id": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The worker's id, taken only in the host's handshake ping; "
+                "ignored in any later ping.",
+            },
+        },
+    },
+    "get_stats": {"type": "object", "properties": {}},
+    "cleanup_session": {
+        "type": "object",
+        "properties": {"session_id": _SESSION_ID},
+        "required": ["session_id"],
+    },
+    "snapshot_session": {
+        "type": "object",
+        "properties": {"session_id": _SESSION_ID},
+        "required": ["session_id"],
+    },
+    "restore_session": {
+        "type": "object",
+        "properties": {
+            "session_id": _SESSION_ID,
+            "parts": {
+                "type": "object",
+                "description": "A snapshot_session result's parts: part name -> snapshot.",
+            },
+        },
+        "required": ["session_id", "parts"],
+    },
+    "shutdown": {"type": "object", "properties": {}},
+}
+"""The JSON Schema of each built-in command's ``args``. The built-ins ignore arguments
+they do not read, so no schema forbids others."""
+
 INTERNAL_BUILTINS = frozenset(
     {"cleanup_session", "snapshot_session", "restore_session", "shutdown"}
 )
@@ -125,4 +177,10 @@ INTERNAL_BUILTINS = frozenset(
 def register_builtins(registry: Registry) -> None:
     """Register the built-in commands into ``registry``."""
     for name, func in BUILTIN_COMMANDS.items():
-        registry.register(name, func, mutates_session=False, internal=name in INTERNAL_BUILTINS)
+        registry.register(
+            name,
+            func,
+            mutates_session=False,
+            internal=name in INTERNAL_BUILTINS,
+            args_schema=BUILTIN_ARGS_SCHEMAS[name],
+        )

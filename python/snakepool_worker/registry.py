@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, overload
 
 from .snapshots import SessionSnapshots
@@ -186,17 +187,35 @@ class CommandSpec:
     it that only the host itself may send the command (the host refuses client calls to
     it, and the worker serves it as usual). ``kind`` is the handler's kind (``SYNC``,
     ``ASYNC``, ``STREAM``, ``ASYNC_STREAM``); ``concurrent`` and ``streams`` follow from it.
+    ``args_schema`` is the JSON Schema of the command's ``args`` object (checked by
+    ``checked_args_schema``), or ``None``: documentation for callers, never applied to
+    a call's arguments.
     """
 
-    __slots__ = ("name", "func", "mutates_session", "internal", "doc", "log", "kind")
+    __slots__ = (
+        "name",
+        "func",
+        "mutates_session",
+        "internal",
+        "args_schema",
+        "doc",
+        "log",
+        "kind",
+    )
 
     def __init__(
-        self, name: str, func: Handler, mutates_session: bool, internal: bool = False
+        self,
+        name: str,
+        func: Handler,
+        mutates_session: bool,
+        internal: bool = False,
+        args_schema: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.name = name
         self.func = func
         self.mutates_session = mutates_session
         self.internal = internal
+        self.args_schema = args_schema
         self.doc = first_doc_line(func)
         self.log = logging.getLogger(getattr(func, "__module__", None) or "snakepool_worker")
         self.kind = handler_kind(func)
@@ -216,8 +235,9 @@ class CommandSpec:
 
         ``{"mutates_session": bool, "doc": str}``, plus ``"internal": true`` for an
         internal command, ``"concurrent": true`` for an ``async def`` handler (or async
-        generator) and ``"streams": true`` for a generator handler. An absent flag means
-        false, so a sync command's entry is what it always was.
+        generator), ``"streams": true`` for a generator handler and ``"args_schema"``
+        when the command has one. An absent flag means false, so a sync command's entry
+        is what it always was.
         """
         entry: Dict[str, Any] = {"mutates_session": self.mutates_session, "doc": self.doc}
         if self.internal:
@@ -226,7 +246,71 @@ class CommandSpec:
             entry["concurrent"] = True
         if self.streams:
             entry["streams"] = True
+        if self.args_schema is not None:
+            entry["args_schema"] = self.args_schema
         return entry
+
+
+def checked_args_schema(command: str, schema: Any) -> Dict[str, Any]:
+    """A JSON copy of ``schema``, the JSON Schema of ``command``'s ``args``, once usable.
+
+    It must be JSON data (dicts with string keys, lists or tuples, strings, finite
+    numbers, booleans, ``None``) and an object with ``"type": "object"``; ``properties``,
+    when present, an object of property schemas (objects, or the booleans JSON Schema
+    allows), and ``required``, when present, a list of distinct property names. Anything
+    else raises ``TypeError`` (not a dict) or ``ValueError``, naming the command and what
+    is wrong. Nothing more is checked: the schema documents the arguments for callers and
+    is never applied to a call.
+    """
+    where = f"command {command!r}: args_schema"
+    if not isinstance(schema, dict):
+        raise TypeError(
+            f"{where} must be a dict (a JSON Schema object), got {type(schema).__name__}"
+        )
+    copied: Dict[str, Any] = _json_copy(schema, where)
+    if copied.get("type") != "object":
+        raise ValueError(
+            f'{where} must describe the args object: "type" must be "object", got '
+            f"{copied.get('type')!r}"
+        )
+    properties = copied.get("properties", {})
+    if not isinstance(properties, dict):
+        raise ValueError(f'{where}: "properties" must be an object of property schemas')
+    for key, value in properties.items():
+        if not isinstance(value, (dict, bool)):
+            raise ValueError(
+                f"{where}: properties[{key!r}] must be a schema (an object or a boolean), "
+                f"got {type(value).__name__}"
+            )
+    required = copied.get("required", [])
+    if (
+        not isinstance(required, list)
+        or not all(isinstance(name, str) for name in required)
+        or len(set(required)) != len(required)
+    ):
+        raise ValueError(f'{where}: "required" must be a list of distinct property names')
+    return copied
+
+
+def _json_copy(value: Any, where: str) -> Any:
+    """``value`` as plain JSON data (tuples become lists); ``ValueError`` naming the
+    place of anything JSON cannot hold as it is."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where} holds {value!r}, which JSON cannot carry")
+        return value
+    if isinstance(value, dict):
+        copied = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has the key {key!r}: JSON object keys are strings")
+            copied[key] = _json_copy(item, f"{where}.{key}")
+        return copied
+    if isinstance(value, (list, tuple)):
+        return [_json_copy(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise ValueError(f"{where} holds a {type(value).__name__}, which is not JSON data")
 
 
 def first_doc_line(func: Callable[..., Any]) -> str:
@@ -267,51 +351,71 @@ class Registry:
         *,
         mutates_session: bool = False,
         internal: bool = False,
+        args_schema: Optional[Dict[str, Any]] = None,
     ) -> CommandSpec:
         """Register ``func`` under ``name``; raise ``ValueError`` if the name is taken.
 
-        ``internal=True`` marks a command only the host may send (see ``CommandSpec``).
+        ``internal=True`` marks a command only the host may send (see ``CommandSpec``);
+        ``args_schema`` is the JSON Schema of its ``args`` (see ``checked_args_schema``).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"command name must be a non-empty string, got {name!r}")
         if not callable(func):
             raise TypeError(f"command {name!r}: handler {func!r} is not callable")
+        if args_schema is not None:
+            args_schema = checked_args_schema(name, args_schema)
         existing = self._commands.get(name)
         if existing is not None:
             raise ValueError(
                 f"command {name!r} is already registered by {_qualified_name(existing.func)}; "
                 f"cannot register it again for {_qualified_name(func)}"
             )
-        spec = CommandSpec(name, func, bool(mutates_session), bool(internal))
+        spec = CommandSpec(name, func, bool(mutates_session), bool(internal), args_schema)
         self._commands[name] = spec
         self.version += 1
         return spec
 
     @overload
     def command(
-        self, name: F, *, mutates_session: bool = False, internal: bool = False
+        self,
+        name: F,
+        *,
+        mutates_session: bool = False,
+        internal: bool = False,
+        args_schema: Optional[Dict[str, Any]] = None,
     ) -> F: ...
 
     @overload
     def command(
-        self, name: Optional[str] = None, *, mutates_session: bool = False, internal: bool = False
+        self,
+        name: Optional[str] = None,
+        *,
+        mutates_session: bool = False,
+        internal: bool = False,
+        args_schema: Optional[Dict[str, Any]] = None,
     ) -> Callable[[F], F]: ...
 
     def command(
-        self, name: Any = None, *, mutates_session: bool = False, internal: bool = False
+        self,
+        name: Any = None,
+        *,
+        mutates_session: bool = False,
+        internal: bool = False,
+        args_schema: Optional[Dict[str, Any]] = None,
     ) -> Any:
         """Decorator registering a handler; see the module-level ``command``."""
+        flags: Dict[str, Any] = {
+            "mutates_session": mutates_session,
+            "internal": internal,
+            "args_schema": args_schema,
+        }
         if callable(name):
             func = name
-            self.register(
-                func.__name__, func, mutates_session=mutates_session, internal=internal
-            )
+            self.register(func.__name__, func, **flags)
             return func
 
         def decorator(func: F) -> F:
-            self.register(
-                name or func.__name__, func, mutates_session=mutates_session, internal=internal
-            )
+            self.register(name or func.__name__, func, **flags)
             return func
 
         return decorator
@@ -388,16 +492,32 @@ default_registry = Registry()
 
 
 @overload
-def command(name: F, *, mutates_session: bool = False, internal: bool = False) -> F: ...
+def command(
+    name: F,
+    *,
+    mutates_session: bool = False,
+    internal: bool = False,
+    args_schema: Optional[Dict[str, Any]] = None,
+) -> F: ...
 
 
 @overload
 def command(
-    name: Optional[str] = None, *, mutates_session: bool = False, internal: bool = False
+    name: Optional[str] = None,
+    *,
+    mutates_session: bool = False,
+    internal: bool = False,
+    args_schema: Optional[Dict[str, Any]] = None,
 ) -> Callable[[F], F]: ...
 
 
-def command(name: Any = None, *, mutates_session: bool = False, internal: bool = False) -> Any:
+def command(
+    name: Any = None,
+    *,
+    mutates_session: bool = False,
+    internal: bool = False,
+    args_schema: Optional[Dict[str, Any]] = None,
+) -> Any:
     """Register a command handler with the default registry.
 
     Usable as ``@command("add")``, ``@command()`` or bare ``@command``; the name defaults
@@ -423,8 +543,23 @@ def command(name: Any = None, *, mutates_session: bool = False, internal: bool =
     worker). ``internal=True`` marks a command that only the host may send: the manifest
     flags it and the host refuses clients' calls to it. Registering a name twice raises
     ``ValueError``.
+
+    ``args_schema`` describes the ``args`` object as a JSON Schema, for callers (the
+    manifest carries it, and the host lists it at ``GET /v1/commands``)::
+
+        @command("add", args_schema={
+            "type": "object",
+            "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+            "required": ["a", "b"],
+        })
+
+    It must be JSON data with ``"type": "object"`` (``checked_args_schema`` says what
+    else is checked; a bad one raises at registration). Neither the worker nor the host
+    checks calls against it: the handler still checks its arguments itself.
     """
-    return default_registry.command(name, mutates_session=mutates_session, internal=internal)
+    return default_registry.command(
+        name, mutates_session=mutates_session, internal=internal, args_schema=args_schema
+    )
 
 
 def session_snapshot(func: Any = None, *, part: Optional[str] = None) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from snakepool_worker.builtins import register_builtins
 from snakepool_worker.dspy import COMMANDS, STATE_KEY, SessionState, register_session_hooks
+from snakepool_worker.dspy.schemas import ARGS_SCHEMAS
 from snakepool_worker.registry import Context, Final, Registry
 from snakepool_worker.runtime import Runtime
 
@@ -57,7 +58,9 @@ class Bridge:
             if inspect.iscoroutinefunction(func):
                 self._async[name] = func
                 func = self._blocking(func)
-            registry.register(name, func, mutates_session=mutates_session)
+            registry.register(
+                name, func, mutates_session=mutates_session, args_schema=ARGS_SCHEMAS[name]
+            )
         register_session_hooks(registry)
         self.runtime = Runtime(registry, worker_id="unit")
         self._next_id = 0

@@ -16,6 +16,7 @@ import pytest
 from conftest import DEFAULT_TIMEOUT, SpawnWorker, WorkerProcess, encode, raw_frame
 
 import conftest
+from snakepool_worker.builtins import BUILTIN_ARGS_SCHEMAS
 
 MODULES = ("handlers_for_tests", "async_handlers_for_tests")
 WINDOW = 16
@@ -121,6 +122,7 @@ def test_manifest_announces_concurrency_and_per_command_flags(
         "mutates_session": False,
         "doc": "Liveness check; with initialization/manifest set, also returns the manifest.",
         "module": "snakepool_worker.builtins",
+        "args_schema": BUILTIN_ARGS_SCHEMAS["ping"],
     }
     assert commands["shutdown"]["internal"] is True and "concurrent" not in commands["shutdown"]
 

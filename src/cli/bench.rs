@@ -510,6 +510,25 @@ struct Target {
 }
 
 impl Target {
+    /// The pid of the process running the pool: this one, or the server's (from its
+    /// `GET /v1/pool`, if it says).
+    async fn host_pid(&self) -> Option<u32> {
+        match &self.via {
+            Via::Pool(_) => Some(std::process::id()),
+            Via::Http(target) => {
+                let pool: Value = target
+                    .request(reqwest::Method::GET, "/v1/pool")
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                pool["pid"].as_u64().and_then(|pid| u32::try_from(pid).ok())
+            }
+        }
+    }
+
     async fn open(args: &LoadArgs) -> Result<Target, String> {
         let via = Via::open(args).await?;
         let dspy = match &args.dspy_profile {
@@ -690,7 +709,7 @@ async fn follow(bar: ProgressBar, budget: Budget, done: Arc<AtomicU64>, started:
 
 /// The measured part of the run: all callers from start to finish, and what it cost.
 async fn measure(target: &Arc<Target>, args: &LoadArgs) -> (Tally, Duration, Resources) {
-    let snapshot = Snapshot::take(&args.watch);
+    let snapshot = Snapshot::take(&args.watch, target.host_pid().await);
     let started = Instant::now();
     let budget = Budget::new(args, started);
     let done = Arc::new(AtomicU64::new(0));
@@ -865,6 +884,13 @@ impl Report {
             r.bench_cpu_s,
             per_call(r.bench_cpu_us_per_call)
         );
+        if let (Some(host), Some(workers)) = (r.host_cpu_s, r.worker_cpu_s) {
+            println!(
+                "cpu/call    host {host:.2} s{}, workers {workers:.2} s{}",
+                per_call(r.host_cpu_us_per_call),
+                per_call(r.worker_cpu_us_per_call)
+            );
+        }
         for (name, t) in &r.watched {
             println!(
                 "{name:<11} pid {} ({} processes): cpu {:.2} s{}, {:.2} cores; PSS {:.1} MiB",
@@ -925,6 +951,16 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
         println!("{}", json!(report));
     } else {
         report.print_table();
+    }
+    // A run with failed calls is not a clean measurement: say so in the exit code.
+    let failed: u64 = report.errors.values().sum();
+    if failed > 0 {
+        let kinds: Vec<String> = report
+            .errors
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect();
+        return Err(format!("{failed} calls failed ({})", kinds.join(", ")));
     }
     Ok(())
 }

@@ -250,6 +250,19 @@ pub async fn run(args: CallArgs) -> ExitCode {
         Ok(_) => return fail("bad_request", "ARGS_JSON must be a JSON object"),
         Err(e) => return fail("bad_request", &format!("ARGS_JSON is not JSON: {e}")),
     };
+    if args.url.is_some() {
+        let pool_only = super::pool_args::given_on_command_line();
+        if !pool_only.is_empty() {
+            return fail(
+                "bad_request",
+                &format!(
+                    "{} configure a pool of its own; with --url the call goes to a running \
+                     server, so leave them out",
+                    pool_only.join(", ")
+                ),
+            );
+        }
+    }
     match &args.url {
         Some(url) => match call_server(&args, url, call_args).await {
             Ok(value) => print(&value),

@@ -327,3 +327,20 @@ impl ServerArgs {
         }
     }
 }
+
+/// The pool's flags given on this process's command line (not those set from the
+/// environment), e.g. `--workers`: for commands that take them only without `--url`.
+pub fn given_on_command_line() -> Vec<String> {
+    use clap::Args as _;
+    let pool = PoolArgs::augment_args(clap::Command::new("pool"));
+    let longs: Vec<&str> = pool.get_arguments().filter_map(|a| a.get_long()).collect();
+    let mut given: Vec<String> = std::env::args()
+        .skip(1)
+        .filter_map(|arg| {
+            let name = arg.strip_prefix("--")?.split('=').next()?.to_owned();
+            longs.contains(&name.as_str()).then(|| format!("--{name}"))
+        })
+        .collect();
+    given.dedup();
+    given
+}

@@ -61,6 +61,29 @@ fn host_name() -> String {
     }
 }
 
+/// Reloads the handler code on each SIGHUP (as `POST /v1/pool/reload` does), one
+/// reload at a time; the outcome goes to the log and to stdout.
+async fn reload_on_hangup(state: std::sync::Arc<ServerState>) {
+    let mut hangups = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hangups.recv().await.is_some() {
+        let Some(pool) = state.pool().cloned() else {
+            tracing::warn!("SIGHUP before the pool is ready: nothing to reload");
+            continue;
+        };
+        say("SIGHUP: reloading the handler code");
+        match pool.reload().await {
+            Ok(report) => say(&format!(
+                "reloaded: {} workers run the new code ({} ms)",
+                report.replaced, report.took_ms
+            )),
+            Err(error) => {
+                tracing::error!(%error, "reload failed");
+                say(&format!("reload failed: {error}"));
+            }
+        }
+    }
+}
+
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let mut settings: Settings = args.pool.settings_with(args.server.flags())?;
@@ -133,6 +156,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             let _ = failed_tx.send(());
         }
     });
+    let reloads = tokio::spawn(reload_on_hangup(state.clone()));
     let draining = state.clone();
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
     let stop = async move {
@@ -153,6 +177,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     };
     serve(listener, app, limits, stop).await;
     watch_start.abort();
+    reloads.abort();
     if let Some(reason) = state.failure() {
         return Err(format!("the pool failed to start: {reason}"));
     }

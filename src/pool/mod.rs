@@ -8,6 +8,7 @@
 mod config;
 mod eviction;
 mod journaling;
+mod reload;
 mod retention;
 mod scheduler;
 mod session_table;
@@ -24,6 +25,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 pub use config::{JournalLimits, PoolBuilder, PoolConfig};
+pub use reload::ReloadReport;
 pub use session_table::MAX_SESSION_ID_BYTES;
 pub use spawner::{SpawnMode, ZygoteStatus};
 
@@ -52,6 +54,9 @@ pub enum PoolEvent {
         worker: Arc<str>,
         /// Its process id.
         pid: u32,
+        /// Its last lines on stderr, as read when it was removed (they may hold
+        /// other calls' output: for operators, not callers).
+        stderr_tail: String,
     },
     /// A worker's replacement is ready; the worker retires when free.
     WorkerRecycled {
@@ -97,6 +102,7 @@ pub enum PoolEvent {
 }
 
 /// One worker as seen from outside the pool.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct WorkerInfo {
     /// The pool-assigned id.
@@ -118,6 +124,7 @@ pub struct WorkerInfo {
 }
 
 /// One open session as seen from outside the pool.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionInfo {
     /// The session's id.
@@ -164,6 +171,7 @@ impl PoolHealth {
 }
 
 /// One page of the open sessions, in id order.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionPage {
     /// The sessions.
@@ -252,6 +260,7 @@ async fn run_leased(
 }
 
 /// What a session call found its session to be.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {
@@ -293,6 +302,7 @@ pub(crate) struct SessionCall {
 }
 
 /// The pool's state at one moment.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolStatus {
     /// Running workers.
@@ -326,6 +336,8 @@ pub(crate) struct Shared {
     pub manifest: OnceLock<Arc<crate::worker::Manifest>>,
     /// A sweep of the journal store for unused sessions is running.
     pub sweeping_store: std::sync::atomic::AtomicBool,
+    /// Held by the reload under way.
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -416,6 +428,7 @@ impl Pool {
             internal_commands: OnceLock::new(),
             manifest: OnceLock::new(),
             sweeping_store: std::sync::atomic::AtomicBool::new(false),
+            reloading: tokio::sync::Mutex::new(()),
         });
         shared.spawner.start_zygote(&shared).await;
         let started = futures::future::join_all(
@@ -489,7 +502,7 @@ impl Pool {
             Ok(lease) => run_leased(lease, command, args, timeout, control).await,
             Err(error) => Err(error),
         };
-        self.finish(result, started)
+        self.finish(command, result, started)
     }
 
     /// Starts `command` on any free worker and streams its output: resolves once a
@@ -512,7 +525,7 @@ impl Pool {
         let timeout = options.timeout.unwrap_or_else(|| self.request_timeout());
         let lease = match self.plain_lease(command, &args).await {
             Ok(lease) => lease,
-            Err(error) => return self.finish(Err(error), started),
+            Err(error) => return self.finish(command, Err(error), started),
         };
         let (sink, source) = chunk_channel();
         let control = CallControl {
@@ -523,7 +536,7 @@ impl Pool {
         let command = command.to_owned();
         Ok(CallStream::spawn(source, async move {
             let result = run_leased(lease, &command, args, timeout, control).await;
-            pool.finish(result, started)
+            pool.finish(&command, result, started)
         }))
     }
 
@@ -588,7 +601,7 @@ impl Pool {
 
     /// Counts a call that ended; a call that lost its worker after shutdown's
     /// deadline failed because of the shutdown.
-    fn finish<T>(&self, result: Result<T>, started: Instant) -> Result<T> {
+    fn finish<T>(&self, command: &str, result: Result<T>, started: Instant) -> Result<T> {
         let result = match result {
             Err(error) if error.lost_worker() && self.shared().lock().aborting => {
                 Err(Error::ShuttingDown)
@@ -596,7 +609,10 @@ impl Pool {
             other => other,
         };
         let kind = result.as_ref().err().map(Error::kind);
-        self.shared().metrics.record_call(kind, started.elapsed());
+        let metrics = &self.shared().metrics;
+        let latency = started.elapsed();
+        metrics.record_call(kind, latency);
+        metrics.commands.record(command, kind.is_some(), latency);
         result
     }
 
@@ -608,6 +624,7 @@ impl Pool {
         call: SessionCall,
     ) -> Result<SessionReply> {
         let started = Instant::now();
+        let command = call.command.clone();
         let result = match self
             .shared()
             .start_session_call(&session.id, epoch, turn, call)
@@ -618,7 +635,7 @@ impl Pool {
                 .map(|result| SessionReply { result, state }),
             Err(error) => Err(error),
         };
-        self.finish(result, started)
+        self.finish(&command, result, started)
     }
 
     /// Starts a session call whose chunks go to `chunks`, once the session's worker
@@ -632,16 +649,20 @@ impl Pool {
         chunks: ChunkSource,
     ) -> Result<CallStream> {
         let started = Instant::now();
+        let command = call.command.clone();
         let (run, state) = match self
             .shared()
             .start_session_call(&session.id, epoch, turn, call)
             .await
         {
             Ok(started) => started,
-            Err(error) => return self.finish(Err(error), started),
+            Err(error) => return self.finish(&command, Err(error), started),
         };
         let pool = self.clone();
-        let stream = CallStream::spawn(chunks, async move { pool.finish(run.await, started) });
+        let stream = CallStream::spawn(
+            chunks,
+            async move { pool.finish(&command, run.await, started) },
+        );
         Ok(stream.in_session(state))
     }
 
@@ -769,6 +790,16 @@ impl Pool {
             })
     }
 
+    /// Reloads the handler code without dropping a call: a new zygote imports the
+    /// code as it is now, then each worker is replaced, one at a time, by one running
+    /// it (the old one finishes its calls first; its sessions move to the new workers
+    /// through their journals). Fails with [`Error::ReloadFailed`] if the new code does
+    /// not import or a new worker cannot start; the workers not yet replaced go on
+    /// serving. One reload runs at a time.
+    pub async fn reload(&self) -> Result<ReloadReport> {
+        self.shared().reload().await
+    }
+
     /// Observes pool events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<PoolEvent> {
         self.shared().notices.subscribe()
@@ -804,6 +835,23 @@ impl Pool {
             sessions: st.sessions.len(),
             shutting_down: st.shutting_down,
         }
+    }
+
+    /// The commands callers may send, in name order, with their documentation and
+    /// argument schemas, from the manifest of the first worker admitted (every worker
+    /// runs the same program; none is known before). Internal commands are left out.
+    pub fn commands(&self) -> Vec<crate::worker::CommandInfo> {
+        self.shared()
+            .manifest
+            .get()
+            .map(|manifest| {
+                manifest
+                    .public_commands()
+                    .filter(|info| !INTERNAL_COMMANDS.contains(&info.name.as_str()))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Every session in the pool's memory, in id order (see [`Pool::sessions_page`]

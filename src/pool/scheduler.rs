@@ -530,7 +530,11 @@ impl Shared {
             },
         );
         st.fatal = None;
-        let _ = self.manifest.set(manifest.clone());
+        if self.manifest.set(manifest.clone()).is_ok() {
+            self.metrics
+                .commands
+                .define(manifest.public_commands().map(|c| c.name.as_str()));
+        }
         self.internal_commands
             .get_or_init(|| manifest.internal_commands());
         st.grant_waiters();

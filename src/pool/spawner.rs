@@ -16,6 +16,7 @@ use crate::worker::zygote::{ForkError, Zygote};
 use crate::worker::{ExitInfo, RawProcess, Worker, WorkerProgram, WorkerSpec};
 
 /// How workers are started.
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpawnMode {
@@ -53,6 +54,7 @@ enum Slot {
 }
 
 /// The zygote's state, as reported by [`crate::Pool::zygote_status`].
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ZygoteStatus {
     /// The configured spawn mode.
@@ -243,6 +245,31 @@ impl Spawner {
         }
         let process = RawProcess::spawn_fresh(spec, id, on_exit)?;
         Worker::handshake(spec, id, process).await
+    }
+
+    /// Starts a new zygote (it imports the modules as they are now) and, once it is
+    /// ready, puts it in place of the serving one, which is stopped; the workers it
+    /// forked go on. On failure the serving one stays. Without a zygote in use, does
+    /// nothing: fresh workers import the code as it is when they start.
+    pub async fn renew_zygote(&self, shared: &Shared) -> Result<(), String> {
+        if matches!(*self.lock(), Slot::Disabled) {
+            return Ok(());
+        }
+        let zygote = Zygote::start(&shared.config.worker).await?;
+        if !zygote.hello().fork_safe {
+            zygote.kill();
+            let reason = "the new code starts threads at import: workers start fresh".to_owned();
+            self.disable(shared, reason);
+            return Ok(());
+        }
+        let pid = zygote.pid();
+        let previous = std::mem::replace(&mut *self.lock(), Slot::Up(zygote));
+        if let Slot::Up(old) = previous {
+            old.kill();
+        }
+        tracing::info!(pid, "new zygote ready");
+        shared.notify(PoolEvent::ZygoteReady { pid });
+        Ok(())
     }
 
     /// Stops the zygote for good.

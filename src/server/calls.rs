@@ -80,7 +80,7 @@ fn register(
 }
 
 /// The body of `POST /v1/call`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CallBody {
     command: String,

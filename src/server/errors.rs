@@ -28,6 +28,7 @@ pub fn status_for(error: &Error) -> StatusCode {
         Error::SessionRebuildFailed { .. } => StatusCode::BAD_GATEWAY,
         Error::JournalFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
         Error::SessionMoved { .. } => StatusCode::CONFLICT,
+        Error::ReloadFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::Saturated { .. }
         | Error::CheckoutTimeout { .. }
         | Error::ShuttingDown

@@ -8,10 +8,13 @@
 //! - `DELETE /v1/sessions/{id}`, `GET /v1/sessions?limit=&after=`, `GET
 //!   /v1/sessions/{id}`, `GET /v1/pool`, `GET /health` (200 ready; 503 starting,
 //!   degraded or shutting down), `GET /metrics`.
+//! - `GET /`, the live dashboard's page, and `GET /v1/dashboard/events`, its stream
+//!   (see [`dashboard`]).
 //!
-//! With a token, every route but `/health` needs `Authorization: Bearer <token>`; with
-//! an admin token as well, the routes that show every client's sessions and the pool
-//! (`GET /v1/sessions[/{id}]`, `GET /v1/pool`, `GET /metrics`) need that one instead.
+//! With a token, every route but `/health` and `/` (a page without data) needs
+//! `Authorization: Bearer <token>`; with an admin token as well, the routes that show
+//! every client's sessions and the pool (`GET /v1/sessions[/{id}]`, `GET /v1/pool`,
+//! `GET /metrics`, `GET /v1/dashboard/events`) need that one instead.
 //! Every answer carries an `X-Request-Id`; failures are logged under it with what the
 //! client is not shown (a worker's stderr). A caller's `timeout_ms` is clamped to the
 //! pool's range, and a client that disconnects mid-call cancels it if its command is
@@ -20,8 +23,11 @@
 //! or one closed by `DELETE` or its TTL), `resumed`, or `rebuilt` from its journal.
 
 mod calls;
+mod commands;
+mod dashboard;
 mod errors;
 mod listen;
+mod openapi;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -56,11 +62,13 @@ const DEFAULT_SESSIONS_PAGE: usize = 100;
 /// How the server treats requests.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Bearer token required on every route but `/health`.
+    /// Bearer token required on every route but `/health` and `/` (the dashboard's
+    /// page, which holds no data).
     pub token: Option<String>,
     /// Bearer token of the operator's routes (`GET /v1/sessions`, `GET /v1/pool`,
-    /// `GET /metrics`), which show every client's session ids. When set, the client
-    /// token no longer opens them; it also opens the client routes.
+    /// `GET /metrics`, `GET /v1/dashboard/events`), which show every client's session
+    /// ids. When set, the client token no longer opens them; it also opens the client
+    /// routes.
     pub admin_token: Option<String>,
     /// Largest request body in bytes.
     pub body_limit: usize,
@@ -91,6 +99,8 @@ pub struct ServerState {
     failure: OnceLock<String>,
     /// The calls in flight, for `DELETE /v1/calls/{request_id}`.
     in_flight: calls::InFlight,
+    /// The dashboard's recent samples and worker events, and its open streams.
+    dashboard: dashboard::Dashboard,
 }
 
 impl ServerState {
@@ -105,6 +115,7 @@ impl ServerState {
         let _ = self
             .phase
             .compare_exchange(STARTING, READY, Ordering::SeqCst, Ordering::SeqCst);
+        dashboard::record(self);
     }
 
     /// The pool could not start.
@@ -248,6 +259,21 @@ async fn session_info(
     }
 }
 
+/// `POST /v1/pool/reload`: reloads the handler code without dropping a call.
+async fn reload(
+    State(state): State<Arc<ServerState>>,
+    Extension(request_id): Extension<RequestId>,
+) -> Response {
+    let pool = match state.serving_pool() {
+        Ok(pool) => pool.clone(),
+        Err(unavailable) => return unavailable.into_response(),
+    };
+    match pool.reload().await {
+        Ok(report) => Json(json!(report)).into_response(),
+        Err(error) => answer_error(&error, &request_id),
+    }
+}
+
 async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
     let pool = match state.serving_pool() {
         Ok(pool) => pool,
@@ -256,6 +282,7 @@ async fn pool_status(State(state): State<Arc<ServerState>>) -> Response {
     let status = pool.status();
     Json(json!({
         "node": pool.config().node,
+        "pid": std::process::id(),
         "workers": status.workers,
         "starting": status.starting,
         "queued": status.queued,
@@ -442,12 +469,15 @@ pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
     let mut client = Router::new()
         .route("/v1/call", post(calls::call))
         .route("/v1/calls/{request_id}", delete(calls::cancel_call))
+        .route("/v1/commands", get(commands::list_commands))
         .route("/v1/sessions/{id}", delete(close_session));
     let mut admin = Router::new()
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{id}", get(session_info))
         .route("/v1/pool", get(pool_status))
-        .route("/metrics", get(metrics));
+        .route("/v1/pool/reload", post(reload))
+        .route("/metrics", get(metrics))
+        .route("/v1/dashboard/events", get(dashboard::events));
     let client_tokens: Vec<String> = options
         .token
         .iter()
@@ -472,6 +502,8 @@ pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
     client
         .merge(admin)
         .route("/health", get(health))
+        .route("/openapi.json", get(openapi::document))
+        .route("/", get(dashboard::page))
         .layer(DefaultBodyLimit::max(options.body_limit))
         .layer(RequestBodyTimeoutLayer::new(options.body_read_timeout))
         .layer(middleware::from_fn(assign_request_id))

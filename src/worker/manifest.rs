@@ -5,9 +5,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// One command a worker offers, with its flags.
+/// One command a worker offers: its flags, documentation and argument schema.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandInfo {
+    /// The command's name: its key in the manifest's `commands` object (set by
+    /// [`Manifest::from_handshake`], never read from the entry).
+    #[serde(skip_deserializing)]
+    pub name: String,
     /// Whether the command changes session state, so the session journal records it.
     #[serde(default)]
     pub mutates_session: bool,
@@ -31,6 +35,10 @@ pub struct CommandInfo {
     /// The first line of the handler's documentation.
     #[serde(default)]
     pub doc: String,
+    /// The JSON Schema of the command's `args` object, as the worker declared it, if it
+    /// did. It documents the arguments for callers; calls are not checked against it.
+    #[serde(default)]
+    pub args_schema: Option<Value>,
 }
 
 /// A worker's manifest. Protocol-v1 scripts that send none get the empty manifest:
@@ -73,10 +81,21 @@ pub struct Concurrency {
 impl Manifest {
     /// Reads the manifest from a handshake `ping` result; anything missing stays empty.
     pub fn from_handshake(result: &Value) -> Self {
-        result
+        let mut manifest: Manifest = result
             .get("manifest")
             .and_then(|m| serde_json::from_value(m.clone()).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for (name, info) in &mut manifest.commands {
+            info.name.clone_from(name);
+        }
+        manifest
+    }
+
+    /// The commands not flagged internal, in name order: those callers may send (the
+    /// pool refuses a few more whatever the manifest says; see
+    /// [`crate::pool::INTERNAL_COMMANDS`]).
+    pub fn public_commands(&self) -> impl Iterator<Item = &CommandInfo> {
+        self.commands.values().filter(|info| !info.internal)
     }
 
     /// Whether `command` is flagged as changing session state.
@@ -178,5 +197,27 @@ mod tests {
             Manifest::from_handshake(&json!("pong")),
             Manifest::default()
         );
+    }
+
+    #[test]
+    fn keeps_names_docs_and_argument_schemas() {
+        let schema = json!({"type": "object", "properties": {"key": {"type": "string"}},
+                            "required": ["key"]});
+        let manifest = Manifest::from_handshake(&json!({
+            "manifest": {"commands": {
+                "get": {"doc": "Read args.key.", "args_schema": schema},
+                "ping": {"doc": "Liveness check.", "args_schema": null},
+                "shutdown": {"internal": true, "args_schema": {"type": "object"}},
+                "forged": {"name": "other", "streams": true}
+            }}
+        }));
+        let public: Vec<&CommandInfo> = manifest.public_commands().collect();
+        let names: Vec<&str> = public.iter().map(|info| info.name.as_str()).collect();
+        assert_eq!(names, ["forged", "get", "ping"]);
+        assert_eq!(public[1].doc, "Read args.key.");
+        assert_eq!(public[1].args_schema.as_ref(), Some(&schema));
+        assert_eq!(public[2].args_schema, None);
+        assert!(public[0].streams);
+        assert_eq!(manifest.commands["shutdown"].name, "shutdown");
     }
 }

@@ -20,10 +20,14 @@ pub fn install(cache: &Path) -> io::Result<PathBuf> {
         return Ok(dir);
     }
     std::fs::create_dir_all(cache)?;
-    // Written aside, then renamed into place: a concurrent start finds either nothing
-    // or a whole runtime.
-    let partial = cache.join(format!(".{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
+    // Written aside (a folder of its own per attempt: pools of one process may start
+    // at once), then renamed into place: a concurrent start finds either nothing or a
+    // whole runtime.
+    let partial = cache.join(format!(
+        ".{name}-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     for (path, bytes) in FILES {
         let target = partial.join(path);
         if let Some(parent) = target.parent() {

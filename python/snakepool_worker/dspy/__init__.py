@@ -28,8 +28,9 @@ settings from the environment), ``caches`` (response caches), ``failures`` (what
 LM call reports), ``signatures``, ``programs``, ``state`` (a session's LM and programs,
 and running a program), ``served`` (served programs), ``dummy`` (the scripted test LM),
 ``loader`` (the lazy DSPy import), ``streaming`` (``execute_program`` with ``stream``),
-``snapshot`` (session snapshots) and ``errors``.
-Argument checks are the runtime's (``snakepool_worker.arguments``).
+``snapshot`` (session snapshots), ``schemas`` (the commands' argument schemas) and
+``errors``. Argument checks are the runtime's (``snakepool_worker.arguments``); each
+command's manifest entry carries the JSON Schema of its arguments (``schemas``).
 
 LM policy (read from the worker's environment, which the host sets):
 

@@ -9,9 +9,9 @@ the program's string outputs as chunks first (see ``streaming``). The others (al
 synchronous) list, describe, save, load and delete programs. Every command rejects
 arguments it does not know (``InvalidArgument``).
 
-``register_commands`` registers the commands with their session hooks: the cleanup hook,
-and the snapshot and restore hooks of the part ``snakepool_worker.dspy`` (see
-``snapshot``), which cover every DSPy command.
+``register_commands`` registers the commands with their argument schemas (``schemas``)
+and their session hooks: the cleanup hook, and the snapshot and restore hooks of the
+part ``snakepool_worker.dspy`` (see ``snapshot``), which cover every DSPy command.
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ from ..registry import Context, Final, Handler, Registry
 from .configure import configure_lm
 from .errors import MissingInput, UnknownInput
 from .optimize import optimize_program
-from .programs import Program, load_state, program_from_args, program_record
+from .programs import (
+    MAX_PROGRAM_ID_CHARS,
+    Program,
+    load_state,
+    program_from_args,
+    program_record,
+)
+from .schemas import ARGS_SCHEMAS
 from .served import find_served, served_lm
 from .signatures import RESERVED_FIELD_NAMES, reserved_error
 from .snapshot import SNAPSHOT_PART, restore_session_state, snapshot_session_state
@@ -46,9 +53,6 @@ from .state import (
     session_state,
 )
 from .streaming import stream_program
-
-_MAX_PROGRAM_ID_CHARS = 200
-
 
 _CREATE_ARGS = (
     "signature",
@@ -74,9 +78,9 @@ def create_program(args: Dict[str, Any], ctx: Context) -> Dict[str, Any]:
             args = {**args, name: args[alias]}
     program_id = get_str(command, args, "program_id", None)
     if program_id is not None:
-        if len(program_id) > _MAX_PROGRAM_ID_CHARS:
+        if len(program_id) > MAX_PROGRAM_ID_CHARS:
             raise InvalidArgument(
-                f"{command}: args.program_id is longer than {_MAX_PROGRAM_ID_CHARS} characters"
+                f"{command}: args.program_id is longer than {MAX_PROGRAM_ID_CHARS} characters"
             )
         if program_id in state.programs:
             raise InvalidArgument(
@@ -256,9 +260,12 @@ COMMAND_NAMES: Tuple[str, ...] = tuple(name for name, _, _ in COMMANDS)
 
 
 def register_commands(registry: Registry) -> None:
-    """Register the DSPy commands and their session hooks into ``registry``."""
+    """Register the DSPy commands, with their argument schemas (see ``schemas``), and their
+    session hooks into ``registry``."""
     for name, func, mutates_session in COMMANDS:
-        registry.register(name, func, mutates_session=mutates_session)
+        registry.register(
+            name, func, mutates_session=mutates_session, args_schema=ARGS_SCHEMAS[name]
+        )
     register_session_hooks(registry)
 
 

@@ -28,6 +28,9 @@ from .signatures import (
 
 PROGRAM_TYPES: Tuple[str, ...] = ("predict", "chain_of_thought")
 
+MAX_PROGRAM_ID_CHARS = 200
+"""Longest program id a client may choose."""
+
 PREDICTOR_STATE_KEYS = frozenset({"traces", "train", "demos", "signature", "lm", "fields"})
 """The keys of one predictor's state in ``dump_program_state``."""
 

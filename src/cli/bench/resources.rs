@@ -114,10 +114,15 @@ pub struct Snapshot {
     watched: Vec<(String, u32, HashMap<u32, u64>)>,
     own: u64,
     machine: Option<(u64, u64)>,
+    /// The pool's host process and the CPU ticks of its tree (the host and its
+    /// workers), if known.
+    host: Option<(u32, HashMap<u32, u64>)>,
 }
 
 impl Snapshot {
-    pub fn take(watch: &[(String, u32)]) -> Snapshot {
+    /// Takes the state now; `host` is the pid of the process running the pool (this
+    /// one for a pool of the bench's own, a server's for `--url`), if known.
+    pub fn take(watch: &[(String, u32)], host: Option<u32>) -> Snapshot {
         Snapshot {
             watched: watch
                 .iter()
@@ -125,6 +130,7 @@ impl Snapshot {
                 .collect(),
             own: cpu_ticks(std::process::id()).unwrap_or(0),
             machine: machine_ticks(),
+            host: host.map(|pid| (pid, tree_ticks(pid))),
         }
     }
 
@@ -175,6 +181,22 @@ impl Snapshot {
                 },
             );
         }
+        let (host_cpu_s, worker_cpu_s) = match self.host {
+            Some((host, before)) => {
+                let after = tree_ticks(host);
+                let spent = |pid: &u32, now: &u64| {
+                    now.saturating_sub(before.get(pid).copied().unwrap_or(0)) as f64 / hz
+                };
+                let host_s = after.get(&host).map_or(0.0, |now| spent(&host, now));
+                let workers_s: f64 = after
+                    .iter()
+                    .filter(|(pid, _)| **pid != host)
+                    .map(|(pid, now)| spent(pid, now))
+                    .sum();
+                (Some(host_s), Some(workers_s))
+            }
+            None => (None, None),
+        };
         let own = cpu_ticks(std::process::id()).unwrap_or(0);
         let bench_cpu_s = own.saturating_sub(self.own) as f64 / hz;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -193,6 +215,10 @@ impl Snapshot {
             busy_cores,
             bench_cpu_s,
             bench_cpu_us_per_call: per_call(bench_cpu_s),
+            host_cpu_s,
+            host_cpu_us_per_call: host_cpu_s.and_then(per_call),
+            worker_cpu_s,
+            worker_cpu_us_per_call: worker_cpu_s.and_then(per_call),
             watched,
         }
     }
@@ -247,6 +273,15 @@ pub struct Resources {
     pub bench_cpu_s: f64,
     /// The same per counted call, in µs.
     pub bench_cpu_us_per_call: Option<f64>,
+    /// CPU seconds of the process running the pool (this one, load generator
+    /// included, for a pool of its own; the server for `--url`) in the window.
+    pub host_cpu_s: Option<f64>,
+    /// The same per counted call, in µs.
+    pub host_cpu_us_per_call: Option<f64>,
+    /// CPU seconds of the pool's worker processes (and zygote) in the window.
+    pub worker_cpu_s: Option<f64>,
+    /// The same per counted call, in µs.
+    pub worker_cpu_us_per_call: Option<f64>,
     /// Each `--watch` tree by name.
     pub watched: BTreeMap<String, ProcessTree>,
 }
@@ -267,7 +302,7 @@ mod tests {
     fn the_own_tree_is_found_and_costs_time() {
         let me = std::process::id();
         assert!(tree(me).contains(&me));
-        let snapshot = Snapshot::take(&[("me".into(), me)]);
+        let snapshot = Snapshot::take(&[("me".into(), me)], Some(me));
         let started = std::time::Instant::now();
         let mut x = 0u64;
         while started.elapsed() < Duration::from_millis(50) {
@@ -277,5 +312,8 @@ mod tests {
         let me = &resources.watched["me"];
         assert!(me.pss_kib > 0 && me.processes >= 1, "{x}");
         assert!(resources.bench_cpu_s >= 0.0);
+        // As a host without workers: its own time, none for workers.
+        assert!(resources.host_cpu_s.is_some_and(|s| s >= 0.0));
+        assert_eq!(resources.worker_cpu_s, Some(0.0));
     }
 }
