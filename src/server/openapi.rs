@@ -259,7 +259,7 @@ mod answers {
     #[derive(ToSchema)]
     pub(super) struct ClosedSession {
         /// The closed session's id.
-        pub(super) closed: u64,
+        pub(super) closed: String,
     }
 
     /// `GET /v1/commands`'s answer: the commands callers may send, in name order.
@@ -1078,8 +1078,13 @@ mod tests {
             let source = std::fs::read_to_string(&path).unwrap();
             for (at, call) in source.match_indices("refusal(") {
                 let first_argument = source[at + call.len()..].trim_start();
-                if let Some(literal) = first_argument.strip_prefix('"') {
-                    kinds.push(literal.split('"').next().unwrap().to_owned());
+                let Some(literal) = first_argument.strip_prefix('"') else {
+                    continue;
+                };
+                let kind = literal.split('"').next().unwrap();
+                // A kind, not this test's own search.
+                if kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    kinds.push(kind.to_owned());
                 }
             }
         }
