@@ -198,7 +198,7 @@ fn malformed(i: usize) -> Malformed {
                 (Method::GET, "/v1/nope".to_owned()),
                 (Method::POST, "/v1/calls".to_owned()),
                 (Method::POST, "/v2/call".to_owned()),
-                (Method::GET, "/".to_owned()),
+                (Method::GET, "/index.html".to_owned()),
                 (Method::GET, format!("/v1/call/{v}")),
                 (Method::GET, format!("/{}", "a".repeat(2000))),
                 (Method::DELETE, "/v1/sessions/".to_owned()),
