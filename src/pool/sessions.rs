@@ -465,20 +465,25 @@ impl Shared {
     /// Has the worker of a session taken out of the table free its state; then its id
     /// is free for a new session's calls.
     async fn free_on_worker(self: &Arc<Self>, id: &str, closing: Closing) {
-        if let Some(worker) = &closing.worker
-            && let Ok(Some(lease)) = self.checkout_internal(Some(worker), Mode::Exclusive).await
-        {
-            let args = json!({"session_id": id});
-            let timeout = self.config.request_timeout;
-            let cleanup =
-                detached(
-                    async move { lease.worker().call("cleanup_session", args, timeout).await },
-                );
-            if let Err(error) = cleanup.await {
-                tracing::warn!(session = id, %error, "cleanup_session failed");
-            }
+        if let Some(worker) = &closing.worker {
+            self.free_state(worker, id).await;
         }
         self.lock().sessions.closed(id, closing.gate);
+    }
+
+    /// Has `worker` free session `id`'s state (`cleanup_session`, run to its end even
+    /// if the caller goes away); a failure is logged.
+    async fn free_state(self: &Arc<Self>, worker: &Arc<str>, id: &str) {
+        let Ok(Some(lease)) = self.checkout_internal(Some(worker), Mode::Exclusive).await else {
+            return;
+        };
+        let args = json!({"session_id": id});
+        let timeout = self.config.request_timeout;
+        let cleanup =
+            detached(async move { lease.worker().call("cleanup_session", args, timeout).await });
+        if let Err(error) = cleanup.await {
+            tracing::warn!(session = id, %error, "cleanup_session failed");
+        }
     }
 
     /// The pool's error for a journal store's failure in session `id` (of `epoch`).
@@ -526,18 +531,8 @@ impl Shared {
             reason,
             "another node owns the session now; this node let go of its copy"
         );
-        if let Some(worker) = worker.filter(|_| free_state)
-            && let Ok(Some(lease)) = self.checkout_internal(Some(&worker), Mode::Exclusive).await
-        {
-            let args = json!({"session_id": id});
-            let timeout = self.config.request_timeout;
-            let cleanup =
-                detached(
-                    async move { lease.worker().call("cleanup_session", args, timeout).await },
-                );
-            if let Err(error) = cleanup.await {
-                tracing::warn!(session = id, %error, "cleanup_session failed");
-            }
+        if let Some(worker) = worker.filter(|_| free_state) {
+            self.free_state(&worker, id).await;
         }
     }
 
