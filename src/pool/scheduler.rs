@@ -179,6 +179,11 @@ impl State {
         let mut blocked = BTreeSet::new();
         let mut i = 0;
         while i < self.waiters.len() {
+            // No worker has room for any call (room for an exclusive call is room for
+            // a shared one): the rest of the queue waits, without a look at each.
+            if !self.slots.values().any(|s| s.has_room(Mode::Shared)) {
+                break;
+            }
             let (target, mode) = (self.waiters[i].target.clone(), self.waiters[i].mode);
             let Some(id) = self.pick(target.as_ref(), mode, &blocked) else {
                 if mode == Mode::Exclusive {
