@@ -62,19 +62,24 @@ fn the_binary_serves_from_any_directory_with_the_expected_python() {
     let doctor = snakepool(dir.path(), home.path(), &["doctor"], &[]);
     assert!(text(&doctor).contains("no virtualenv"), "{}", text(&doctor));
 
-    // An active virtualenv is used.
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv");
+    // An active virtualenv is used: the tests' own (`scripts/python-env.sh`).
+    let python = common::python();
+    let venv = Path::new(&python)
+        .parent()
+        .and_then(Path::parent)
+        .filter(|dir| dir.join("pyvenv.cfg").exists())
+        .expect("the tests run with a virtualenv's Python (scripts/python-env.sh)");
     let doctor = snakepool(
         dir.path(),
         home.path(),
         &["doctor"],
-        &[("VIRTUAL_ENV", &venv)],
+        &[("VIRTUAL_ENV", venv)],
     );
     let expected = format!("virtualenv in use: {}", venv.display());
     assert!(text(&doctor).contains(&expected), "{}", text(&doctor));
 
     // Else ./.venv of the working directory.
-    std::os::unix::fs::symlink(&venv, dir.path().join(".venv")).unwrap();
+    std::os::unix::fs::symlink(venv, dir.path().join(".venv")).unwrap();
     let doctor = snakepool(dir.path(), home.path(), &["doctor"], &[]);
     assert!(
         text(&doctor).contains("virtualenv in use"),
