@@ -99,6 +99,17 @@ pub struct StoredSession {
     pub last_used: SystemTime,
 }
 
+/// `time` in milliseconds since the Unix epoch, as the stores keep times.
+fn millis(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A stored time back as a `SystemTime`.
+fn time_of(millis: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64)
+}
+
 /// A failure of the journal's store, or its refusal.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("session journal: {message}")]

@@ -29,6 +29,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{JournalEntry, JournalError, JournalStats, SessionJournal, StoredSession};
+use super::{millis, time_of};
 
 /// How a node uses a Redis journal.
 #[derive(Clone, Debug)]
@@ -269,15 +270,6 @@ impl Scripts {
 
 fn unavailable(what: &str) -> impl Fn(redis::RedisError) -> JournalError + '_ {
     move |e| JournalError::unavailable(format!("Redis, {what}: {e}"))
-}
-
-fn millis(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn time_of(millis: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64)
 }
 
 fn int(value: &Value) -> i64 {

@@ -25,6 +25,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tokio::sync::oneshot;
 
 use super::{JournalEntry, JournalError, JournalStats, SessionJournal, StoredSession};
+use super::{millis, time_of};
 
 /// Most operations committed together.
 const MAX_BATCH: usize = 512;
@@ -336,17 +337,6 @@ fn run_op(tx: &Transaction<'_>, op: Op, added: &mut isize) -> Result<Answer, Bro
         }
         Op::MaxEpoch(reply) => answer(reply, split(max_epoch(tx))?),
     })
-}
-
-/// `time` in milliseconds since the Unix epoch, as stored.
-fn millis(time: SystemTime) -> i64 {
-    time.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// A stored time back as a `SystemTime`.
-fn time_of(millis: i64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(millis.max(0) as u64)
 }
 
 /// What an operation asks can be refused (`Ok(Err(..))`, nothing written) or a
