@@ -125,6 +125,8 @@ pub struct Settings {
     pub max_stored_sessions: Option<usize>,
     /// Most calls one worker runs at once (for `async` commands).
     pub max_concurrency: Option<usize>,
+    /// Most quick sync calls sent to one worker ahead of their turn.
+    pub pipeline_depth: Option<usize>,
     /// Shortest timeout a caller may ask for.
     #[serde(default, with = "humantime_serde")]
     pub min_request_timeout: Option<Duration>,
@@ -289,6 +291,7 @@ impl Settings {
             max_sessions,
             max_stored_sessions,
             max_concurrency,
+            pipeline_depth,
             min_request_timeout,
             max_request_timeout,
             rebuild_timeout,
@@ -383,6 +386,9 @@ impl Settings {
         }
         if let Some(n) = self.max_stored_sessions {
             b = b.max_stored_sessions(n);
+        }
+        if let Some(n) = self.pipeline_depth {
+            b = b.pipeline_depth(n);
         }
         if let Some(n) = self.max_concurrency {
             b = b.max_concurrency(n);

@@ -13,9 +13,12 @@ exit code. What it promises (the full model is in ``runtime.py``):
   run right there, on the loop thread, always in the same ``contextvars`` context; other
   calls become tasks (``calls.py``) launched by ``_launch``, each in a copy of it.
 - Output never blocks the loop: ``FrameOutput`` writes what the pipe takes and buffers
-  the rest behind ``add_writer``. While more than ``HIGH_WATER`` bytes wait, no input is
-  read and streams are not advanced, so a host that stops reading cannot grow the
-  worker's memory without bound (a blocking writer gave the same backpressure).
+  the rest behind ``add_writer``. While replies wait there, no input is read and no
+  frame read already is served; while more than ``HIGH_WATER`` bytes wait, streams are
+  not advanced either. So a host that stops reading cannot grow the worker's memory
+  without bound, and a request is only served once the replies to the requests before
+  it are wholly in the pipe: a host that has not read a reply knows no later sync call
+  has started (what lets it send sync calls ahead, see ``runtime.py``).
 - Each task call ends with exactly one final reply, written by the task's done callback
   (even for a task cancelled before it ever ran).
 - Stopping (end of input, broken pipe, ``shutdown``): no more input is read, calls in
@@ -668,16 +671,16 @@ class FrameServer:
                 _log.debug("shutdown requested; exiting")
                 self._finish(EXIT_OK)
                 return False
-            if output.buffered or self._stopping:
-                if self._stopping:
-                    return False
-                if output.buffered > output.HIGH_WATER:
-                    # Stop reading until the host takes its replies; the frames read
-                    # already wait, in order.
-                    self._held = list(frames)
-                    self._stop_reading()
-                    self._paused = True
-                    return False
+            if self._stopping:
+                return False
+            if output.buffered:
+                # The pipe is full: stop reading until the host has taken every reply;
+                # the frames read already wait, in order. So no request is served
+                # before the replies to those served earlier are wholly in the pipe.
+                self._held = list(frames)
+                self._stop_reading()
+                self._paused = True
+                return False
         return self._reading and not output.buffered
 
     # -- output -----------------------------------------------------------------------------
@@ -687,7 +690,8 @@ class FrameServer:
         self._finish(EXIT_OK)
 
     def _output_drained(self) -> None:
-        if self._paused and not self._stopping:
+        assert self._output is not None
+        if self._paused and not self._stopping and not self._output.buffered:
             self._paused = False
             self._start_reading()
             assert self._loop is not None

@@ -19,10 +19,13 @@ request frames as they arrive and writes replies without ever blocking on the pi
 What a call may overlap with depends on its handler (see ``registry.py``):
 
 - A **sync** handler (``def``) runs inline on the loop thread, alone: while it runs
-  nothing else happens in the worker, not even reading the next frame, and a host that
-  sees no ``"concurrent"`` flag sends nothing else meanwhile. This is exactly the
-  one-call-at-a-time worker of protocol v1; a host that sends one request at a time sees
-  no difference at all. The built-in ``ping`` is such a handler: served on the loop
+  nothing else happens in the worker, not even reading the next frame. This is exactly
+  the one-call-at-a-time worker of protocol v1; a host that sends one request at a time
+  sees no difference at all. A host may also send sync calls ahead (pipelining): they
+  wait in the pipe and run one after another, in order, each only once the replies
+  before it are wholly written to the pipe. So the first request without a reply is
+  the only one that can have started, and if the worker dies, every request after it
+  is known not to have run. The built-in ``ping`` is such a handler: served on the loop
   thread without a task, it answers at once while async calls are in flight, and not
   at all while the loop is blocked (by a sync call, or by an ``async def`` handler that
   blocks instead of awaiting), which is what the host's heartbeat is for.
@@ -62,7 +65,9 @@ Frames (each a 4-byte big-endian length and a UTF-8 JSON object; ids are u64):
 
 The manifest (the handshake ``ping``'s reply) announces all of it: per command
 ``"concurrent": true`` and ``"streams": true`` where they apply, and at the top level
-``"concurrency": {"max_concurrency": N, "stream_window": W}``.
+``"concurrency": {"max_concurrency": N, "stream_window": W, "pipelining": true}``
+(``pipelining``: sync calls sent ahead run in order, each once the replies before it
+are in the pipe, as described above).
 
 Environment:
     SNAKEPOOL_MODULES          comma-separated modules to import (before any ``--module``)
@@ -303,6 +308,7 @@ class Runtime:
                 "concurrency": {
                     "max_concurrency": self.max_concurrency,
                     "stream_window": self.stream_window,
+                    "pipelining": True,
                 },
                 "commands": {
                     name: self._describe(spec) for name, spec in sorted(self.registry.commands.items())

@@ -104,6 +104,12 @@ def huge(args: Dict[str, Any], ctx: Context) -> str:
     return "x" * int(args["size"])
 
 
+@command("exit_now")
+def exit_now(args: Dict[str, Any], ctx: Context) -> None:
+    """End the process at once, as a crash would: nothing buffered is flushed."""
+    os._exit(int(args.get("code", 70)))
+
+
 @command("log_message")
 def log_message(args: Dict[str, Any], ctx: Context) -> None:
     ctx.log.warning("handler says %s", args["text"])

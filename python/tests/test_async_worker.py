@@ -100,7 +100,11 @@ def test_manifest_announces_concurrency_and_per_command_flags(
     spawn: SpawnWorker,
 ) -> None:
     manifest = spawn(modules=MODULES).handshake()["manifest"]
-    assert manifest["concurrency"] == {"max_concurrency": 32, "stream_window": WINDOW}
+    assert manifest["concurrency"] == {
+        "max_concurrency": 32,
+        "stream_window": WINDOW,
+        "pipelining": True,
+    }
     commands = manifest["commands"]
     assert commands["meet"] == {
         "mutates_session": False,
@@ -544,6 +548,25 @@ def test_a_host_that_stops_reading_does_not_grow_the_worker(aworker: WorkerProce
         reply = aworker.recv()
         assert reply["id"] == 100 + i and len(reply["result"]) == 200_000
     assert aworker.result("echo", {"after": True}) == {"after": True}
+
+
+def test_a_request_is_served_only_once_earlier_replies_are_in_the_pipe(
+    aworker: WorkerProcess,
+) -> None:
+    # Three sync calls sent at once (pipelined): a reply far larger than the pipe, a
+    # small one, then a crash. The crash may only run once both replies are wholly in
+    # the pipe, so both arrive intact before end of input, however slowly the host
+    # reads: a host that never saw a reply knows nothing after it ran.
+    aworker.send_raw(
+        encode({"id": 1, "command": "huge", "args": {"size": 300_000}})
+        + encode({"id": 2, "command": "echo", "args": {"n": 2}})
+        + encode({"id": 3, "command": "exit_now", "args": {"code": 70}})
+    )
+    first = aworker.recv()
+    assert first["id"] == 1 and len(first["result"]) == 300_000
+    assert aworker.recv() == {"id": 2, "success": True, "result": {"n": 2}}
+    aworker.read_eof()
+    assert aworker.wait() == 70
 
 
 # -- stopping -----------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ pub struct PoolArgs {
     /// call at a time).
     #[arg(long, env = "SNAKEPOOL_WORKER_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
+    /// Most quick sync calls sent to one worker ahead of their turn (default 16; 1:
+    /// none).
+    #[arg(long, env = "SNAKEPOOL_PIPELINE_DEPTH")]
+    pub pipeline_depth: Option<usize>,
     /// Shortest timeout a caller may ask for (default 1s).
     #[arg(long, env = "SNAKEPOOL_MIN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub min_request_timeout: Option<Duration>,
@@ -234,6 +238,7 @@ impl PoolArgs {
             max_sessions: self.max_sessions,
             max_stored_sessions: self.max_stored_sessions,
             max_concurrency: self.max_concurrency,
+            pipeline_depth: self.pipeline_depth,
             min_request_timeout: self.min_request_timeout,
             max_request_timeout: self.max_request_timeout,
             rebuild_timeout: self.rebuild_timeout,

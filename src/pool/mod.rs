@@ -8,6 +8,7 @@
 mod config;
 mod eviction;
 mod journaling;
+mod pipelining;
 mod reload;
 mod retention;
 mod scheduler;
@@ -35,7 +36,7 @@ use crate::journal::{JournalEntry, SessionJournal};
 use crate::metrics::{Counter, Metrics, MetricsSnapshot, PoolGauges};
 use crate::session::{Opened, Session};
 use crate::worker::{CallControl, ChunkSource, ExitInfo, Worker, chunk_channel};
-use scheduler::{Lease, State};
+use scheduler::{Lease, Mode, State};
 use supervisor::Event;
 
 /// Something that happened in the pool, for observers (see [`Pool::subscribe`]).
@@ -242,7 +243,7 @@ fn stored_session_info(id: &str, stored: &crate::journal::StoredSession) -> Sess
 }
 
 /// Runs a call on its leased worker; the lease is held until the call settles.
-async fn run_leased(
+pub(crate) async fn run_leased(
     lease: Lease,
     command: &str,
     args: Value,
@@ -334,6 +335,8 @@ pub(crate) struct Shared {
     /// The manifest of the first worker admitted (every worker runs the same
     /// program): which commands may overlap.
     pub manifest: OnceLock<Arc<crate::worker::Manifest>>,
+    /// How long the calls of each pipelinable command run.
+    pub running_times: pipelining::RunningTimes,
     /// A sweep of the journal store for unused sessions is running.
     pub sweeping_store: std::sync::atomic::AtomicBool,
     /// Held by the reload under way.
@@ -427,6 +430,7 @@ impl Pool {
             spawner,
             internal_commands: OnceLock::new(),
             manifest: OnceLock::new(),
+            running_times: pipelining::RunningTimes::default(),
             sweeping_store: std::sync::atomic::AtomicBool::new(false),
             reloading: tokio::sync::Mutex::new(()),
         });
@@ -498,10 +502,7 @@ impl Pool {
             chunks: None,
             cancel: options.cancel,
         };
-        let result = match self.plain_lease(command, &args).await {
-            Ok(lease) => run_leased(lease, command, args, timeout, control).await,
-            Err(error) => Err(error),
-        };
+        let result = self.run_plain(command, args, timeout, control).await;
         self.finish(command, result, started)
     }
 
@@ -523,7 +524,12 @@ impl Pool {
     ) -> Result<CallStream> {
         let started = Instant::now();
         let timeout = options.timeout.unwrap_or_else(|| self.request_timeout());
-        let lease = match self.plain_lease(command, &args).await {
+        let checked = self.check_call(command, &args);
+        let leased = match checked {
+            Ok(()) => self.plain_lease(self.shared().mode_of(command)).await,
+            Err(error) => Err(error),
+        };
+        let lease = match leased {
             Ok(lease) => lease,
             Err(error) => return self.finish(command, Err(error), started),
         };
@@ -540,10 +546,8 @@ impl Pool {
         }))
     }
 
-    /// Checks a plain call and waits for a worker with room for it.
-    async fn plain_lease(&self, command: &str, args: &Value) -> Result<Lease> {
-        self.check_call(command, args)?;
-        let mode = self.shared().mode_of(command);
+    /// Capacity for a plain call of `command` in `mode` on any worker.
+    async fn plain_lease(&self, mode: Mode) -> Result<Lease> {
         loop {
             let lease = self
                 .shared()

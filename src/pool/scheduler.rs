@@ -2,7 +2,9 @@
 //!
 //! A worker runs either one call that has it to itself (an *exclusive* call: any
 //! command of a worker that does not announce concurrency, or a command not flagged
-//! concurrent) or up to its `max_concurrency` *shared* calls at once. A caller checks
+//! concurrent), or up to its `max_concurrency` *shared* calls at once, or a line of up
+//! to `pipeline_depth` *pipelined* calls: quick sync calls sent ahead, which the worker
+//! runs one after another (see `worker::in_flight`). A caller checks
 //! out capacity on a worker under the lock and gets a [`Lease`]; it does the pipe I/O
 //! with no lock held, and the capacity comes back when the call settles (the lease
 //! travels with the call, so a caller that goes away leaves it to the call).
@@ -30,6 +32,8 @@ pub(crate) enum Mode {
     Exclusive,
     /// Beside other shared calls, up to the worker's `max_concurrency`.
     Shared,
+    /// In line behind other pipelined calls, up to the pool's `pipeline_depth`.
+    Pipelined,
 }
 
 /// What the pool knows about one running worker.
@@ -39,10 +43,12 @@ pub(crate) struct Slot {
     pub pid: u32,
     /// Calls checked out on it (sent or about to be).
     pub in_flight: usize,
-    /// One of them has it to itself.
-    pub exclusive: bool,
+    /// How they hold it (`None` while it is idle).
+    pub held: Option<Mode>,
     /// Most shared calls at once.
     pub limit: usize,
+    /// Most pipelined calls at once.
+    pub depth: usize,
     pub calls: u64,
     /// The sessions pinned to it.
     pub pinned: HashSet<Arc<str>>,
@@ -70,13 +76,33 @@ impl Slot {
         }
         match mode {
             Mode::Exclusive => self.in_flight == 0,
-            Mode::Shared => !self.exclusive && self.in_flight < self.limit,
+            Mode::Shared => {
+                matches!(self.held, None | Some(Mode::Shared)) && self.in_flight < self.limit
+            }
+            Mode::Pipelined => {
+                self.in_flight == 0
+                    || (self.held == Some(Mode::Pipelined) && self.in_flight < self.depth)
+            }
         }
+    }
+
+    /// Room for a call in some mode, or none at all.
+    fn has_any_room(&self) -> bool {
+        // Room for an exclusive call is room for the others.
+        self.has_room(Mode::Shared) || self.has_room(Mode::Pipelined)
     }
 
     fn take(&mut self, mode: Mode) {
         self.in_flight += 1;
-        self.exclusive = mode == Mode::Exclusive;
+        self.held = Some(mode);
+    }
+
+    /// A call's capacity comes back.
+    fn give_back(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight == 0 {
+            self.held = None;
+        }
     }
 
     /// Whether it has no call.
@@ -179,14 +205,14 @@ impl State {
         let mut blocked = BTreeSet::new();
         let mut i = 0;
         while i < self.waiters.len() {
-            // No worker has room for any call (room for an exclusive call is room for
-            // a shared one): the rest of the queue waits, without a look at each.
-            if !self.slots.values().any(|s| s.has_room(Mode::Shared)) {
+            // No worker has room for any call: the rest of the queue waits, without a
+            // look at each.
+            if !self.slots.values().any(Slot::has_any_room) {
                 break;
             }
             let (target, mode) = (self.waiters[i].target.clone(), self.waiters[i].mode);
             let Some(id) = self.pick(target.as_ref(), mode, &blocked) else {
-                if mode == Mode::Exclusive {
+                if mode != Mode::Shared {
                     let hold = target.or_else(|| {
                         self.slots
                             .iter()
@@ -208,8 +234,7 @@ impl State {
                 .is_err()
             {
                 // The waiter gave up: give the capacity back and look again.
-                slot.in_flight -= 1;
-                slot.exclusive = false;
+                slot.give_back();
             }
         }
     }
@@ -248,7 +273,6 @@ pub(crate) fn stop_in_background(mut st: std::sync::MutexGuard<'_, State>, worke
 pub(crate) struct Lease {
     shared: Arc<Shared>,
     worker: Worker,
-    mode: Mode,
 }
 
 impl Lease {
@@ -264,7 +288,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.shared.release(&self.worker, self.mode);
+        self.shared.release(&self.worker);
     }
 }
 
@@ -320,7 +344,7 @@ impl Shared {
                 let worker = slot.worker.clone();
                 drop(st);
                 self.metrics.record_queue_wait(asked.elapsed());
-                return Ok(Some(self.lease(worker, mode)));
+                return Ok(Some(self.lease(worker)));
             }
             if bounded && st.waiters.len() >= self.config.max_queue {
                 let callers = st.waiters.iter().filter(|w| !w.internal).count();
@@ -342,7 +366,6 @@ impl Shared {
             QueuedWait {
                 shared: self.clone(),
                 seq,
-                mode,
                 rx: Some(rx),
             }
         };
@@ -364,18 +387,17 @@ impl Shared {
         match handoff {
             Handoff::Granted(worker) => {
                 self.metrics.record_queue_wait(asked.elapsed());
-                Ok(Some(self.lease(worker, mode)))
+                Ok(Some(self.lease(worker)))
             }
             Handoff::Reroute => Ok(None),
             Handoff::Fail(error) => Err(error),
         }
     }
 
-    fn lease(self: &Arc<Self>, worker: Worker, mode: Mode) -> Lease {
+    fn lease(self: &Arc<Self>, worker: Worker) -> Lease {
         Lease {
             shared: self.clone(),
             worker,
-            mode,
         }
     }
 
@@ -390,7 +412,7 @@ impl Shared {
     /// Gives back the capacity of a settled call: to the next waiters, retiring or
     /// recycling the worker when its calls are done, or (if lost) removing it so the
     /// supervisor replaces it.
-    pub(crate) fn release(self: &Arc<Self>, worker: &Worker, mode: Mode) {
+    pub(crate) fn release(self: &Arc<Self>, worker: &Worker) {
         let id: Arc<str> = Arc::from(worker.id());
         let mut st = self.lock();
         if worker.is_lost() {
@@ -402,10 +424,7 @@ impl Shared {
         let Some(slot) = st.slots.get_mut(&id) else {
             return;
         };
-        slot.in_flight = slot.in_flight.saturating_sub(1);
-        if mode == Mode::Exclusive {
-            slot.exclusive = false;
-        }
+        slot.give_back();
         slot.calls = worker.calls_served();
         slot.last_used = Instant::now();
         let idle = slot.in_flight == 0;
@@ -519,8 +538,9 @@ impl Shared {
                 worker,
                 pid,
                 in_flight: 0,
-                exclusive: false,
+                held: None,
                 limit,
+                depth: self.config.pipeline_depth.max(1),
                 calls: 0,
                 pinned: HashSet::new(),
                 started_at: now,
@@ -539,6 +559,7 @@ impl Shared {
             self.metrics
                 .commands
                 .define(manifest.public_commands().map(|c| c.name.as_str()));
+            self.running_times.define(&manifest);
         }
         self.internal_commands
             .get_or_init(|| manifest.internal_commands());
@@ -576,8 +597,7 @@ impl Shared {
         st.slots
             .values_mut()
             .filter(|s| {
-                s.in_flight > 0
-                    && !s.exclusive
+                s.held == Some(Mode::Shared)
                     && s.limit > 1
                     && !s.heartbeat_pending
                     && now >= s.heartbeat_due
@@ -615,7 +635,7 @@ impl Shared {
         drop(st);
         leases
             .into_iter()
-            .map(|worker| self.lease(worker, Mode::Exclusive))
+            .map(|worker| self.lease(worker))
             .collect()
     }
 }
@@ -626,7 +646,6 @@ impl Shared {
 struct QueuedWait {
     shared: Arc<Shared>,
     seq: u64,
-    mode: Mode,
     rx: Option<oneshot::Receiver<Handoff>>,
 }
 
@@ -646,7 +665,7 @@ impl QueuedWait {
 impl Drop for QueuedWait {
     fn drop(&mut self) {
         if let Some(Handoff::Granted(worker)) = self.withdraw() {
-            self.shared.release(&worker, self.mode);
+            self.shared.release(&worker);
         }
     }
 }

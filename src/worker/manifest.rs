@@ -76,6 +76,10 @@ pub struct Concurrency {
     /// Chunks of one stream it sends before waiting for credit.
     #[serde(default)]
     pub stream_window: usize,
+    /// Sync calls may be sent ahead: they run in order, each only once the replies
+    /// before it are wholly in the pipe.
+    #[serde(default)]
+    pub pipelining: bool,
 }
 
 impl Manifest {
@@ -151,6 +155,17 @@ impl Manifest {
                 .commands
                 .get(command)
                 .is_some_and(|info| info.concurrent || info.streams)
+    }
+
+    /// Whether calls of `command` may be sent ahead of the worker's earlier calls: the
+    /// worker announces pipelining and runs the command inline, one call after another
+    /// in arrival order (a sync handler that is not a generator).
+    pub fn pipelines(&self, command: &str) -> bool {
+        self.concurrency.as_ref().is_some_and(|c| c.pipelining)
+            && self
+                .commands
+                .get(command)
+                .is_some_and(|info| !info.concurrent && !info.streams)
     }
 
     /// Chunks of one stream the worker sends before it waits for credit (0 when it

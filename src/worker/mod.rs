@@ -12,6 +12,7 @@
 //! command), so its reply never reaches anyone else.
 
 mod exit;
+mod in_flight;
 mod manifest;
 mod pid;
 pub mod runtime;
@@ -20,7 +21,6 @@ mod stderr;
 mod stream;
 pub mod zygote;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +44,7 @@ use crate::error::Error;
 use crate::protocol::{
     Cancel, Chunk, Credit, Frame, FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Reply, Request,
 };
+use in_flight::{InFlight, Place, Settled, Waiting};
 use stream::Delivered;
 
 /// How long to wait for a dead worker's exit status and last stderr lines.
@@ -57,6 +58,18 @@ const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// How long a worker has to confirm a cancelled call before it is killed.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// How a pipelined call ([`Worker::call_in_line`]) ended.
+pub(crate) enum InLine {
+    /// It ran: its result, and how long it ran on the worker.
+    Settled {
+        result: Result<Value, Error>,
+        took: Duration,
+    },
+    /// Its worker died (with `error`) before it started: it did not run, and can be
+    /// sent elsewhere with `args`.
+    NotStarted { args: Value, error: Error },
+}
 
 /// The host's end of a worker's stdin.
 pub type WorkerInput = Box<dyn AsyncWrite + Send + Unpin>;
@@ -110,24 +123,6 @@ impl RawProcess {
 type Input = FramedWrite<WorkerInput, HostCodec>;
 type Output = FramedRead<WorkerOutput, HostCodec>;
 
-/// How a call ended: its reply, or the error that ended it.
-enum Settled {
-    Reply(Reply),
-    Failed(Error),
-}
-
-/// A call sent and not yet answered.
-struct Waiting {
-    command: String,
-    /// Where the outcome goes.
-    tx: oneshot::Sender<Settled>,
-    /// Dropped when the call settles, however it settles (the pool keeps the worker's
-    /// capacity for the call in it).
-    hold: Option<Box<dyn Send>>,
-    /// Where its chunks go, if its caller streams them.
-    chunks: Option<ChunkSink>,
-}
-
 /// The state of one worker process shared by every handle on it.
 struct Conn {
     id: Arc<str>,
@@ -138,7 +133,7 @@ struct Conn {
     input: tokio::sync::Mutex<Option<Input>>,
     /// Held by whoever reads replies at the moment.
     output: tokio::sync::Mutex<Output>,
-    pending: Mutex<HashMap<u64, Waiting>>,
+    pending: Mutex<InFlight>,
     next_id: AtomicU64,
     calls_served: AtomicU64,
     lost: AtomicBool,
@@ -217,7 +212,7 @@ impl Worker {
                     stdout,
                     HostCodec::new(spec.max_frame_bytes),
                 )),
-                pending: Mutex::new(HashMap::new()),
+                pending: Mutex::new(InFlight::default()),
                 next_id: AtomicU64::new(HANDSHAKE_ID),
                 calls_served: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
@@ -402,10 +397,6 @@ impl Worker {
         if self.is_lost() {
             return Err(self.crash_error(command).await);
         }
-        // A timeout too large to add is as good as none.
-        let deadline = Deadline::now()
-            .checked_add(timeout)
-            .unwrap_or_else(|| Deadline::now() + FOREVER);
         let manifest = self.conn.manifest.get();
         let cancellable = manifest.is_some_and(|m| m.cancellable(command));
         let CallControl { chunks, cancel } = control;
@@ -413,8 +404,9 @@ impl Worker {
             sink.attach(manifest.map_or(0, |m| m.stream_window()));
         }
         let mut call =
-            PendingCall::register(self, command, hold, deadline, cancellable, chunks.clone());
-        call.send(args).await?;
+            PendingCall::register(self, command, hold, timeout, cancellable, chunks.clone());
+        drop(call.send(args).await?);
+        let deadline = call.deadline;
         let cancel = cancel.filter(|_| cancellable);
         let cancel_when_orphaned = cancellable && chunks.is_some();
         loop {
@@ -441,14 +433,95 @@ impl Worker {
         }
     }
 
+    /// Sends a call of a command the worker runs inline ([`Manifest::pipelines`])
+    /// ahead of the calls it is running or has been sent: it waits in the pipe and
+    /// runs after them. Its timeout counts from its start (when the reply before it
+    /// arrived). If the worker dies before the call started, it did not run: its
+    /// arguments come back ([`InLine::NotStarted`]) to be sent elsewhere.
+    pub(crate) async fn call_in_line(
+        &self,
+        command: &str,
+        args: Value,
+        timeout: Duration,
+        hold: Option<Box<dyn Send>>,
+    ) -> InLine {
+        let sent = Instant::now();
+        if self.is_lost() {
+            return InLine::Settled {
+                result: Err(self.crash_error(command).await),
+                took: Duration::ZERO,
+            };
+        }
+        let mut call = PendingCall::register(self, command, hold, timeout, false, None);
+        call.in_line = true;
+        let request = match call.send(args).await {
+            Ok(request) => request,
+            Err(error) => {
+                return InLine::Settled {
+                    result: Err(error),
+                    took: Duration::ZERO,
+                };
+            }
+        };
+        let mut deadline = call.deadline;
+        loop {
+            tokio::select! {
+                biased;
+                settled = call.settled() => {
+                    return match settled {
+                        Settled::NotStarted(error) => InLine::NotStarted { args: request.args, error },
+                        Settled::Reply(reply, took) => InLine::Settled {
+                            took: took.unwrap_or_else(|| sent.elapsed()),
+                            result: self.outcome(command, Settled::Reply(reply, None)).map(|(value, _)| value),
+                        },
+                        failed => InLine::Settled {
+                            took: sent.elapsed(),
+                            result: self.outcome(command, failed).map(|(value, _)| value),
+                        },
+                    };
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    match self.deadline_in_line(call.id, timeout) {
+                        Some(later) if later > Deadline::now() => deadline = later,
+                        _ => return InLine::Settled {
+                            result: Err(call.timed_out(timeout).await),
+                            took: timeout,
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// When pipelined call `id`, with `timeout`, runs out of time: `timeout` after
+    /// its start, or no sooner than `timeout` from now while it waits behind another.
+    /// `None` if it is not a pipelined call in flight.
+    fn deadline_in_line(&self, id: u64, timeout: Duration) -> Option<Deadline> {
+        let place = self
+            .conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .place(id);
+        match place {
+            Place::Running(since) => Some(
+                Deadline::from_std(since)
+                    .checked_add(timeout)
+                    .unwrap_or_else(|| deadline_after(FOREVER)),
+            ),
+            Place::Behind => Some(deadline_after(timeout)),
+            Place::Elsewhere => None,
+        }
+    }
+
     fn outcome(
         &self,
         command: &str,
         settled: Settled,
     ) -> Result<(Value, Option<JournalHint>), Error> {
         let reply = match settled {
-            Settled::Reply(reply) => reply,
-            Settled::Failed(error) => return Err(error),
+            Settled::Reply(reply, _) => reply,
+            Settled::Failed(error) | Settled::NotStarted(error) => return Err(error),
         };
         let journal = reply.journal;
         reply
@@ -522,7 +595,7 @@ impl Worker {
         let window = self.conn.manifest.get().map_or(0, |m| m.stream_window());
         let delivered = {
             let pending = self.conn.pending.lock().expect("pending calls poisoned");
-            match pending.get(&chunk.id) {
+            match pending.get(chunk.id) {
                 None => None,
                 Some(Waiting {
                     chunks: Some(sink), ..
@@ -561,44 +634,64 @@ impl Worker {
     }
 
     fn route(&self, reply: Reply) {
+        let mut pending = self.conn.pending.lock().expect("pending calls poisoned");
+        let expected = pending.expects(reply.id);
+        let answered = pending.answered(reply.id);
+        let in_flight = pending.ids();
+        drop(pending);
+        let (waiting, took) = match answered {
+            Ok(answered) => answered,
+            Err(out_of_order) => {
+                self.violation(format!(
+                    "reply id {} came before the reply to {}, sent ahead of it",
+                    reply.id, out_of_order.expected
+                ));
+                return;
+            }
+        };
+        self.conn.calls_served.fetch_add(1, Ordering::Relaxed);
+        match waiting {
+            Some(waiting) => {
+                let _ = waiting.tx.send(Settled::Reply(reply, took));
+                drop(waiting.hold);
+            }
+            // A pipelined call that settled already (it timed out): its reply only
+            // moves the line on.
+            None if expected => {}
+            None => self.violation(format!(
+                "reply id {} does not match a request in flight ({in_flight:?})",
+                reply.id
+            )),
+        }
+    }
+
+    /// Fails every call in flight with the error `make` gives for its command.
+    fn fail_all(&self, make: impl Fn(&str) -> Error) {
+        self.settle_all(make, Settled::Failed);
+    }
+
+    /// The worker's output ended: fails every call in flight with the error `make`
+    /// gives for its command, except that those that waited behind a pipelined call
+    /// are settled as not started (they never ran).
+    fn fail_after_exit(&self, make: impl Fn(&str) -> Error) {
+        self.settle_all(make, Settled::NotStarted);
+    }
+
+    fn settle_all(&self, make: impl Fn(&str) -> Error, unstarted: impl Fn(Error) -> Settled) {
         let waiting = self
             .conn
             .pending
             .lock()
             .expect("pending calls poisoned")
-            .remove(&reply.id);
-        let Some(waiting) = waiting else {
-            let in_flight: Vec<u64> = self
-                .conn
-                .pending
-                .lock()
-                .expect("pending calls poisoned")
-                .keys()
-                .copied()
-                .collect();
-            self.violation(format!(
-                "reply id {} does not match a request in flight ({in_flight:?})",
-                reply.id
-            ));
-            return;
-        };
-        self.conn.calls_served.fetch_add(1, Ordering::Relaxed);
-        let _ = waiting.tx.send(Settled::Reply(reply));
-        drop(waiting.hold);
-    }
-
-    /// Fails every call in flight with the error `make` gives for its command.
-    fn fail_all(&self, make: impl Fn(&str) -> Error) {
-        let waiting: Vec<Waiting> = self
-            .conn
-            .pending
-            .lock()
-            .expect("pending calls poisoned")
-            .drain()
-            .map(|(_, w)| w)
-            .collect();
-        for w in waiting {
-            let _ = w.tx.send(Settled::Failed(make(&w.command)));
+            .drain();
+        for (w, started) in waiting {
+            let error = make(&w.command);
+            let settled = if started {
+                Settled::Failed(error)
+            } else {
+                unstarted(error)
+            };
+            let _ = w.tx.send(settled);
             drop(w.hold);
         }
     }
@@ -618,7 +711,7 @@ impl Worker {
     /// with its exit status and stderr tail.
     async fn crash(&self) {
         let error = self.crash_error("-").await;
-        self.fail_all(|command| match &error {
+        self.fail_after_exit(|command| match &error {
             Error::WorkerCrashed {
                 worker,
                 status,
@@ -663,18 +756,29 @@ impl Worker {
     }
 
     /// Kills the worker because call `command` ran past its timeout; every other call
-    /// in flight fails with [`Error::WorkerCrashed`].
+    /// in flight fails with [`Error::WorkerCrashed`], but those waiting behind a
+    /// pipelined call: they stay until the worker's output ends, which shows whether
+    /// they started.
     fn kill_after_timeout(&self, command: &str) {
         self.kill();
         let worker = self.name();
         let status = format!("killed: `{command}` on it ran past its timeout");
         let tail = self.conn.stderr.snapshot();
-        self.fail_all(|other| Error::WorkerCrashed {
-            worker: worker.clone(),
-            command: other.to_owned(),
-            status: status.clone(),
-            stderr_tail: tail.clone(),
-        });
+        let started = self
+            .conn
+            .pending
+            .lock()
+            .expect("pending calls poisoned")
+            .drain_started();
+        for w in started {
+            let _ = w.tx.send(Settled::Failed(Error::WorkerCrashed {
+                worker: worker.clone(),
+                command: w.command.clone(),
+                status: status.clone(),
+                stderr_tail: tail.clone(),
+            }));
+            drop(w.hold);
+        }
     }
 
     /// Writes a control frame (cancel, credit) to the worker.
@@ -741,7 +845,10 @@ struct PendingCall {
     command: String,
     rx: Option<oneshot::Receiver<Settled>>,
     deadline: Deadline,
+    timeout: Duration,
     cancellable: bool,
+    /// Sent ahead of the worker's earlier calls (pipelined).
+    in_line: bool,
     stage: Stage,
 }
 
@@ -750,10 +857,11 @@ impl PendingCall {
         worker: &Worker,
         command: &str,
         hold: Option<Box<dyn Send>>,
-        deadline: Deadline,
+        timeout: Duration,
         cancellable: bool,
         chunks: Option<ChunkSink>,
     ) -> PendingCall {
+        let deadline = deadline_after(timeout);
         let id = worker.conn.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         worker
@@ -776,7 +884,9 @@ impl PendingCall {
             command: command.to_owned(),
             rx: Some(rx),
             deadline,
+            timeout,
             cancellable,
+            in_line: false,
             stage: Stage::Registered,
         }
     }
@@ -789,14 +899,15 @@ impl PendingCall {
             .pending
             .lock()
             .expect("pending calls poisoned")
-            .remove(&self.id);
+            .remove(self.id);
         drop(waiting);
     }
 
-    /// Writes the request. A refused request (too large, not serialisable) is
+    /// Writes the request, and gives it back (a pipelined call that never started is
+    /// sent again elsewhere). A refused request (too large, not serialisable) is
     /// unregistered and returned as an error; a dead pipe fails every call in flight,
     /// this one included, which [`PendingCall::settled`] then reports.
-    async fn send(&mut self, args: Value) -> Result<(), Error> {
+    async fn send(&mut self, args: Value) -> Result<Request, Error> {
         let request = Request {
             id: self.id,
             command: self.command.clone(),
@@ -809,6 +920,15 @@ impl PendingCall {
                 // In the writer's buffer: from here on the request counts as sent.
                 Ok(()) => {
                     self.stage = Stage::Sent;
+                    if self.in_line {
+                        // Under the input's lock: the line's order is the pipe's.
+                        self.worker
+                            .conn
+                            .pending
+                            .lock()
+                            .expect("pending calls poisoned")
+                            .sent_in_line(self.id);
+                    }
                     SinkExt::<&Request>::flush(writer).await
                 }
                 Err(error) => Err(error),
@@ -816,11 +936,11 @@ impl PendingCall {
         };
         drop(input);
         match written {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(request),
             Err(FrameError::Io(_)) => {
                 self.stage = Stage::Sent;
                 self.worker.crash().await;
-                Ok(())
+                Ok(request)
             }
             Err(FrameError::TooLarge { len, max }) => {
                 self.unregister();
@@ -886,10 +1006,13 @@ impl PendingCall {
         if worker.send_frame(&Cancel::of(self.id)).await.is_ok() {
             let grace = Deadline::now() + CANCEL_GRACE;
             match tokio::time::timeout_at(grace, self.settled()).await {
-                Ok(Settled::Reply(Reply {
-                    outcome: Err(remote),
-                    ..
-                })) if remote.kind == "Cancelled" => return Err(cancelled),
+                Ok(Settled::Reply(
+                    Reply {
+                        outcome: Err(remote),
+                        ..
+                    },
+                    _,
+                )) if remote.kind == "Cancelled" => return Err(cancelled),
                 Ok(settled) => return worker.outcome(&self.command, settled),
                 Err(_) => {}
             }
@@ -898,6 +1021,13 @@ impl PendingCall {
         worker.kill_after_timeout(&self.command);
         Err(cancelled)
     }
+}
+
+/// `timeout` from now; a timeout too large to add is as good as none.
+fn deadline_after(timeout: Duration) -> Deadline {
+    Deadline::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| Deadline::now() + FOREVER)
 }
 
 /// Waits for `wait(value)` when there is a value; never resolves otherwise.
@@ -919,7 +1049,7 @@ impl Drop for PendingCall {
             Stage::Sent => {
                 let (worker, id) = (self.worker.clone(), self.id);
                 let (cancellable, command) = (self.cancellable, self.command.clone());
-                let mut deadline = self.deadline;
+                let (mut deadline, timeout) = (self.deadline, self.timeout);
                 let Some(mut rx) = self.rx.take() else {
                     return;
                 };
@@ -931,11 +1061,18 @@ impl Drop for PendingCall {
                     if cancellable && worker.send_frame(&Cancel::of(id)).await.is_ok() {
                         deadline = deadline.min(Deadline::now() + CANCEL_GRACE);
                     }
-                    let finished = tokio::time::timeout_at(deadline, worker.wait_for(&mut rx));
-                    if finished.await.is_err() {
-                        tracing::warn!(worker = %worker.name(), command, "a call its caller left ran past its timeout; worker killed");
-                        worker.kill_after_timeout(&command);
+                    loop {
+                        let wait = tokio::time::timeout_at(deadline, worker.wait_for(&mut rx));
+                        if wait.await.is_ok() {
+                            return;
+                        }
+                        match worker.deadline_in_line(id, timeout) {
+                            Some(later) if later > Deadline::now() => deadline = later,
+                            _ => break,
+                        }
                     }
+                    tracing::warn!(worker = %worker.name(), command, "a call its caller left ran past its timeout; worker killed");
+                    worker.kill_after_timeout(&command);
                 });
             }
         }
