@@ -86,13 +86,21 @@ impl InFlight {
         self.calls.remove(&id)
     }
 
-    /// Call `id` was just written as a pipelined call (under the input's lock, so the
-    /// order here is the order in the pipe).
+    /// Call `id` is about to be written as a pipelined call (under the input's lock,
+    /// so the order here is the order in the pipe).
     pub fn sent_in_line(&mut self, id: u64) {
         if self.in_line.is_empty() {
             self.head_since = Some(Instant::now());
         }
         self.in_line.push_back(id);
+    }
+
+    /// Takes call `id`, refused before it was written, out of the line.
+    pub fn leave_line(&mut self, id: u64) {
+        self.in_line.retain(|&queued| queued != id);
+        if self.in_line.is_empty() {
+            self.head_since = None;
+        }
     }
 
     /// The reply to call `id` arrived: takes its waiter out (`None` if it settled

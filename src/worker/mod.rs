@@ -405,6 +405,7 @@ impl Worker {
         }
         let mut call =
             PendingCall::register(self, command, hold, timeout, cancellable, chunks.clone());
+        // Not written: the pipe's failure is the call's, as `settled` reports.
         drop(call.send(args).await?);
         let deadline = call.deadline;
         let cancel = cancel.filter(|_| cancellable);
@@ -446,16 +447,17 @@ impl Worker {
         hold: Option<Box<dyn Send>>,
     ) -> InLine {
         let sent = Instant::now();
-        if self.is_lost() {
-            return InLine::Settled {
-                result: Err(self.crash_error(command).await),
-                took: Duration::ZERO,
-            };
-        }
         let mut call = PendingCall::register(self, command, hold, timeout, false, None);
         call.in_line = true;
         let request = match call.send(args).await {
-            Ok(request) => request,
+            Ok(Sent::Written(request)) => request,
+            Ok(Sent::Unwritten(request)) => {
+                call.stage = Stage::Done;
+                return InLine::NotStarted {
+                    args: request.args,
+                    error: self.lost_error(command),
+                };
+            }
             Err(error) => {
                 return InLine::Settled {
                     result: Err(error),
@@ -491,6 +493,18 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Puts call `id`, about to be written, at the end of the line of pipelined calls;
+    /// false if the worker is lost (checked under the same lock as the line is
+    /// emptied when it is found lost, so a call never joins a line already settled).
+    fn join_line(&self, id: u64) -> bool {
+        let mut pending = self.conn.pending.lock().expect("pending calls poisoned");
+        if self.is_lost() {
+            return false;
+        }
+        pending.sent_in_line(id);
+        true
     }
 
     /// When pipelined call `id`, with `timeout`, runs out of time: `timeout` after
@@ -828,6 +842,14 @@ impl Worker {
     }
 }
 
+/// What became of a request [`PendingCall::send`] was to write.
+enum Sent {
+    /// Written to the worker.
+    Written(Request),
+    /// Not (wholly) written: the worker was lost, and never had it.
+    Unwritten(Request),
+}
+
 /// Where a call is: registered (not yet written), sent, or settled.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -906,29 +928,27 @@ impl PendingCall {
     /// Writes the request, and gives it back (a pipelined call that never started is
     /// sent again elsewhere). A refused request (too large, not serialisable) is
     /// unregistered and returned as an error; a dead pipe fails every call in flight,
-    /// this one included, which [`PendingCall::settled`] then reports.
-    async fn send(&mut self, args: Value) -> Result<Request, Error> {
+    /// this one included, which [`PendingCall::settled`] then reports. A pipelined
+    /// call is not written to a worker known to be lost.
+    async fn send(&mut self, args: Value) -> Result<Sent, Error> {
         let request = Request {
             id: self.id,
             command: self.command.clone(),
             args,
         };
         let mut input = self.worker.conn.input.lock().await;
+        // Under the input's lock: the line's order is the pipe's.
+        if self.in_line && !self.worker.join_line(self.id) {
+            drop(input);
+            self.unregister();
+            return Ok(Sent::Unwritten(request));
+        }
         let written = match input.as_mut() {
             None => Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into())),
             Some(writer) => match writer.feed(&request).await {
                 // In the writer's buffer: from here on the request counts as sent.
                 Ok(()) => {
                     self.stage = Stage::Sent;
-                    if self.in_line {
-                        // Under the input's lock: the line's order is the pipe's.
-                        self.worker
-                            .conn
-                            .pending
-                            .lock()
-                            .expect("pending calls poisoned")
-                            .sent_in_line(self.id);
-                    }
                     SinkExt::<&Request>::flush(writer).await
                 }
                 Err(error) => Err(error),
@@ -936,13 +956,15 @@ impl PendingCall {
         };
         drop(input);
         match written {
-            Ok(()) => Ok(request),
+            Ok(()) => Ok(Sent::Written(request)),
             Err(FrameError::Io(_)) => {
+                // Not wholly written: the worker never had the request.
                 self.stage = Stage::Sent;
                 self.worker.crash().await;
-                Ok(request)
+                Ok(Sent::Unwritten(request))
             }
             Err(FrameError::TooLarge { len, max }) => {
+                self.leave_line();
                 self.unregister();
                 Err(Error::InvalidRequest {
                     command: self.command.clone(),
@@ -950,12 +972,25 @@ impl PendingCall {
                 })
             }
             Err(other) => {
+                self.leave_line();
                 self.unregister();
                 Err(Error::InvalidRequest {
                     command: self.command.clone(),
                     reason: other.to_string(),
                 })
             }
+        }
+    }
+
+    /// A pipelined call refused before it was written leaves the line.
+    fn leave_line(&self) {
+        if self.in_line {
+            self.worker
+                .conn
+                .pending
+                .lock()
+                .expect("pending calls poisoned")
+                .leave_line(self.id);
         }
     }
 
