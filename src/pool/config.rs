@@ -428,7 +428,9 @@ impl PoolBuilder {
     /// sends none ahead). Only plain calls of a sync command whose calls have taken
     /// under a millisecond on average are sent ahead: they wait in the worker's pipe
     /// instead of the pool's queue, so the worker goes from one to the next without
-    /// waiting for the host (see the README's "Pipelining").
+    /// waiting for the host (see the README's "Pipelining"). A pool with a memory
+    /// limit ([`PoolBuilder::max_rss_bytes`]) sends none ahead: each worker's memory
+    /// is read after every call, before it serves again.
     pub fn pipeline_depth(mut self, n: usize) -> Self {
         self.config.pipeline_depth = n;
         self

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::pool::scheduler::Mode;
-use crate::pool::{Pool, run_leased};
+use crate::pool::{Pool, Shared, run_leased};
 use crate::worker::{CallControl, InLine, Manifest};
 
 /// Calls of a command that run for less than this on average may be pipelined.
@@ -87,6 +87,15 @@ impl RunningTimes {
     }
 }
 
+impl Shared {
+    /// Whether this pool sends calls ahead: its depth allows it, and no memory limit
+    /// asks for each worker's memory to be read after every call before it serves
+    /// again.
+    fn pipelines(&self) -> bool {
+        self.config.pipeline_depth > 1 && self.config.max_rss_bytes.is_none()
+    }
+}
+
 impl Pool {
     /// Runs a plain call: pipelined when its command is quick (see the module), else
     /// on a worker with room for it.
@@ -100,7 +109,7 @@ impl Pool {
         self.check_call(command, &args)?;
         let shared = self.shared();
         let times = &shared.running_times;
-        if shared.config.pipeline_depth > 1 && times.is_quick(command) {
+        if shared.pipelines() && times.is_quick(command) {
             return self.run_in_line(command, args, timeout).await;
         }
         let lease = self.plain_lease(shared.mode_of(command)).await?;

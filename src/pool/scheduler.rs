@@ -62,6 +62,10 @@ pub(crate) struct Slot {
     /// The replacement is ready: stop this worker when its calls are done.
     pub retire: bool,
     pub rss_bytes: Option<u64>,
+    /// Releases reading its memory right now: no call takes it until they are done.
+    pub memory_checks: usize,
+    /// Found above the memory limit: it takes no call, and is retired once idle.
+    pub over_memory: bool,
     /// When its event loop is next pinged, while it runs concurrent calls.
     pub heartbeat_due: Instant,
     /// A heartbeat ping is in flight.
@@ -71,7 +75,7 @@ pub(crate) struct Slot {
 impl Slot {
     /// Whether a call in `mode` fits now.
     fn has_room(&self, mode: Mode) -> bool {
-        if self.retire {
+        if self.retire || self.over_memory || self.memory_checks > 0 {
             return false;
         }
         match mode {
@@ -439,14 +443,24 @@ impl Shared {
             self.changed.notify_waiters();
             return;
         }
-        // Read with no call running (a file read, outside the lock).
-        if idle && self.config.max_rss_bytes.is_some() {
+        // Its memory is read after every call (a file read, outside the lock), and no
+        // call takes it meanwhile: a worker found over the limit never serves again.
+        if self.config.max_rss_bytes.is_some()
+            && let Some(slot) = st.slots.get_mut(&id)
+        {
+            slot.memory_checks += 1;
             drop(st);
-            if self.over_memory_limit(worker) {
-                self.retire_over_memory(&id);
+            let over = self.over_memory_limit(worker);
+            st = self.lock();
+            let Some(slot) = st.slots.get_mut(&id) else {
+                return;
+            };
+            slot.memory_checks -= 1;
+            slot.over_memory |= over;
+            if slot.over_memory && slot.is_idle() {
+                self.retire_over_memory(st, &id);
                 return;
             }
-            st = self.lock();
         }
         st.grant_waiters();
         drop(st);
@@ -455,16 +469,13 @@ impl Shared {
         }
     }
 
-    /// Retires worker `id`, found above its memory limit after a call, before it
-    /// serves again; the supervisor starts its replacement.
-    fn retire_over_memory(self: &Arc<Self>, id: &Arc<str>) {
-        let mut st = self.lock();
-        let idle = st.slots.get(id).is_some_and(Slot::is_idle);
-        if !idle {
-            // A call took it meanwhile; the next release checks again.
-            st.grant_waiters();
-            return;
-        }
+    /// Retires idle worker `id`, found above its memory limit after a call, before
+    /// it serves again; the supervisor starts its replacement.
+    fn retire_over_memory(
+        self: &Arc<Self>,
+        mut st: std::sync::MutexGuard<'_, State>,
+        id: &Arc<str>,
+    ) {
         tracing::info!(worker = %id, "worker above its memory limit after a call; retiring it");
         if let Some(slot) = st.remove_worker(id) {
             stop_in_background(st, slot.worker);
@@ -550,6 +561,8 @@ impl Shared {
                 recycling: false,
                 retire: false,
                 rss_bytes: None,
+                memory_checks: 0,
+                over_memory: false,
                 heartbeat_due: now,
                 heartbeat_pending: false,
             },
