@@ -402,7 +402,21 @@ async fn sessions_survive_a_lost_node_a_paused_node_and_a_redis_restart() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(
+        "the slow call to run on node1's worker",
+        Duration::from_secs(10),
+        async || {
+            let answer = client.get(format!("{node1}/v1/pool")).send().await;
+            let Ok(body) = answer else { return false };
+            let Ok(pool) = body.json::<Value>().await else {
+                return false;
+            };
+            pool["workers"]
+                .as_array()
+                .is_some_and(|workers| workers.iter().any(|w| w["in_flight"].as_u64() > Some(0)))
+        },
+    )
+    .await;
     cluster.signal(1, libc::SIGSTOP);
     // Node 3 takes the session over once node 1's lease has run out.
     let (status, body) = call(&client, &node3, paused, "note", json!({"text": 3})).await;
