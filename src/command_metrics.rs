@@ -25,12 +25,21 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets_range(0.000_05, 300.0, 24))
 }
 
+/// One label's metrics, taken from the families on its first call (so a call costs
+/// no label hashing).
+#[derive(Debug)]
+struct Series {
+    calls: Counter,
+    errors: Counter,
+    latency: Histogram,
+}
+
 /// Per-command counters and latency histograms.
 #[derive(Debug)]
 pub struct CommandMetrics {
-    /// The label set of each command with a label of its own.
-    labels: OnceLock<HashMap<String, Labels>>,
-    other: Labels,
+    /// The series of each command with a label of its own, once it was called.
+    series: OnceLock<HashMap<String, OnceLock<Series>>>,
+    other: OnceLock<Series>,
     calls: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
     latency: Family<Labels, Histogram, fn() -> Histogram>,
@@ -39,8 +48,8 @@ pub struct CommandMetrics {
 impl Default for CommandMetrics {
     fn default() -> Self {
         CommandMetrics {
-            labels: OnceLock::new(),
-            other: vec![("command".to_owned(), OTHER.to_owned())],
+            series: OnceLock::new(),
+            other: OnceLock::new(),
             calls: Family::default(),
             errors: Family::default(),
             latency: Family::new_with_constructor(seconds),
@@ -57,34 +66,38 @@ impl CommandMetrics {
         names.sort_unstable();
         names.dedup();
         names.truncate(MAX_COMMAND_LABELS);
-        let _ = self.labels.set(
+        let _ = self.series.set(
             names
                 .into_iter()
-                .map(|name| {
-                    let labels = vec![("command".to_owned(), name.to_owned())];
-                    (name.to_owned(), labels)
-                })
+                .map(|name| (name.to_owned(), OnceLock::new()))
                 .collect(),
         );
     }
 
-    fn labels(&self, command: &str) -> &Labels {
-        self.labels
-            .get()
-            .and_then(|labels| labels.get(command))
-            .unwrap_or(&self.other)
+    /// The series of `command`, or of `other`.
+    fn series(&self, command: &str) -> &Series {
+        let (label, cell) = match self.series.get().and_then(|known| known.get(command)) {
+            Some(cell) => (command, cell),
+            None => (OTHER, &self.other),
+        };
+        cell.get_or_init(|| {
+            let labels = vec![("command".to_owned(), label.to_owned())];
+            Series {
+                calls: self.calls.get_or_create(&labels).clone(),
+                errors: self.errors.get_or_create(&labels).clone(),
+                latency: self.latency.get_or_create(&labels).clone(),
+            }
+        })
     }
 
     /// Records a finished call of `command`: whether it failed, and how long it took.
     pub fn record(&self, command: &str, failed: bool, latency: Duration) {
-        let labels = self.labels(command);
-        self.calls.get_or_create(labels).inc();
+        let series = self.series(command);
+        series.calls.inc();
         if failed {
-            self.errors.get_or_create(labels).inc();
+            series.errors.inc();
         }
-        self.latency
-            .get_or_create(labels)
-            .observe(latency.as_secs_f64());
+        series.latency.observe(latency.as_secs_f64());
     }
 
     /// Adds the families to `registry`.
