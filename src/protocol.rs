@@ -15,7 +15,7 @@
 use bytes::{Buf, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, LengthDelimitedCodec};
 
 /// The protocol version this host speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -268,8 +268,8 @@ fn reply_from(mut map: serde_json::Map<String, Value>) -> Result<Reply, FrameErr
     })
 }
 
-/// The host side of the codec: encodes [`Request`]s (and cancel and credit frames) and
-/// decodes [`Frame`]s.
+/// The host side of the codec: decodes [`Frame`]s ([`encode_frame`] encodes
+/// requests, cancel and credit frames).
 ///
 /// Framing is tokio-util's [`LengthDelimitedCodec`] with a 4-byte big-endian header.
 /// The maximum frame size is checked against the header before the codec reserves any
@@ -338,47 +338,29 @@ impl Decoder for HostCodec {
     }
 }
 
-impl HostCodec {
-    fn encode_json(
-        &mut self,
-        frame: &impl Serialize,
-        dst: &mut BytesMut,
-    ) -> Result<(), FrameError> {
-        let body = serde_json::to_vec(frame)
-            .map_err(|e| FrameError::BadShape(format!("request is not serialisable: {e}")))?;
-        if body.len() > self.max_frame_bytes {
-            return Err(FrameError::TooLarge {
-                len: body.len(),
-                max: self.max_frame_bytes,
-            });
-        }
-        self.frames.encode(bytes::Bytes::from(body), dst)?;
-        Ok(())
+/// One frame carrying `message`: a 4-byte big-endian length, then its JSON. A body
+/// longer than `max_frame_bytes` is refused.
+pub fn encode_frame(
+    message: &impl Serialize,
+    max_frame_bytes: usize,
+) -> Result<bytes::Bytes, FrameError> {
+    let mut frame = Vec::with_capacity(128);
+    frame.extend_from_slice(&[0; HEADER_BYTES]);
+    serde_json::to_writer(&mut frame, message)
+        .map_err(|e| FrameError::BadShape(format!("request is not serialisable: {e}")))?;
+    let len = frame.len() - HEADER_BYTES;
+    if len > max_frame_bytes {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_bytes,
+        });
     }
-}
-
-impl Encoder<&Request> for HostCodec {
-    type Error = FrameError;
-
-    fn encode(&mut self, request: &Request, dst: &mut BytesMut) -> Result<(), FrameError> {
-        self.encode_json(request, dst)
-    }
-}
-
-impl Encoder<&Cancel> for HostCodec {
-    type Error = FrameError;
-
-    fn encode(&mut self, cancel: &Cancel, dst: &mut BytesMut) -> Result<(), FrameError> {
-        self.encode_json(cancel, dst)
-    }
-}
-
-impl Encoder<&Credit> for HostCodec {
-    type Error = FrameError;
-
-    fn encode(&mut self, credit: &Credit, dst: &mut BytesMut) -> Result<(), FrameError> {
-        self.encode_json(credit, dst)
-    }
+    let header = u32::try_from(len).map_err(|_| FrameError::TooLarge {
+        len,
+        max: u32::MAX as usize,
+    })?;
+    frame[..HEADER_BYTES].copy_from_slice(&header.to_be_bytes());
+    Ok(bytes::Bytes::from(frame))
 }
 
 #[cfg(test)]
@@ -437,12 +419,9 @@ mod tests {
 
     #[test]
     fn encodes_credit_and_cancel_frames() {
-        let mut codec = HostCodec::new(1024);
         let mut buf = BytesMut::new();
-        codec
-            .encode(&Credit { id: 3, credit: 8 }, &mut buf)
-            .unwrap();
-        codec.encode(&Cancel::of(4), &mut buf).unwrap();
+        buf.extend_from_slice(&encode_frame(&Credit { id: 3, credit: 8 }, 1024).unwrap());
+        buf.extend_from_slice(&encode_frame(&Cancel::of(4), 1024).unwrap());
         let bodies: Vec<Value> = [&buf[4..4 + 19], &buf[4 + 19 + 4..]]
             .iter()
             .map(|body| serde_json::from_slice(body).unwrap())
@@ -533,18 +512,15 @@ mod tests {
 
     #[test]
     fn refuses_to_encode_oversized_request() {
-        let mut codec = HostCodec::new(64);
         let request = Request {
             id: 1,
             command: "echo".into(),
             args: json!({"blob": "x".repeat(100)}),
         };
-        let mut dst = BytesMut::new();
         assert!(matches!(
-            codec.encode(&request, &mut dst),
+            encode_frame(&request, 64),
             Err(FrameError::TooLarge { max: 64, .. })
         ));
-        assert!(dst.is_empty());
     }
 
     #[test]
@@ -589,9 +565,7 @@ mod tests {
         #[test]
         fn request_round_trips(id in any::<u64>(), command in "[a-z_]{1,20}", args in json_value()) {
             let request = Request { id, command, args };
-            let mut codec = HostCodec::new(DEFAULT_MAX_FRAME_BYTES);
-            let mut buf = BytesMut::new();
-            codec.encode(&request, &mut buf).unwrap();
+            let buf = encode_frame(&request, DEFAULT_MAX_FRAME_BYTES).unwrap();
             let len = (&buf[..4]).get_u32() as usize;
             prop_assert_eq!(len, buf.len() - 4);
             let decoded: Request = serde_json::from_slice(&buf[4..]).unwrap();

@@ -86,21 +86,16 @@ impl InFlight {
         self.calls.remove(&id)
     }
 
-    /// Call `id` is about to be written as a pipelined call (under the input's lock,
-    /// so the order here is the order in the pipe).
-    pub fn sent_in_line(&mut self, id: u64) {
-        if self.in_line.is_empty() {
+    /// Call `id` is queued to be written as a pipelined call (under the same lock as
+    /// its frame is queued, so the order here is the order in the pipe). Returns
+    /// whether it is first in line: running as soon as it is written.
+    pub fn sent_in_line(&mut self, id: u64) -> bool {
+        let first = self.in_line.is_empty();
+        if first {
             self.head_since = Some(Instant::now());
         }
         self.in_line.push_back(id);
-    }
-
-    /// Takes call `id`, refused before it was written, out of the line.
-    pub fn leave_line(&mut self, id: u64) {
-        self.in_line.retain(|&queued| queued != id);
-        if self.in_line.is_empty() {
-            self.head_since = None;
-        }
+        first
     }
 
     /// The reply to call `id` arrived: takes its waiter out (`None` if it settled

@@ -14,6 +14,7 @@
 mod exit;
 mod in_flight;
 mod manifest;
+mod outbox;
 mod pid;
 pub mod runtime;
 pub mod spawn;
@@ -25,12 +26,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio::time::Instant as Deadline;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 pub use exit::{ExitInfo, ExitReporter, ExitWatch};
@@ -43,8 +44,10 @@ pub use stream::{CallControl, ChunkSink, ChunkSource, chunk_channel};
 use crate::error::Error;
 use crate::protocol::{
     Cancel, Chunk, Credit, Frame, FrameError, HANDSHAKE_ID, HostCodec, JournalHint, Reply, Request,
+    encode_frame,
 };
 use in_flight::{InFlight, Place, Settled, Waiting};
+use outbox::Outbox;
 use stream::Delivered;
 
 /// How long to wait for a dead worker's exit status and last stderr lines.
@@ -120,7 +123,6 @@ impl RawProcess {
     }
 }
 
-type Input = FramedWrite<WorkerInput, HostCodec>;
 type Output = FramedRead<WorkerOutput, HostCodec>;
 
 /// The state of one worker process shared by every handle on it.
@@ -130,7 +132,8 @@ struct Conn {
     manifest: std::sync::OnceLock<Arc<Manifest>>,
     started_at: Instant,
     stop_grace: Duration,
-    input: tokio::sync::Mutex<Option<Input>>,
+    input: Arc<Outbox>,
+    max_frame_bytes: usize,
     /// Held by whoever reads replies at the moment.
     output: tokio::sync::Mutex<Output>,
     pending: Mutex<InFlight>,
@@ -143,6 +146,7 @@ struct Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        self.input.close();
         // A worker nobody holds any more must not live on.
         if !self.exit.exited() {
             self.pid.signal_group(libc::SIGKILL);
@@ -204,10 +208,8 @@ impl Worker {
                 manifest: std::sync::OnceLock::new(),
                 started_at: Instant::now(),
                 stop_grace: spec.stop_grace,
-                input: tokio::sync::Mutex::new(Some(FramedWrite::new(
-                    stdin,
-                    HostCodec::new(spec.max_frame_bytes),
-                ))),
+                input: Outbox::start(stdin),
+                max_frame_bytes: spec.max_frame_bytes,
                 output: tokio::sync::Mutex::new(FramedRead::new(
                     stdout,
                     HostCodec::new(spec.max_frame_bytes),
@@ -493,18 +495,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    /// Puts call `id`, about to be written, at the end of the line of pipelined calls;
-    /// false if the worker is lost (checked under the same lock as the line is
-    /// emptied when it is found lost, so a call never joins a line already settled).
-    fn join_line(&self, id: u64) -> bool {
-        let mut pending = self.conn.pending.lock().expect("pending calls poisoned");
-        if self.is_lost() {
-            return false;
-        }
-        pending.sent_in_line(id);
-        true
     }
 
     /// When pipelined call `id`, with `timeout`, runs out of time: `timeout` after
@@ -805,15 +795,10 @@ impl Worker {
     }
 
     /// Writes a control frame (cancel, credit) to the worker.
-    async fn send_frame<F>(&self, frame: &F) -> Result<(), FrameError>
-    where
-        for<'f> Input: futures::Sink<&'f F, Error = FrameError>,
-    {
-        let mut input = self.conn.input.lock().await;
-        let Some(writer) = input.as_mut() else {
-            return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
-        };
-        writer.send(frame).await
+    async fn send_frame(&self, frame: &impl serde::Serialize) -> Result<(), FrameError> {
+        let frame = encode_frame(frame, self.conn.max_frame_bytes)?;
+        self.conn.input.push(frame)?;
+        Ok(self.conn.input.flush()?)
     }
 
     /// `id (pid N)`, as used in messages.
@@ -831,7 +816,7 @@ impl Worker {
     /// wait again, then `SIGKILL` the group. Returns how the process ended.
     pub async fn stop(self) -> Option<ExitInfo> {
         let conn = &self.conn;
-        conn.input.lock().await.take();
+        conn.input.close();
         if let Some(info) = conn.exit.wait(conn.stop_grace).await {
             conn.pid.signal_group(libc::SIGKILL);
             return Some(info);
@@ -945,62 +930,60 @@ impl PendingCall {
             command: self.command.clone(),
             args,
         };
-        let mut input = self.worker.conn.input.lock().await;
-        // Under the input's lock: the line's order is the pipe's.
-        if self.in_line && !self.worker.join_line(self.id) {
-            drop(input);
-            self.unregister();
-            return Ok(Sent::Unwritten(request));
-        }
-        let written = match input.as_mut() {
-            None => Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into())),
-            Some(writer) => match writer.feed(&request).await {
-                // In the writer's buffer: from here on the request counts as sent.
-                Ok(()) => {
-                    self.stage = Stage::Sent;
-                    SinkExt::<&Request>::flush(writer).await
-                }
-                Err(error) => Err(error),
-            },
+        let frame = match encode_frame(&request, self.worker.conn.max_frame_bytes) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.unregister();
+                let reason = match error {
+                    FrameError::TooLarge { len, max } => {
+                        format!("request of {len} bytes exceeds the {max}-byte frame limit")
+                    }
+                    other => other.to_string(),
+                };
+                return Err(Error::InvalidRequest {
+                    command: self.command.clone(),
+                    reason,
+                });
+            }
         };
-        drop(input);
-        match written {
-            Ok(()) => Ok(Sent::Written(request)),
-            Err(FrameError::Io(_)) => {
-                // Not wholly written: the worker never had the request.
-                self.stage = Stage::Sent;
-                self.worker.crash().await;
-                Ok(Sent::Unwritten(request))
-            }
-            Err(FrameError::TooLarge { len, max }) => {
-                self.leave_line();
+        let conn = &self.worker.conn;
+        let at_once = {
+            let mut pending = conn.pending.lock().expect("pending calls poisoned");
+            // Under the lock the line is kept under, so the line's order is the pipe's,
+            // and a call never joins the line of a worker found lost.
+            if self.in_line && self.worker.is_lost() {
+                drop(pending);
                 self.unregister();
-                Err(Error::InvalidRequest {
-                    command: self.command.clone(),
-                    reason: format!("request of {len} bytes exceeds the {max}-byte frame limit"),
-                })
+                return Ok(Sent::Unwritten(request));
             }
-            Err(other) => {
-                self.leave_line();
-                self.unregister();
-                Err(Error::InvalidRequest {
-                    command: self.command.clone(),
-                    reason: other.to_string(),
-                })
+            if conn.input.push(frame).is_err() {
+                drop(pending);
+                return Ok(self.unwritten(request).await);
             }
+            // From here on the request counts as sent.
+            self.stage = Stage::Sent;
+            if self.in_line {
+                pending.sent_in_line(self.id)
+            } else {
+                pending.len() == 1
+            }
+        };
+        // A call alone on its worker is written now; one behind others goes with the
+        // next batch.
+        if !at_once {
+            conn.input.flush_soon();
+        } else if conn.input.flush().is_err() {
+            return Ok(self.unwritten(request).await);
         }
+        Ok(Sent::Written(request))
     }
 
-    /// A pipelined call refused before it was written leaves the line.
-    fn leave_line(&self) {
-        if self.in_line {
-            self.worker
-                .conn
-                .pending
-                .lock()
-                .expect("pending calls poisoned")
-                .leave_line(self.id);
-        }
+    /// The worker's input failed before the request was (wholly) written: the worker
+    /// never had it, and every call in flight fails with the worker.
+    async fn unwritten(&mut self, request: Request) -> Sent {
+        self.stage = Stage::Sent;
+        self.worker.crash().await;
+        Sent::Unwritten(request)
     }
 
     /// The call's outcome (cancel-safe: waiting can be given up and resumed).
