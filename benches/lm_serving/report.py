@@ -437,8 +437,8 @@ def section(meta: Dict[str, Any], rows: List[Dict[str, Any]], image: str) -> str
         f"`LM_BENCH_MAX_CONCURRENCY={meta.get('max_concurrency', 32)}`, "
         f"`LM_BENCH_UVICORN_WORKERS={meta['uvicorn_workers']}`, "
         f"`LM_BENCH_PROGRAM={meta['program']}`, "
-        f"`LM_BENCH_MODEL={meta.get('model', 'openai/fake')}`. `scripts/benchmarks.sh` rewrites this file "
-        "without this section; run this script after it to put the section back.",
+        f"`LM_BENCH_MODEL={meta.get('model', 'openai/fake')}`. `scripts/benchmarks.sh` rewrites the "
+        "sections above and keeps this one as it is.",
         "",
     ]
     return "\n".join(lines)
