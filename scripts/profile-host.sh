@@ -32,7 +32,17 @@ echo "== system calls and context switches (host and workers), $calls calls"
 perf stat -e 'syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,context-switches' \
   -o "$out/stat.txt" -- $bench >"$out/bench.json"
 cat "$out/stat.txt"
-python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); r=d["resources"]; print(f"{d[\"throughput_rps\"]:.0f} calls/s, host {r[\"host_cpu_us_per_call\"]:.2f} µs/call, workers {r[\"worker_cpu_us_per_call\"]:.2f} µs/call")' "$out/bench.json"
+python3 - "$out/bench.json" <<'PY'
+import json
+import sys
+
+report = json.load(open(sys.argv[1]))
+cpu = report["resources"]
+print(
+    "%.0f calls/s, host %.2f µs/call, workers %.2f µs/call"
+    % (report["throughput_rps"], cpu["host_cpu_us_per_call"], cpu["worker_cpu_us_per_call"])
+)
+PY
 
 echo "== hottest symbols of the host's runtime threads"
 # shellcheck disable=SC2086
