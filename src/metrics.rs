@@ -79,8 +79,8 @@ pub struct Metrics {
     calls: AtomicU64,
     calls_ok: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
-    queue_wait: Mutex<Histogram<u64>>,
-    call_latency: Mutex<Histogram<u64>>,
+    queue_wait: LatencyHistogram,
+    call_latency: LatencyHistogram,
     worker_starts: AtomicU64,
     worker_start_failures: AtomicU64,
     worker_crashes: AtomicU64,
@@ -148,16 +148,59 @@ fn seconds_buckets() -> PromHistogram {
     PromHistogram::new(exponential_buckets_range(0.000_05, 300.0, 24))
 }
 
-fn histogram() -> Mutex<Histogram<u64>> {
-    Mutex::new(Histogram::new_with_bounds(1, MAX_TRACKED_US, 3).expect("valid histogram bounds"))
+/// Shards of a [`LatencyHistogram`]: about one per thread recording at once.
+const SHARDS: usize = 8;
+
+/// A latency histogram (µs) in shards, each thread recording into its own, so calls
+/// finishing on different threads do not contend for one lock or cache line.
+#[derive(Debug)]
+struct LatencyHistogram {
+    shards: [Mutex<Histogram<u64>>; SHARDS],
+}
+
+impl LatencyHistogram {
+    fn new() -> Self {
+        LatencyHistogram {
+            shards: std::array::from_fn(|_| {
+                Mutex::new(
+                    Histogram::new_with_bounds(1, MAX_TRACKED_US, 3)
+                        .expect("valid histogram bounds"),
+                )
+            }),
+        }
+    }
+
+    fn record(&self, value: Duration) {
+        thread_local! {
+            static SHARD: usize = {
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) as usize % SHARDS
+            };
+        }
+        let shard = SHARD.with(|shard| *shard);
+        let _ = self.shards[shard]
+            .lock()
+            .expect("histogram poisoned")
+            .record(micros(value));
+    }
+
+    /// Every shard's values together.
+    fn merged(&self) -> Histogram<u64> {
+        let mut all =
+            Histogram::new_with_bounds(1, MAX_TRACKED_US, 3).expect("valid histogram bounds");
+        for shard in &self.shards {
+            let _ = all.add(&*shard.lock().expect("histogram poisoned"));
+        }
+        all
+    }
 }
 
 fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, MAX_TRACKED_US)
 }
 
-fn summarise(h: &Mutex<Histogram<u64>>) -> LatencySummary {
-    let h = h.lock().expect("histogram poisoned");
+fn summarise(h: &LatencyHistogram) -> LatencySummary {
+    let h = h.merged();
     if h.is_empty() {
         return LatencySummary::default();
     }
@@ -178,8 +221,8 @@ impl Default for Metrics {
             calls: AtomicU64::new(0),
             calls_ok: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
-            queue_wait: histogram(),
-            call_latency: histogram(),
+            queue_wait: LatencyHistogram::new(),
+            call_latency: LatencyHistogram::new(),
             worker_starts: AtomicU64::new(0),
             worker_start_failures: AtomicU64::new(0),
             worker_crashes: AtomicU64::new(0),
@@ -215,21 +258,13 @@ impl Metrics {
                     .or_default() += 1;
             }
         }
-        let _ = self
-            .call_latency
-            .lock()
-            .expect("histogram poisoned")
-            .record(micros(latency));
+        self.call_latency.record(latency);
         self.call_seconds.observe(latency.as_secs_f64());
     }
 
     /// Records how long a caller waited for a worker.
     pub fn record_queue_wait(&self, wait: Duration) {
-        let _ = self
-            .queue_wait
-            .lock()
-            .expect("histogram poisoned")
-            .record(micros(wait));
+        self.queue_wait.record(wait);
         self.queue_wait_seconds.observe(wait.as_secs_f64());
     }
 
