@@ -115,7 +115,12 @@ impl Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_snakepool"))
             .args(["serve", "--listen", "127.0.0.1:0", "--journal", "memory"])
             .args(["--workers", &workers.to_string(), "--python", python])
-            .args(["--python-path", HANDLERS_DIR, "--module", "compare_handlers"])
+            .args([
+                "--python-path",
+                HANDLERS_DIR,
+                "--module",
+                "compare_handlers",
+            ])
             .args(["--log-level", "warn"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
