@@ -14,6 +14,13 @@ for the whole concurrency model):
 - an async generator function (``async def`` with ``yield``): a concurrent streaming
   handler (``"concurrent": true, "streams": true``); its result is ``null``, or the
   value of the ``Final`` it yields (which ends the stream).
+
+A handler that is not a plain function may come with an **inline** handler
+(``register(..., inline=fn)``): a plain function of the same arguments that the runtime
+tries first, on the loop thread, for the calls that have nothing to wait for. It returns
+the call's result, served at once like a sync handler's (a task's cost saved), or
+``RUN_AS_TASK`` when the call must run as a task after all, as it would without one; it
+then must have changed nothing. The manifest does not show it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ STREAM = "stream"
 """Handler kind: a generator function, run as a task one step at a time."""
 ASYNC_STREAM = "async_stream"
 """Handler kind: an async generator function, run as a task."""
+
+
+RUN_AS_TASK: Any = object()
+"""Returned by an inline handler: this call runs as a task, as if there were no inline."""
 
 
 class Final:
@@ -189,7 +200,8 @@ class CommandSpec:
     ``ASYNC``, ``STREAM``, ``ASYNC_STREAM``); ``concurrent`` and ``streams`` follow from it.
     ``args_schema`` is the JSON Schema of the command's ``args`` object (checked by
     ``checked_args_schema``), or ``None``: documentation for callers, never applied to
-    a call's arguments.
+    a call's arguments. ``inline`` is the handler tried before a task is started (see
+    the module docstring), or ``None``.
     """
 
     __slots__ = (
@@ -201,6 +213,7 @@ class CommandSpec:
         "doc",
         "log",
         "kind",
+        "inline",
     )
 
     def __init__(
@@ -210,6 +223,7 @@ class CommandSpec:
         mutates_session: bool,
         internal: bool = False,
         args_schema: Optional[Dict[str, Any]] = None,
+        inline: Optional[Handler] = None,
     ) -> None:
         self.name = name
         self.func = func
@@ -219,6 +233,7 @@ class CommandSpec:
         self.doc = first_doc_line(func)
         self.log = logging.getLogger(getattr(func, "__module__", None) or "snakepool_worker")
         self.kind = handler_kind(func)
+        self.inline = inline
 
     @property
     def concurrent(self) -> bool:
@@ -313,6 +328,20 @@ def _json_copy(value: Any, where: str) -> Any:
     raise ValueError(f"{where} holds a {type(value).__name__}, which is not JSON data")
 
 
+def _check_inline(name: str, func: Handler, inline: Any) -> None:
+    """Refuse an inline handler that is not a plain function, or one for a command whose
+    own handler is a plain function (its calls never have a task to save)."""
+    if not callable(inline) or handler_kind(inline) is not SYNC:
+        raise TypeError(
+            f"command {name!r}: the inline handler {inline!r} must be a plain function"
+        )
+    if handler_kind(func) is SYNC:
+        raise ValueError(
+            f"command {name!r}: only a handler that runs as a task (async def, a generator) "
+            "may have an inline handler"
+        )
+
+
 def first_doc_line(func: Callable[..., Any]) -> str:
     """First non-empty line of ``func``'s docstring, or ``""``."""
     doc = getattr(func, "__doc__", None)
@@ -352,16 +381,21 @@ class Registry:
         mutates_session: bool = False,
         internal: bool = False,
         args_schema: Optional[Dict[str, Any]] = None,
+        inline: Optional[Handler] = None,
     ) -> CommandSpec:
         """Register ``func`` under ``name``; raise ``ValueError`` if the name is taken.
 
         ``internal=True`` marks a command only the host may send (see ``CommandSpec``);
-        ``args_schema`` is the JSON Schema of its ``args`` (see ``checked_args_schema``).
+        ``args_schema`` is the JSON Schema of its ``args`` (see ``checked_args_schema``);
+        ``inline`` is a plain function tried before each call's task (see the module
+        docstring), for a handler that is not a plain function itself.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"command name must be a non-empty string, got {name!r}")
         if not callable(func):
             raise TypeError(f"command {name!r}: handler {func!r} is not callable")
+        if inline is not None:
+            _check_inline(name, func, inline)
         if args_schema is not None:
             args_schema = checked_args_schema(name, args_schema)
         existing = self._commands.get(name)
@@ -370,7 +404,7 @@ class Registry:
                 f"command {name!r} is already registered by {_qualified_name(existing.func)}; "
                 f"cannot register it again for {_qualified_name(func)}"
             )
-        spec = CommandSpec(name, func, bool(mutates_session), bool(internal), args_schema)
+        spec = CommandSpec(name, func, bool(mutates_session), bool(internal), args_schema, inline)
         self._commands[name] = spec
         self.version += 1
         return spec

@@ -38,6 +38,12 @@ What a call may overlap with depends on its handler (see ``registry.py``):
   sends each yielded value as a chunk before the final reply (``calls.py``). A sync
   generator is advanced one step at a time on the loop thread and is not concurrent; an
   async generator is concurrent. Both count against ``max_concurrency``.
+- A concurrent or streaming command may also have an **inline** handler (see
+  ``registry.py``), a plain function tried first on the loop thread: a call it answers
+  is served at once like a sync call (no task; nothing else runs meanwhile, so a cancel
+  frame finds nothing in flight), and a call it hands back (``RUN_AS_TASK``) runs as a
+  task as above. At ``max_concurrency`` calls in flight it is not tried: the call is
+  refused with ``Overloaded``, as it would be without one.
 - A **cancel** frame cancels the call's task: the handler gets ``CancelledError`` at its
   current ``await`` (or ``yield``, for a stream waiting for credit), may catch it to
   clean up, and the call is answered with a ``Cancelled`` failure. Cancelling an id that
@@ -88,6 +94,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextvars
 import gc
 import importlib
 import importlib.util
@@ -121,7 +128,15 @@ from .protocol import (
     loads,
 )
 from . import watchdog
-from .registry import SYNC, CommandSpec, Context, Registry, default_registry
+from .registry import (
+    RUN_AS_TASK,
+    SYNC,
+    CommandSpec,
+    Context,
+    Handler,
+    Registry,
+    default_registry,
+)
 
 COLLECT_DELAY = 1.0
 """Seconds between dropping a session and collecting what it left in cycles."""
@@ -467,11 +482,12 @@ class Runtime:
     ) -> Optional[bytes]:
         """Serve one frame; return the reply payload, or ``None`` for no reply (yet).
 
-        Sync handlers run here and now. A call that runs as a task is launched and
-        answered later when the frame loop is serving (``None`` is returned); without a
-        frame loop (in-process use, tests) it runs to completion on a private event loop
-        and its final reply is returned, its chunk payloads passed to ``on_chunk`` if
-        given. Cancel and credit frames are never answered.
+        Sync handlers run here and now, and so do inline handlers (``registry.py``) for
+        the calls they answer. A call that runs as a task is launched and answered later
+        when the frame loop is serving (``None`` is returned); without a frame loop
+        (in-process use, tests) it runs to completion on a private event loop and its
+        final reply is returned, its chunk payloads passed to ``on_chunk`` if given.
+        Cancel and credit frames are never answered.
         """
         try:
             message = loads(payload)
@@ -528,6 +544,11 @@ class Runtime:
 
         ctx = Context(self._worker_id, session_id, spec.log, request_id, name, self.sessions, self)
         if spec.kind is not SYNC:
+            inline = spec.inline
+            if inline is not None and len(calls) < self.max_concurrency:
+                reply = self._serve_inline(inline, request_id, name, args, ctx)
+                if reply is not None:
+                    return reply
             return self._start(Call(self, request_id, name, spec, args, ctx, 0), on_chunk)
         try:
             result = spec.func(args, ctx)
@@ -543,6 +564,26 @@ class Runtime:
                 f"the handler of command {name!r} returned a coroutine: declare it with "
                 "'async def' so the worker runs it as a task",
             )
+        return self._success(request_id, name, result, ctx)
+
+    def _serve_inline(
+        self, inline: Handler, request_id: int, name: str, args: Dict[str, Any], ctx: Context
+    ) -> Optional[bytes]:
+        """The reply of a concurrent command's inline handler, run in a copy of the current
+        context as the call's task would be; ``None`` when it returns ``RUN_AS_TASK``."""
+        try:
+            result = contextvars.copy_context().run(inline, args, ctx)
+        except Exception as exc:
+            return self.failure(
+                request_id, type(exc).__name__, _safe_str(exc), _format_exception(exc)
+            )
+        if result is RUN_AS_TASK:
+            return None
+        return self._success(request_id, name, result, ctx)
+
+    def _success(self, request_id: int, name: str, result: Any, ctx: Context) -> bytes:
+        """The reply to a call that returned ``result``: ``encode_result``, with a quicker
+        way for the common reply (no journal, encodable, small enough)."""
         if ctx._journal is None:
             try:
                 reply = encode_success(request_id, result)

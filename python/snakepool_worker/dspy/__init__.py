@@ -16,7 +16,9 @@ Concurrency: ``execute_program`` is an async generator command (the manifest fla
 ``"concurrent": true, "streams": true``). It runs the program with DSPy's ``acall``, as a
 task on the worker's event loop, so one worker overlaps many LM calls, and a cancel from
 the host stops it; with ``stream`` it sends the program's string outputs as chunks while
-the LM writes them. The other commands are synchronous and have the worker to
+the LM writes them. A run without ``stream`` of a session's program with the scripted
+(dummy) LM does no I/O, so it is served at once instead, without a task, like a
+synchronous command. The other commands are synchronous and have the worker to
 themselves. Each run's settings (its LM, adapter, response cache, usage tracker and
 trace) live in DSPy's context variable, which every task (and ``asyncio.to_thread``) has
 a copy of: runs that overlap never see each other's LM, cache, usage or trace, and

@@ -5,18 +5,21 @@
 the session's LM, or a served program (see ``served``) with its profile's LM, through
 DSPy's ``acall``: it is the one concurrent command (an async generator), so runs overlap
 on the worker's event loop while they wait for their LMs, and with ``stream`` it sends
-the program's string outputs as chunks first (see ``streaming``). The others (all
+the program's string outputs as chunks first (see ``streaming``). Its inline handler
+serves a run without a stream of a session's program with the scripted LM at once,
+through DSPy's synchronous call, without a task: such a run does no I/O. The others (all
 synchronous) list, describe, save, load and delete programs. Every command rejects
 arguments it does not know (``InvalidArgument``).
 
-``register_commands`` registers the commands with their argument schemas (``schemas``)
-and their session hooks: the cleanup hook, and the snapshot and restore hooks of the
-part ``snakepool_worker.dspy`` (see ``snapshot``), which cover every DSPy command.
+``register_commands`` registers the commands with their argument schemas (``schemas``),
+the inline handler and their session hooks: the cleanup hook, and the snapshot and
+restore hooks of the part ``snakepool_worker.dspy`` (see ``snapshot``), which cover every
+DSPy command.
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Dict, Tuple
+from typing import Any, AsyncIterator, Dict, Optional, Tuple
 
 from ..arguments import (
     InvalidArgument,
@@ -27,7 +30,7 @@ from ..arguments import (
     names,
     quoted,
 )
-from ..registry import Context, Final, Handler, Registry
+from ..registry import RUN_AS_TASK, Context, Final, Handler, Registry
 from .configure import configure_lm
 from .errors import MissingInput, UnknownInput
 from .optimize import optimize_program
@@ -43,7 +46,9 @@ from .served import find_served, served_lm
 from .signatures import RESERVED_FIELD_NAMES, reserved_error
 from .snapshot import SNAPSHOT_PART, restore_session_state, snapshot_session_state
 from .state import (
+    STATE_KEY,
     LMBinding,
+    SessionState,
     arun,
     cleanup_session_state,
     find_program,
@@ -113,39 +118,84 @@ async def execute_program(args: Dict[str, Any], ctx: Context) -> AsyncIterator[A
             await chunks.aclose()
         return
     module = program.module
-    if (binding.lm_info or {}).get("provider") == "dummy":
-        # A scripted LM does no I/O, so nothing would overlap: the sync path is DSPy's
-        # cheaper one (``acall`` adds about 130 µs a run).
-        prediction = run(binding, lambda: module(**inputs))
-    else:
-        prediction = await arun(binding, lambda: module.acall(**inputs))
+    prediction = await arun(binding, lambda: module.acall(**inputs))
     yield Final(program_result(program, prediction))
+
+
+def execute_program_inline(args: Dict[str, Any], ctx: Context) -> Any:
+    """``execute_program`` at once, without a task, for a session's program with a scripted
+    LM and no stream: such a run does no I/O, so it has nothing to overlap with, and DSPy's
+    synchronous call is the cheaper one. Any other call: ``RUN_AS_TASK``."""
+    state = _scripted_session(args, ctx)
+    if state is None:
+        return RUN_AS_TASK
+    program, inputs = _session_run_of(args, ctx, state)
+    module = program.module
+    prediction = run(state, lambda: module(**inputs))
+    return program_result(program, prediction)
+
+
+def _scripted_session(args: Dict[str, Any], ctx: Context) -> Optional[SessionState]:
+    """The calling session's state, when ``args`` ask for a run without a stream of one of
+    its programs and its LM is the scripted one; else ``None``."""
+    stream = args.get("stream")
+    if (stream is not None and stream is not False) or args.get("program") is not None:
+        return None
+    if ctx.session_id is None:
+        return None
+    state = ctx.session.get(STATE_KEY)
+    if not isinstance(state, SessionState) or state.lm_info is None:
+        return None
+    return state if state.lm_info.get("provider") == "dummy" else None
 
 
 def _run_of(args: Dict[str, Any], ctx: Context) -> Tuple[LMBinding, Program, Dict[str, Any]]:
     """The LM binding, program and checked inputs ``execute_program`` runs."""
-    command = ctx.command
     if args.get("program") is not None:
-        if ctx.session_id is not None:
-            raise InvalidArgument(
-                f"{command}: args.program names a served program, which runs as a plain call "
-                "without a session; in a session, run the session's programs with "
-                "args.program_id"
-            )
-        check_known(command, args, ("program", "inputs", "stream"))
-        served, program = find_served(get_str(command, args, "program"))
-        inputs = _checked_inputs(command, program, args.get("inputs"))
-        return served_lm(served, ctx.worker_id, command), program, inputs
+        return _served_run_of(args, ctx)
     state = session_state(ctx)
+    program, inputs = _session_run_of(args, ctx, state)
+    return state, program, inputs
+
+
+def _served_run_of(
+    args: Dict[str, Any], ctx: Context
+) -> Tuple[LMBinding, Program, Dict[str, Any]]:
+    """``_run_of`` for a served program (``args.program``), in a plain call."""
+    command = ctx.command
+    if ctx.session_id is not None:
+        raise InvalidArgument(
+            f"{command}: args.program names a served program, which runs as a plain call "
+            "without a session; in a session, run the session's programs with "
+            "args.program_id"
+        )
+    check_known(command, args, ("program", "inputs", "stream"))
+    served, program = find_served(get_str(command, args, "program"))
+    inputs = _checked_inputs(command, program, args.get("inputs"))
+    return served_lm(served, ctx.worker_id, command), program, inputs
+
+
+def _session_run_of(
+    args: Dict[str, Any], ctx: Context, state: SessionState
+) -> Tuple[Program, Dict[str, Any]]:
+    """The program of the session (``state``) that ``args.program_id`` names and its
+    checked inputs; ``LMNotConfigured`` when the session has no LM."""
+    command = ctx.command
     check_known(command, args, ("program_id", "inputs", "stream"))
     program = find_program(state, ctx, args)
     inputs = _checked_inputs(command, program, args.get("inputs"))
     require_lm(state, ctx)
-    return state, program, inputs
+    return program, inputs
 
 
 def _checked_inputs(command: str, program: Program, inputs: Any) -> Dict[str, Any]:
-    """``args.inputs``, holding every input field of ``program`` and nothing else."""
+    """``args.inputs``, holding every input field of ``program`` and nothing else.
+
+    Inputs naming exactly the program's input fields pass at once: no declared field
+    has a reserved name.
+    """
+    if type(inputs) is dict and inputs.keys() == program.input_names:
+        return inputs
     if inputs is None:
         inputs = {}
     if not isinstance(inputs, dict):
@@ -258,13 +308,20 @@ COMMANDS: Tuple[Tuple[str, Handler, bool], ...] = (
 COMMAND_NAMES: Tuple[str, ...] = tuple(name for name, _, _ in COMMANDS)
 """Names of the DSPy commands."""
 
+INLINE_HANDLERS: Dict[str, Handler] = {"execute_program": execute_program_inline}
+"""The inline handler (see ``snakepool_worker.registry``) of each DSPy command with one."""
+
 
 def register_commands(registry: Registry) -> None:
-    """Register the DSPy commands, with their argument schemas (see ``schemas``), and their
-    session hooks into ``registry``."""
+    """Register the DSPy commands, with their argument schemas (see ``schemas``) and inline
+    handlers, and their session hooks into ``registry``."""
     for name, func, mutates_session in COMMANDS:
         registry.register(
-            name, func, mutates_session=mutates_session, args_schema=ARGS_SCHEMAS[name]
+            name,
+            func,
+            mutates_session=mutates_session,
+            args_schema=ARGS_SCHEMAS[name],
+            inline=INLINE_HANDLERS.get(name),
         )
     register_session_hooks(registry)
 

@@ -109,7 +109,9 @@ class WeakOwner:
     dropped LM would stay in memory until the next full run of the cyclic collector
     instead of going with its session. The engine is used only through its LM (which is
     then alive, held by whatever runs it), and reads only attributes of its owner, which
-    this forwards. In a deep copy of the LM, the copied engine stands for the copied LM.
+    this forwards: every name but those of this class (its slot and methods, and
+    ``object``'s), without looking for it here first, since a failed look-up costs an
+    exception. In a deep copy of the LM, the copied engine stands for the copied LM.
     """
 
     __slots__ = ("_lm",)
@@ -117,10 +119,10 @@ class WeakOwner:
     def __init__(self, lm: Any) -> None:
         self._lm = weakref.ref(lm)
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "_lm":
-            raise AttributeError(name)
-        lm = self._lm()
+    def __getattribute__(self, name: str) -> Any:
+        if name in _WEAK_OWNER_NAMES:
+            return object.__getattribute__(self, name)
+        lm = object.__getattribute__(self, "_lm")()
         if lm is None:
             raise ReferenceError("the dummy LM of this engine no longer exists")
         return getattr(lm, name)
@@ -131,6 +133,10 @@ class WeakOwner:
         if copied is not None:
             return WeakOwner(copied)
         return copy.deepcopy(lm, memo)
+
+
+_WEAK_OWNER_NAMES = frozenset(dir(WeakOwner))
+"""The names a ``WeakOwner`` answers for itself."""
 
 
 def _unlink_engine(lm: Any) -> None:

@@ -35,10 +35,28 @@ PREDICTOR_STATE_KEYS = frozenset({"traces", "train", "demos", "signature", "lm",
 """The keys of one predictor's state in ``dump_program_state``."""
 
 
+_PLAIN_TYPES = frozenset({str, int, bool, type(None)})
+"""The types ``jsonable`` returns values of as they are."""
+
+
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON data; non-finite floats become null, unknown objects text."""
-    if value is None or type(value) in (str, bool, int):
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
         return value
+    if kind is dict:
+        return {
+            str(key): item if type(item) in _PLAIN_TYPES else jsonable(item)
+            for key, item in value.items()
+        }
+    if kind is list:
+        return [item if type(item) in _PLAIN_TYPES else jsonable(item) for item in value]
+    return _converted(value)
+
+
+def _converted(value: Any) -> Any:
+    """``jsonable`` for a value that is not exactly ``None``, a string, an integer, a
+    boolean, a dict or a list."""
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
@@ -64,9 +82,12 @@ def jsonable(value: Any) -> Any:
 
 
 class Program:
-    """One program of a session: its declared fields and the DSPy module."""
+    """One program of a session: its declared fields and the DSPy module.
 
-    __slots__ = ("program_id", "type", "inputs", "outputs", "module")
+    ``input_names`` holds the names of ``inputs``, which never change.
+    """
+
+    __slots__ = ("program_id", "type", "inputs", "input_names", "outputs", "module")
 
     def __init__(
         self,
@@ -79,6 +100,7 @@ class Program:
         self.program_id = program_id
         self.type = program_type
         self.inputs = inputs
+        self.input_names = frozenset(field.name for field in inputs)
         self.outputs = outputs
         self.module = module
 
