@@ -315,7 +315,10 @@ impl Worker {
         if self.is_lost() {
             return false;
         }
-        if self.in_flight() > 0 {
+        // Held while the output is looked at: no call can be sent meanwhile, so a reply
+        // read here can only be one nobody asked for.
+        let pending = self.conn.pending.lock().expect("pending calls poisoned");
+        if pending.len() > 0 {
             // Whoever waits for those calls reads the output and checks it.
             return true;
         }
@@ -332,6 +335,7 @@ impl Worker {
             Some(Some(Err(error))) => format!("wrote bytes while idle: {error}"),
             Some(None) => "closed its output".to_owned(),
         };
+        drop((output, pending));
         tracing::warn!(worker = %self.name(), %problem, "idle worker is unfit; killed");
         self.kill();
         false
