@@ -189,19 +189,39 @@ pub const INTERNAL_COMMANDS: &[&str] = &[
     "restore_session",
 ];
 
-/// Runs the I/O part of a session call on a task of its own, so that a caller who
-/// goes away (a dropped future, a disconnected HTTP client) neither kills the worker
-/// nor loses a journal entry nor lets the session's next call overtake it: the call
-/// finishes within its timeout and its reply is dropped. (A plain call needs no task:
-/// its lease finishes an abandoned call by itself.)
+/// Runs the I/O part of a session call so that a caller who goes away (a dropped
+/// future, a disconnected HTTP client) neither kills the worker nor loses a journal
+/// entry nor lets the session's next call overtake it: the caller drives the call
+/// itself, and if it is dropped before the call ended, the rest of the call goes on
+/// in a task of its own (within its timeout) and its reply is dropped. (A plain call
+/// needs none of this: its lease finishes an abandoned call by itself.)
 pub(crate) async fn detached<T: Send + 'static>(
     call: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    match tokio::spawn(call).await {
-        Ok(result) => result,
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        // The runtime is shutting down.
-        Err(_) => Err(Error::ShuttingDown),
+    let mut call = FinishedIfDropped(Some(Box::pin(call)));
+    std::future::poll_fn(|context| {
+        let running = call.0.as_mut().expect("polled until it ends");
+        let outcome = running.as_mut().poll(context);
+        if outcome.is_ready() {
+            call.0 = None;
+        }
+        outcome
+    })
+    .await
+}
+
+/// A call that, dropped before it ended, is finished on a task of its own.
+struct FinishedIfDropped<F: Future + Send + 'static>(Option<std::pin::Pin<Box<F>>>);
+
+impl<F: Future + Send + 'static> Drop for FinishedIfDropped<F> {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                call.await;
+            });
+        }
     }
 }
 
