@@ -127,6 +127,8 @@ pub struct Settings {
     pub max_concurrency: Option<usize>,
     /// Most quick sync calls sent to one worker ahead of their turn.
     pub pipeline_depth: Option<usize>,
+    /// Threads of the host's async runtime (see [`Settings::server_runtime_threads`]).
+    pub runtime_threads: Option<usize>,
     /// Shortest timeout a caller may ask for.
     #[serde(default, with = "humantime_serde")]
     pub min_request_timeout: Option<Duration>,
@@ -292,6 +294,7 @@ impl Settings {
             max_stored_sessions,
             max_concurrency,
             pipeline_depth,
+            runtime_threads,
             min_request_timeout,
             max_request_timeout,
             rebuild_timeout,
@@ -463,11 +466,54 @@ impl Settings {
         self.listen
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"))
     }
+
+    /// The `runtime_threads` the operator chose, if any.
+    pub fn chosen_runtime_threads(&self) -> Result<Option<usize>, String> {
+        match self.runtime_threads {
+            Some(0) => Err("runtime_threads must be at least 1".into()),
+            chosen => Ok(chosen),
+        }
+    }
+
+    /// Threads for the async runtime of a server of this pool on `cores` cores: the
+    /// operator's choice, else the cores the workers leave free, but at least a
+    /// quarter of the cores and at least one. Each worker keeps a core busy under
+    /// load; server threads beyond the free cores only take turns with the workers,
+    /// and every turn costs a context switch and a cross-core wake-up.
+    pub fn server_runtime_threads(&self, cores: usize) -> Result<usize, String> {
+        let workers = self.workers.unwrap_or(cores);
+        Ok(self
+            .chosen_runtime_threads()?
+            .unwrap_or_else(|| cores.saturating_sub(workers).max(cores / 4).max(1)))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_threads_leave_the_workers_their_cores() {
+        let with = |workers: Option<usize>, threads: Option<usize>| Settings {
+            workers,
+            runtime_threads: threads,
+            ..Settings::default()
+        };
+        let threads = |settings: Settings, cores| settings.server_runtime_threads(cores).unwrap();
+        // Two cores, two workers (the default: one per core): one host thread.
+        assert_eq!(threads(with(None, None), 2), 1);
+        assert_eq!(threads(with(Some(2), None), 2), 1);
+        assert_eq!(threads(with(Some(8), None), 2), 1);
+        assert_eq!(threads(with(Some(2), None), 16), 14);
+        assert_eq!(threads(with(Some(16), None), 16), 4);
+        assert_eq!(threads(with(Some(0), None), 1), 1);
+        // The operator's choice wins; none is refused.
+        assert_eq!(threads(with(Some(2), Some(3)), 2), 3);
+        let none = with(None, Some(0)).server_runtime_threads(2).unwrap_err();
+        assert!(none.contains("runtime_threads"), "{none}");
+        assert_eq!(with(Some(2), None).chosen_runtime_threads(), Ok(None));
+        assert!(with(None, Some(0)).chosen_runtime_threads().is_err());
+    }
 
     #[test]
     fn parses_every_kind_of_value() {

@@ -58,9 +58,40 @@ enum BenchCommand {
     Startup(cli::startup::StartupArgs),
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Threads for the async runtime of `command`: `None` for tokio's default (one per
+/// core); the chosen number; for `serve`, the cores its workers leave.
+fn runtime_threads(command: &Command) -> Result<Option<usize>, String> {
+    match command {
+        Command::Serve(args) => args.runtime_threads(),
+        Command::Call(args) => args.runtime_threads(),
+        Command::Bench(BenchArgs { what: None, load }) => load.runtime_threads(),
+        _ => Ok(None),
+    }
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    match runtime_threads(&cli.command) {
+        Ok(Some(threads)) => {
+            runtime.worker_threads(threads);
+        }
+        Ok(None) => {}
+        Err(message) => {
+            eprintln!("error: {message}");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     let default_level = match cli.command {
         Command::Serve(_) => "info",
         _ => "warn",

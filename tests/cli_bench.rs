@@ -165,6 +165,26 @@ async fn bad_flags_fail_before_any_call() {
     assert!(!output.status.success());
 }
 
+#[tokio::test]
+async fn the_runtime_threads_are_tokios_default_unless_chosen() {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as u64;
+    let args = ["--workers", "1", "--requests", "20", "--command", "ping"];
+    let r = bench_pool(&args).await;
+    assert_eq!(count(&r, "runtime_threads"), cores, "{r}");
+    let chosen: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--runtime-threads", "3"])
+        .collect();
+    let r = bench_pool(&chosen).await;
+    assert_eq!(count(&r, "runtime_threads"), 3, "{r}");
+
+    let output = bench(&["--runtime-threads", "0", "--requests", "1"]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--runtime-threads"), "{stderr}");
+}
+
 /// What the stand-in server saw.
 #[derive(Default)]
 struct Seen {

@@ -410,6 +410,24 @@ async fn sigterm_drains_calls_in_flight_then_stops_every_worker() {
 }
 
 #[test]
+fn serve_refuses_zero_runtime_threads_from_its_settings_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("snakepool.toml");
+    std::fs::write(&config, "workers = 1\nruntime_threads = 0\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_snakepool"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env_remove("SNAKEPOOL_RUNTIME_THREADS")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("runtime_threads must be at least 1"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_bad_config_key_is_named_and_serve_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("snakepool.toml");

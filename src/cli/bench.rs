@@ -119,6 +119,15 @@ fn parse_args(text: &str) -> Result<Value, String> {
 type Outcome = Option<Cow<'static, str>>;
 
 impl LoadArgs {
+    /// Threads for the async runtime: the pool's choice, or the default when loading
+    /// a server.
+    pub fn runtime_threads(&self) -> Result<Option<usize>, String> {
+        match self.url {
+            Some(_) => Ok(None),
+            None => self.pool.runtime_threads(false),
+        }
+    }
+
     /// The session ids of the run: `bench-I`, or `bench-T-I` for a DSPy load, whose
     /// sessions are new (a durable journal may keep a session of an earlier run).
     fn session_ids(&self) -> Vec<String> {
@@ -783,6 +792,8 @@ struct Report {
     concurrency: usize,
     sessions: usize,
     workers: Option<usize>,
+    /// Threads of this process's async runtime: the host's, when the pool is its own.
+    runtime_threads: usize,
     requests: u64,
     ok: u64,
     errors: BTreeMap<String, u64>,
@@ -814,6 +825,7 @@ impl Report {
             concurrency: args.concurrency,
             sessions: args.session_count(),
             workers,
+            runtime_threads: tokio::runtime::Handle::current().metrics().num_workers(),
             requests,
             ok: tally.ok,
             latency_us: Latency::of(&tally.latency),
@@ -831,7 +843,10 @@ impl Report {
 
     fn print_table(&self) {
         let target = match self.workers {
-            Some(n) => format!("{} ({n} workers)", self.target),
+            Some(n) => format!(
+                "{} ({n} workers; host runtime threads {})",
+                self.target, self.runtime_threads
+            ),
             None => self.target.clone(),
         };
         let sessions = match self.sessions {

@@ -42,6 +42,17 @@ pub struct CallArgs {
     pool: PoolArgs,
 }
 
+impl CallArgs {
+    /// Threads for the async runtime: the pool's choice, or the default for a call
+    /// to a server.
+    pub fn runtime_threads(&self) -> Result<Option<usize>, String> {
+        match self.url {
+            Some(_) => Ok(None),
+            None => self.pool.runtime_threads(false),
+        }
+    }
+}
+
 /// Exit codes by error kind, so scripts can tell failures apart.
 pub fn exit_code(kind: &str) -> u8 {
     match kind {

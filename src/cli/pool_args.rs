@@ -92,6 +92,11 @@ pub struct PoolArgs {
     /// none).
     #[arg(long, env = "SNAKEPOOL_PIPELINE_DEPTH")]
     pub pipeline_depth: Option<usize>,
+    /// Threads of the host's async runtime (default for `serve`: the cores the
+    /// workers leave free, at least a quarter of the cores and at least 1; for the
+    /// other commands one per core).
+    #[arg(long, env = "SNAKEPOOL_RUNTIME_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub runtime_threads: Option<u16>,
     /// Shortest timeout a caller may ask for (default 1s).
     #[arg(long, env = "SNAKEPOOL_MIN_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
     pub min_request_timeout: Option<Duration>,
@@ -239,6 +244,7 @@ impl PoolArgs {
             max_stored_sessions: self.max_stored_sessions,
             max_concurrency: self.max_concurrency,
             pipeline_depth: self.pipeline_depth,
+            runtime_threads: self.runtime_threads.map(usize::from),
             min_request_timeout: self.min_request_timeout,
             max_request_timeout: self.max_request_timeout,
             rebuild_timeout: self.rebuild_timeout,
@@ -260,6 +266,21 @@ impl PoolArgs {
                 .then(|| self.programs.iter().cloned().collect::<BTreeMap<_, _>>()),
             ..Settings::default()
         }
+    }
+
+    /// Threads for the async runtime of a command that runs this pool: the chosen
+    /// number, or with `serving` what [`Settings::server_runtime_threads`] picks;
+    /// `Ok(None)` for tokio's default (one per core), also when the settings cannot
+    /// be read (the command then says why).
+    pub fn runtime_threads(&self, serving: bool) -> Result<Option<usize>, String> {
+        let Ok(settings) = self.settings() else {
+            return Ok(None);
+        };
+        if !serving {
+            return settings.chosen_runtime_threads();
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        settings.server_runtime_threads(cores).map(Some)
     }
 
     /// Flags over the settings file (if any).

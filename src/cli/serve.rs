@@ -25,6 +25,13 @@ pub struct ServeArgs {
     server: ServerArgs,
 }
 
+impl ServeArgs {
+    /// Threads for the server's async runtime.
+    pub fn runtime_threads(&self) -> Result<Option<usize>, String> {
+        self.pool.runtime_threads(true)
+    }
+}
+
 /// How long connections get, past the drain deadline, to deliver the last answers.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -129,6 +136,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         );
     }
     say(&format!("listening on http://{local}"));
+    tracing::info!(
+        runtime_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "async runtime"
+    );
 
     let state = ServerState::starting();
     let app = router(state.clone(), &options);
