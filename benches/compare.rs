@@ -1948,8 +1948,8 @@ fn md_cpu(r: &Report) -> String {
          of the workers'. Through HTTP, the server spends {http_host} µs of CPU per \
          call and the calls per second are {http_share} of the in-process pool's: the \
          client, the server and the workers share the 2 cores.\n\n\
-         **Where the time went.** Before this version, on the same machine \
-         (`snakepool bench --workers 2 --concurrency 32 --requests 200000 --command \
+         **Where the time went.** Before this version, on the VM's earlier AMD EPYC \
+         host (`snakepool bench --workers 2 --concurrency 32 --requests 200000 --command \
          ping`, separate runs): 30,000–38,600 calls/s, 19.4–19.9 µs of host CPU and \
          14.2–15.9 µs of worker CPU per call. `perf stat` counted 3 context switches, 2 \
          reads, 1 `writev` and 1 `write` per call, and `perf record -g` put 27% of the \
@@ -1962,7 +1962,12 @@ fn md_cpu(r: &Report) -> String {
          (about 4 per `writev`), replies come in several per `read`, and context \
          switches fell from 3 per call to about 0.1. What is left on the host is \
          mostly JSON (the reply's `Value`), the runtime's task wake-ups, the call's \
-         timer and the metrics. `scripts/profile-host.sh` reproduces the profile.\n\n",
+         timer and the metrics. `scripts/profile-host.sh` reproduces the profile. \
+         The server's own share fell twice more: with mimalloc as the binary's \
+         allocator (median 41.6 → 36.1 µs per HTTP call over 5 alternating runs of \
+         `snakepool bench --url`) and with a runtime of as many threads as the \
+         workers leave cores, 1 here (32.5–39.9 µs against 35.1–42.5 µs with 2, at \
+         the same calls per second), both measured on the slower Intel host.\n\n",
         callers = s.cpu_callers,
         rounds = s.rounds,
         calls = fmt_int(s.cpu_calls as f64),
