@@ -428,8 +428,9 @@ fn current_thread() -> Runtime {
         .expect("a runtime")
 }
 
-/// A pool of `workers` workers with the `add` command, forked from a zygote.
-async fn plain_pool(python: &str, workers: usize) -> Pool {
+/// The builder of a pool of `workers` workers running the bench's commands
+/// (`compare_handlers`), forked from a zygote, without health pings.
+fn compare_pool(python: &str, workers: usize) -> snakepool::PoolBuilder {
     Pool::builder()
         .workers(workers)
         .python(python)
@@ -437,6 +438,11 @@ async fn plain_pool(python: &str, workers: usize) -> Pool {
         .module("compare_handlers")
         .spawn_mode(SpawnMode::Zygote)
         .health_interval(None)
+}
+
+/// A pool of `workers` workers with the `add` command, forked from a zygote.
+async fn plain_pool(python: &str, workers: usize) -> Pool {
+    compare_pool(python, workers)
         .start()
         .await
         .expect("pool starts")

@@ -30,7 +30,7 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use snakepool::{Error, PoolEvent};
+use snakepool::{Error, Pool, PoolEvent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -2753,17 +2753,28 @@ async fn a_worker_over_its_memory_limit_does_not_serve_the_very_next_call() {
     // Every worker is over a 1-byte limit after its first call. No waiting between
     // calls: the check after each call must retire the worker before the next one
     // reaches it (the supervisor's periodic check would be too late).
-    let pool = builder(1)
-        .max_rss_bytes(1)
-        .health_interval(None)
-        .start()
-        .await
-        .unwrap();
+    let pool = over_memory_after_one_call(1).await;
     let mut served = Vec::new();
     for _ in 0..20 {
         served.push(pid_of(&pool.call("whoami", json!({})).await.unwrap()));
     }
-    let mut distinct = served.clone();
+    assert_each_served_once(&served);
+    pool.shutdown().await;
+}
+
+/// A pool of `workers` whose every worker is over its memory limit after one call.
+async fn over_memory_after_one_call(workers: usize) -> Pool {
+    builder(workers)
+        .max_rss_bytes(1)
+        .health_interval(None)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Fails unless every pid in `served` is different: no worker served twice.
+fn assert_each_served_once(served: &[u32]) {
+    let mut distinct = served.to_vec();
     distinct.sort_unstable();
     distinct.dedup();
     assert_eq!(
@@ -2771,7 +2782,6 @@ async fn a_worker_over_its_memory_limit_does_not_serve_the_very_next_call() {
         served.len(),
         "a worker over its limit served again: {served:?}"
     );
-    pool.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2779,12 +2789,7 @@ async fn a_worker_over_its_memory_limit_serves_no_other_waiting_caller() {
     // Two workers, four callers always waiting: while one worker's memory is read
     // after its call, neither a waiting caller nor the other worker's release may
     // hand it another call.
-    let pool = builder(2)
-        .max_rss_bytes(1)
-        .health_interval(None)
-        .start()
-        .await
-        .unwrap();
+    let pool = over_memory_after_one_call(2).await;
     let callers: Vec<_> = (0..4)
         .map(|_| {
             let pool = pool.clone();
@@ -2801,13 +2806,6 @@ async fn a_worker_over_its_memory_limit_serves_no_other_waiting_caller() {
     for caller in callers {
         served.extend(caller.await.unwrap());
     }
-    let mut distinct = served.clone();
-    distinct.sort_unstable();
-    distinct.dedup();
-    assert_eq!(
-        distinct.len(),
-        served.len(),
-        "a worker over its limit served again"
-    );
+    assert_each_served_once(&served);
     pool.shutdown().await;
 }

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use snakepool::{Pool, SpawnMode};
+use snakepool::Pool;
 
-use crate::{HANDLERS_DIR, Rounds, Settings, multi_thread, secs_since, throughput};
+use crate::{HANDLERS_DIR, Rounds, Settings, compare_pool, multi_thread, secs_since, throughput};
 
 /// The paths measured, in table order.
 pub const PATHS: [&str; 3] = [
@@ -87,13 +87,7 @@ impl Reading {
 }
 
 async fn ping_pool(python: &str, workers: usize, depth: usize) -> Pool {
-    Pool::builder()
-        .workers(workers)
-        .python(python)
-        .python_path(HANDLERS_DIR)
-        .module("compare_handlers")
-        .spawn_mode(SpawnMode::Zygote)
-        .health_interval(None)
+    compare_pool(python, workers)
         .pipeline_depth(depth)
         .start()
         .await
