@@ -96,6 +96,12 @@ fn empty_object() -> Value {
     json!({})
 }
 
+/// The body of a call's successful answer.
+#[derive(serde::Serialize)]
+struct Answer {
+    result: Value,
+}
+
 /// Whether the client asked for Server-Sent Events.
 fn wants_events(headers: &HeaderMap) -> bool {
     headers
@@ -194,7 +200,7 @@ pub(super) async fn call(
     drop(registration);
     match result {
         Ok((result, session)) => {
-            let mut response = Json(json!({"result": result})).into_response();
+            let mut response = Json(Answer { result }).into_response();
             tell_session_state(&mut response, session);
             response
         }

@@ -91,6 +91,21 @@ impl Default for ServerOptions {
 #[derive(Clone, Debug)]
 pub struct RequestId(Arc<str>);
 
+impl RequestId {
+    /// 128 random bits as 32 lowercase hex digits.
+    fn random() -> RequestId {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let bits = rand::random::<u128>();
+        let mut text = [0u8; 32];
+        for (i, digit) in text.iter_mut().enumerate() {
+            *digit = DIGITS[((bits >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(Arc::from(
+            std::str::from_utf8(&text).expect("hex digits are ASCII"),
+        ))
+    }
+}
+
 /// The server's view of its pool: starting, ready, draining or failed.
 #[derive(Debug, Default)]
 pub struct ServerState {
@@ -416,7 +431,7 @@ fn client_request_id(headers: &HeaderMap) -> Result<Option<RequestId>, String> {
 async fn assign_request_id(mut request: Request, next: Next) -> Response {
     let id = match client_request_id(request.headers()) {
         Ok(Some(id)) => id,
-        Ok(None) => RequestId(Arc::from(format!("{:032x}", rand::random::<u128>()))),
+        Ok(None) => RequestId::random(),
         Err(message) => return refusal("bad_request", StatusCode::BAD_REQUEST, message),
     };
     request.extensions_mut().insert(id.clone());
@@ -513,6 +528,19 @@ pub fn router(state: Arc<ServerState>, options: &ServerOptions) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_request_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (RequestId::random(), RequestId::random());
+        for id in [&a, &b] {
+            assert_eq!(id.0.len(), 32, "{}", id.0);
+            assert!(
+                id.0.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            );
+        }
+        assert_ne!(a.0, b.0);
+    }
 
     #[test]
     fn tokens_compare_whole() {
