@@ -202,35 +202,69 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+/// The fields of a frame body, read straight from its JSON object without building a
+/// map of them first (their values are still [`Value`]s); fields the protocol does
+/// not know are skipped.
+#[derive(Deserialize)]
+struct FrameFields {
+    /// `Some(Value::Null)` when the field is `null`, `None` when it is missing.
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    success: Option<Value>,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    journal: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    chunk: Option<Value>,
+}
+
+/// A field that is there, even as `null`.
+fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(field).map(Some)
+}
+
+/// Reads a frame body's fields: `InvalidJson` unless it is JSON, `BadShape` unless
+/// it is an object whose known fields could be read.
+fn frame_fields(body: &[u8]) -> Result<FrameFields, FrameError> {
+    // Only an object has fields (serde would also read an array as the struct).
+    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+        return Err(FrameError::BadShape("reply is not a JSON object".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            FrameError::BadShape(format!("reply is not a protocol-v1 object: {e}"))
+        }
+        _ => FrameError::InvalidJson(e.to_string()),
+    })
+}
+
 /// Parses one frame body: a chunk is an object with `chunk` and no `success`; anything
 /// else must be a reply (see [`parse_reply`]).
 pub fn parse_frame(body: &[u8]) -> Result<Frame, FrameError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-    let Value::Object(mut map) = value else {
-        return Err(FrameError::BadShape("reply is not a JSON object".into()));
-    };
-    if map.contains_key("success") || !map.contains_key("chunk") {
-        return reply_from(map).map(Frame::Reply);
+    let fields = frame_fields(body)?;
+    if fields.success.is_some() || fields.chunk.is_none() {
+        return reply_from(fields).map(Frame::Reply);
     }
-    let id = id_of(&map, "chunk")?;
-    let value = map.remove("chunk").unwrap_or(Value::Null);
+    let id = id_of(fields.id.as_ref(), "chunk")?;
+    let value = fields.chunk.unwrap_or(Value::Null);
     Ok(Frame::Chunk(Chunk { id, value }))
 }
 
 /// Parses one frame body into a [`Reply`].
 pub fn parse_reply(body: &[u8]) -> Result<Reply, FrameError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-    let Value::Object(map) = value else {
-        return Err(FrameError::BadShape("reply is not a JSON object".into()));
-    };
-    reply_from(map)
+    reply_from(frame_fields(body)?)
 }
 
 /// The `id` of a reply or chunk (`what`), which must be a u64.
-fn id_of(map: &serde_json::Map<String, Value>, what: &str) -> Result<u64, FrameError> {
-    match map.get("id") {
+fn id_of(id: Option<&Value>, what: &str) -> Result<u64, FrameError> {
+    match id {
         Some(Value::Number(n)) => n
             .as_u64()
             .ok_or_else(|| FrameError::BadShape(format!("{what} id {n} is not a u64"))),
@@ -241,13 +275,13 @@ fn id_of(map: &serde_json::Map<String, Value>, what: &str) -> Result<u64, FrameE
     }
 }
 
-fn reply_from(mut map: serde_json::Map<String, Value>) -> Result<Reply, FrameError> {
-    let id = id_of(&map, "reply")?;
-    let outcome = match map.get("success") {
-        Some(Value::Bool(true)) => Ok(map.remove("result").unwrap_or(Value::Null)),
-        Some(Value::Bool(false)) => Err(RemoteError::from_wire(
-            map.remove("error").unwrap_or(Value::Null),
-        )),
+fn reply_from(fields: FrameFields) -> Result<Reply, FrameError> {
+    let id = id_of(fields.id.as_ref(), "reply")?;
+    let outcome = match fields.success {
+        Some(Value::Bool(true)) => Ok(fields.result.unwrap_or(Value::Null)),
+        Some(Value::Bool(false)) => {
+            Err(RemoteError::from_wire(fields.error.unwrap_or(Value::Null)))
+        }
         Some(other) => {
             return Err(FrameError::BadShape(format!(
                 "reply {id}: success is {other}, not a boolean"
@@ -255,8 +289,8 @@ fn reply_from(mut map: serde_json::Map<String, Value>) -> Result<Reply, FrameErr
         }
         None => return Err(FrameError::BadShape(format!("reply {id} has no success"))),
     };
-    let journal = match map.remove("journal") {
-        None | Some(Value::Null) => None,
+    let journal = match fields.journal {
+        None => None,
         Some(hint) => Some(serde_json::from_value(hint).map_err(|e| {
             FrameError::BadShape(format!("reply {id}: journal is not {{command, args}}: {e}"))
         })?),
@@ -532,6 +566,11 @@ mod tests {
             br#"{"id":1}"#,
             br#"{"id":1,"success":"yes"}"#,
             br#"[1,2]"#,
+            // An array is no object, even one a struct could be read from by position.
+            br#" [1,true]"#,
+            br#"{"id":null,"success":true}"#,
+            br#"{"id":1,"success":true,"id":2}"#,
+            br#"{"id":1,"success":true,"journal":{"command":1}}"#,
         ] {
             assert!(
                 matches!(parse_reply(body), Err(FrameError::BadShape(_))),
@@ -539,10 +578,28 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        assert!(matches!(
-            parse_reply(b"{not json"),
-            Err(FrameError::InvalidJson(_))
-        ));
+        for body in [&b"{not json"[..], b"[1,", b"", b"{\"id\":1} x"] {
+            assert!(
+                matches!(parse_reply(body), Err(FrameError::InvalidJson(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn null_fields_read_as_missing_ones_but_a_null_chunk_is_a_chunk() {
+        let reply = parse_reply(br#"{"id":3,"success":true,"result":null,"journal":null}"#);
+        let reply = reply.unwrap();
+        assert_eq!((reply.outcome, reply.journal), (Ok(Value::Null), None));
+        let frame = parse_frame(br#"{"id":4,"chunk":null,"extra":[1,{"a":2}]}"#).unwrap();
+        assert_eq!(
+            frame,
+            Frame::Chunk(Chunk {
+                id: 4,
+                value: Value::Null
+            })
+        );
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
