@@ -203,46 +203,79 @@ pub enum FrameError {
 }
 
 /// The fields of a frame body, read straight from its JSON object without building a
-/// map of them first (their values are still [`Value`]s); fields the protocol does
-/// not know are skipped.
-#[derive(Deserialize)]
+/// map of them first. Read as a `Value` would be: every value is read whole (also
+/// those of fields the protocol does not know, then dropped), and of a field given
+/// twice the last one counts.
+#[derive(Default)]
 struct FrameFields {
     /// `Some(Value::Null)` when the field is `null`, `None` when it is missing.
-    #[serde(default, deserialize_with = "present")]
     id: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
     success: Option<Value>,
-    #[serde(default)]
     result: Option<Value>,
-    #[serde(default)]
     error: Option<Value>,
-    #[serde(default)]
     journal: Option<Value>,
-    #[serde(default, deserialize_with = "present")]
     chunk: Option<Value>,
 }
 
-/// A field that is there, even as `null`.
-fn present<'de, D: serde::Deserializer<'de>>(field: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(field).map(Some)
+/// The name of a frame body's field.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum FieldName {
+    Id,
+    Success,
+    Result,
+    Error,
+    Journal,
+    Chunk,
+    #[serde(other)]
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for FrameFields {
+    fn deserialize<D: serde::Deserializer<'de>>(body: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = FrameFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<FrameFields, A::Error> {
+                let mut fields = FrameFields::default();
+                while let Some(name) = map.next_key::<FieldName>()? {
+                    let value: Value = map.next_value()?;
+                    let slot = match name {
+                        FieldName::Id => &mut fields.id,
+                        FieldName::Success => &mut fields.success,
+                        FieldName::Result => &mut fields.result,
+                        FieldName::Error => &mut fields.error,
+                        FieldName::Journal => &mut fields.journal,
+                        FieldName::Chunk => &mut fields.chunk,
+                        FieldName::Unknown => continue,
+                    };
+                    *slot = Some(value);
+                }
+                Ok(fields)
+            }
+        }
+        body.deserialize_map(Fields)
+    }
 }
 
 /// Reads a frame body's fields: `InvalidJson` unless it is JSON, `BadShape` unless
-/// it is an object whose known fields could be read.
+/// it is an object.
 fn frame_fields(body: &[u8]) -> Result<FrameFields, FrameError> {
-    // Only an object has fields (serde would also read an array as the struct).
-    let is_object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if !is_object {
-        serde_json::from_slice::<serde::de::IgnoredAny>(body)
-            .map_err(|e| FrameError::InvalidJson(e.to_string()))?;
-        return Err(FrameError::BadShape("reply is not a JSON object".into()));
+    // The common case, read without a map; anything else is told apart by reading it
+    // as a `Value`.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        return serde_json::from_slice(body).map_err(|e| FrameError::InvalidJson(e.to_string()));
     }
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            FrameError::BadShape(format!("reply is not a protocol-v1 object: {e}"))
-        }
-        _ => FrameError::InvalidJson(e.to_string()),
-    })
+    serde_json::from_slice::<Value>(body).map_err(|e| FrameError::InvalidJson(e.to_string()))?;
+    Err(FrameError::BadShape("reply is not a JSON object".into()))
 }
 
 /// Parses one frame body: a chunk is an object with `chunk` and no `success`; anything
@@ -290,7 +323,7 @@ fn reply_from(fields: FrameFields) -> Result<Reply, FrameError> {
         None => return Err(FrameError::BadShape(format!("reply {id} has no success"))),
     };
     let journal = match fields.journal {
-        None => None,
+        None | Some(Value::Null) => None,
         Some(hint) => Some(serde_json::from_value(hint).map_err(|e| {
             FrameError::BadShape(format!("reply {id}: journal is not {{command, args}}: {e}"))
         })?),
@@ -569,7 +602,6 @@ mod tests {
             // An array is no object, even one a struct could be read from by position.
             br#" [1,true]"#,
             br#"{"id":null,"success":true}"#,
-            br#"{"id":1,"success":true,"id":2}"#,
             br#"{"id":1,"success":true,"journal":{"command":1}}"#,
         ] {
             assert!(
@@ -578,13 +610,29 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-        for body in [&b"{not json"[..], b"[1,", b"", b"{\"id\":1} x"] {
+        for body in [
+            &b"{not json"[..],
+            b"[1,",
+            b"",
+            b"{\"id\":1} x",
+            // A field given twice, then not JSON.
+            b"{\"id\":7,\"success\":true,\"id\":7,\"success\":truere}",
+            // Fields the protocol does not know must be JSON all the same.
+            b"{\"id\":1,\"success\":true,\"x\":\"\xbb\"}",
+            b"{\"id\":1,\"success\":true,\"x\":\"\\ud800\"}",
+        ] {
             assert!(
                 matches!(parse_reply(body), Err(FrameError::InvalidJson(_))),
                 "{}",
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn of_a_field_given_twice_the_last_counts() {
+        let reply = parse_reply(br#"{"id":1,"success":false,"id":2,"success":true}"#).unwrap();
+        assert_eq!((reply.id, reply.outcome), (2, Ok(Value::Null)));
     }
 
     #[test]
