@@ -205,10 +205,10 @@ pub enum FrameError {
 /// The fields of a frame body, read straight from its JSON object without building a
 /// map of them first. Read as a `Value` would be: every value is read whole (also
 /// those of fields the protocol does not know, then dropped), and of a field given
-/// twice the last one counts.
+/// twice the last one counts. A field is `None` when missing, `Some(Value::Null)` when
+/// `null`.
 #[derive(Default)]
 struct FrameFields {
-    /// `Some(Value::Null)` when the field is `null`, `None` when it is missing.
     id: Option<Value>,
     success: Option<Value>,
     result: Option<Value>,
