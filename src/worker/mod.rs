@@ -318,6 +318,11 @@ impl Worker {
         // Held while the output is looked at: no call can be sent meanwhile, so a reply
         // read here can only be one nobody asked for.
         let pending = self.conn.pending.lock().expect("pending calls poisoned");
+        if self.is_lost() {
+            // A check that held this lock just now (the idle sweep's, or another
+            // caller's) found it unfit and read what it wrote.
+            return false;
+        }
         if pending.len() > 0 {
             // Whoever waits for those calls reads the output and checks it.
             return true;
@@ -335,9 +340,11 @@ impl Worker {
             Some(Some(Err(error))) => format!("wrote bytes while idle: {error}"),
             Some(None) => "closed its output".to_owned(),
         };
+        // Marked lost before the lock goes: a check waiting for it must not find the
+        // output empty (this one read it) and take the worker as fit.
+        self.kill();
         drop((output, pending));
         tracing::warn!(worker = %self.name(), %problem, "idle worker is unfit; killed");
-        self.kill();
         false
     }
 
